@@ -1,0 +1,201 @@
+"""EngramSpec: the one description of an Engram table set.
+
+Field names follow the reference `EngramConfig` (deepseek-ai/Engram,
+`engram_demo_v1.py`) so a reference config maps 1:1:
+`EngramSpec(**dataclasses.asdict(reference_cfg))` works unchanged. The fields that
+the reference does not have (compressed vocabulary, row dtype) have defaults.
+
+The spec's fingerprint travels in every RPC of the memory service; two parties
+whose fingerprints differ disagree on row ids or row layout and must not talk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Row dtypes a table may store. Rows travel as raw little-endian bytes of this dtype.
+ROW_DTYPES = ("float32", "float16")
+
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _as_int_tuple(name: str, value) -> tuple[int, ...]:
+    """Turn a list/tuple/array of integers into a tuple of Python ints, or raise ValueError."""
+    if isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be a list of integers, got the single integer {value}")
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a list of integers, got {value!r}") from None
+    out = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+            raise ValueError(f"{name} must hold integers, got {item!r} in {value!r}")
+        out.append(int(item))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class EngramSpec:
+    """Hashing and layout of the Engram tables of one model (reference field names)."""
+
+    engram_vocab_size: tuple[int, ...] = field(default=(129280 * 5, 129280 * 5))
+    """Base table size per n-gram order 2..max_ngram_size; each head's size is the next
+    unused prime at or above it."""
+    max_ngram_size: int = 3
+    """Largest n-gram order; orders 2..max_ngram_size are hashed."""
+    n_embed_per_ngram: int = 512
+    """Width of one n-gram order's embedding, split evenly over its heads."""
+    n_head_per_ngram: int = 8
+    """Hash heads per n-gram order; each head has its own prime-sized table."""
+    layer_ids: tuple[int, ...] = field(default=(1, 15))
+    """Transformer layers that carry an Engram module (each has its own tables)."""
+    pad_id: int = 2
+    """Raw tokenizer id used to left-pad n-grams at the start of a sequence."""
+    seed: int = 0
+    """Seed of the hash multipliers (layer l draws from seed + 10007 * l)."""
+    kernel_size: int = 4
+    """Kernel of the causal depthwise short conv (its dilation is max_ngram_size)."""
+    tokenizer_name_or_path: str | None = None
+    """Reference field, kept for 1:1 mapping; informational, not part of the fingerprint."""
+    compressed_vocab_size: int | None = None
+    """Size of the compressed vocabulary the hashes run over (None until a map is bound)."""
+    compression_digest: str = ""
+    """sha256 of the compression map (old id -> new id), '' until a map is bound."""
+    dtype: str = "float32"
+    """Row dtype in the tables and on the wire."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "engram_vocab_size", _as_int_tuple("engram_vocab_size", self.engram_vocab_size))
+        object.__setattr__(self, "layer_ids", _as_int_tuple("layer_ids", self.layer_ids))
+        for name in ("max_ngram_size", "n_embed_per_ngram", "n_head_per_ngram", "pad_id", "seed", "kernel_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise ValueError naming the first field whose value cannot work."""
+        if self.max_ngram_size < 2:
+            raise ValueError(f"max_ngram_size must be >= 2 (bigrams are the smallest order), got {self.max_ngram_size}")
+        num_orders = self.max_ngram_size - 1
+        if len(self.engram_vocab_size) != num_orders:
+            raise ValueError(
+                f"engram_vocab_size needs one size per n-gram order 2..{self.max_ngram_size} "
+                f"({num_orders} values), got {len(self.engram_vocab_size)}: {list(self.engram_vocab_size)}"
+            )
+        for order, size in enumerate(self.engram_vocab_size, start=2):
+            if size < 2:
+                raise ValueError(f"engram_vocab_size for {order}-grams must be >= 2, got {size}")
+            if size > 2**40:
+                raise ValueError(f"engram_vocab_size for {order}-grams is {size}; above 2**40 rows per head is not supported")
+        if self.n_head_per_ngram < 1:
+            raise ValueError(f"n_head_per_ngram must be >= 1, got {self.n_head_per_ngram}")
+        if self.n_embed_per_ngram < 1:
+            raise ValueError(f"n_embed_per_ngram must be >= 1, got {self.n_embed_per_ngram}")
+        if self.n_embed_per_ngram % self.n_head_per_ngram:
+            raise ValueError(
+                f"n_embed_per_ngram ({self.n_embed_per_ngram}) must be divisible by "
+                f"n_head_per_ngram ({self.n_head_per_ngram}): each head gets an equal slice"
+            )
+        if not self.layer_ids:
+            raise ValueError("layer_ids must name at least one layer")
+        if len(set(self.layer_ids)) != len(self.layer_ids):
+            raise ValueError(f"layer_ids must not repeat a layer, got {list(self.layer_ids)}")
+        if min(self.layer_ids) < 0:
+            raise ValueError(f"layer_ids must be >= 0, got {list(self.layer_ids)}")
+        if self.pad_id < 0:
+            raise ValueError(f"pad_id must be >= 0, got {self.pad_id}")
+        if self.kernel_size < 1:
+            raise ValueError(f"kernel_size must be >= 1, got {self.kernel_size}")
+        if self.dtype not in ROW_DTYPES:
+            raise ValueError(f"dtype must be one of {ROW_DTYPES}, got {self.dtype!r}")
+        if self.compressed_vocab_size is not None:
+            if isinstance(self.compressed_vocab_size, bool) or not isinstance(self.compressed_vocab_size, (int, np.integer)):
+                raise ValueError(f"compressed_vocab_size must be an integer, got {self.compressed_vocab_size!r}")
+            if not 1 <= int(self.compressed_vocab_size) <= _INT64_MAX // 4:
+                raise ValueError(f"compressed_vocab_size must be in [1, 2**61], got {self.compressed_vocab_size}")
+            object.__setattr__(self, "compressed_vocab_size", int(self.compressed_vocab_size))
+
+    # ------------------------------------------------------------- derived sizes
+    @property
+    def num_orders(self) -> int:
+        """Number of n-gram orders hashed (2..max_ngram_size)."""
+        return self.max_ngram_size - 1
+
+    @property
+    def num_heads(self) -> int:
+        """Hash heads per layer: all orders' heads, in reference order."""
+        return self.num_orders * self.n_head_per_ngram
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one row (one head's embedding)."""
+        return self.n_embed_per_ngram // self.n_head_per_ngram
+
+    @property
+    def engram_hidden_size(self) -> int:
+        """Width of the concatenated embedding of one token (all heads)."""
+        return self.num_orders * self.n_embed_per_ngram
+
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes of one row in the table dtype."""
+        return self.head_dim * np.dtype(self.dtype).itemsize
+
+    # ------------------------------------------------------------- identity
+    def canonical(self) -> dict:
+        """The fields that decide row ids and layout, as a plain JSON-able dict."""
+        data = dataclasses.asdict(self)
+        data.pop("tokenizer_name_or_path")
+        data["engram_vocab_size"] = list(self.engram_vocab_size)
+        data["layer_ids"] = list(self.layer_ids)
+        return data
+
+    def fingerprint(self) -> str:
+        """Stable hex digest of the canonical encoding (includes the compression map digest)."""
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+    def with_compression(self, lookup_table: np.ndarray, compressed_vocab_size: int) -> "EngramSpec":
+        """Return this spec bound to a compression map (its size and digest)."""
+        return dataclasses.replace(
+            self,
+            compressed_vocab_size=int(compressed_vocab_size),
+            compression_digest=compression_digest(lookup_table),
+        )
+
+    def to_json(self) -> str:
+        """Serialise every field (the reference ones included) as JSON."""
+        data = dataclasses.asdict(self)
+        data["engram_vocab_size"] = list(self.engram_vocab_size)
+        data["layer_ids"] = list(self.layer_ids)
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EngramSpec":
+        """Inverse of to_json; unknown keys raise ValueError."""
+        data = json.loads(text)
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EngramSpec":
+        """Build from a dict (e.g. a reference config's asdict); unknown keys raise ValueError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown EngramSpec fields: {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+
+def compression_digest(lookup_table: np.ndarray) -> str:
+    """sha256 of a compression map's little-endian int64 bytes."""
+    table = np.ascontiguousarray(lookup_table, dtype="<i8")
+    return hashlib.sha256(table.tobytes()).hexdigest()
