@@ -1,0 +1,69 @@
+"""The table interface the model worker talks to.
+
+Two calls: fetch rows by id, push row gradients. The in-process `LocalTable`
+implements it now; the gRPC client of the memory service implements the same calls,
+so the training and generation code never knows where the rows live.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from memory_service.spec import EngramSpec
+
+
+class TableError(ValueError):
+    """A request a table cannot serve: bad ids, shapes, dtypes or an unknown layer."""
+
+
+class TableBackend(ABC):
+    """Rows of every Engram layer's table, addressed by layer-local row ids."""
+
+    spec: EngramSpec
+
+    @abstractmethod
+    def num_rows(self, layer_id: int) -> int:
+        """Rows in one layer's table."""
+
+    @abstractmethod
+    def lookup(self, layer_id: int, row_ids: np.ndarray) -> np.ndarray:
+        """Rows for int64 ids [N] -> float32 [N, head_dim]."""
+
+    @abstractmethod
+    def apply_gradients(self, layer_id: int, row_ids: np.ndarray, grads: np.ndarray, lr: float) -> None:
+        """Row-wise Adam step for unique int64 ids [N] with gradients [N, head_dim]; durable on return."""
+
+    def close(self) -> None:
+        """Release connections or files (no-op by default)."""
+
+
+def check_row_ids(row_ids, num_rows: int, layer_id: int) -> np.ndarray:
+    """Validate a 1-D int64 id array against a table size; returns it as int64."""
+    ids = np.asarray(row_ids)
+    if ids.ndim != 1:
+        raise TableError(f"row ids must be a 1-D array, got shape {ids.shape}")
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise TableError(f"row ids must be integers, got dtype {ids.dtype}")
+    ids = ids.astype(np.int64, copy=False)
+    if ids.size:
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= num_rows:
+            bad = low if low < 0 else high
+            raise TableError(f"row id {bad} is out of range for layer {layer_id} (table has {num_rows} rows)")
+    return ids
+
+
+def check_gradients(ids: np.ndarray, grads, head_dim: int) -> np.ndarray:
+    """Validate gradients [N, head_dim] for unique ids [N]; returns them as float32."""
+    g = np.asarray(grads)
+    if g.shape != (ids.shape[0], head_dim):
+        raise TableError(f"gradients must be [{ids.shape[0]}, {head_dim}] for {ids.shape[0]} ids, got {list(g.shape)}")
+    if not np.issubdtype(g.dtype, np.floating):
+        raise TableError(f"gradients must be floating point, got dtype {g.dtype}")
+    if np.unique(ids).size != ids.size:
+        raise TableError("gradient row ids must be unique (sum duplicate rows' gradients first)")
+    if not np.isfinite(g).all():
+        raise TableError("gradients contain NaN or Inf; refusing to corrupt the table")
+    return g.astype(np.float32, copy=False)

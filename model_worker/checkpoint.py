@@ -1,0 +1,71 @@
+"""Checkpoint directory: everything needed to resume training exactly or to generate.
+
+    <dir>/model.pt          model + optimizer state, step, RNG states, loss history, configs
+    <dir>/tables.npz        Engram rows and their row-wise Adam state (in-process tables)
+    <dir>/compression.npy   the compression map the tables were trained with
+    <dir>/tokenizer.json    the tokenizer
+    <dir>/config.json       model and train configs, human-readable
+
+Written to a temporary directory and renamed, so a crash never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from memory_service.spec import EngramSpec
+from model_worker.model import ModelConfig, MoEConfig
+
+MODEL_FILE = "model.pt"
+TABLES_FILE = "tables.npz"
+COMPRESSION_FILE = "compression.npy"
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "config.json"
+
+
+def model_config_to_dict(config: ModelConfig) -> dict:
+    """Plain dict of a ModelConfig (the Engram spec as its JSON fields)."""
+    data = dataclasses.asdict(config)
+    data["engram"] = json.loads(config.engram.to_json()) if config.engram is not None else None
+    return data
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    """Inverse of model_config_to_dict."""
+    data = dict(data)
+    data["moe"] = MoEConfig(**data["moe"])
+    data["engram"] = EngramSpec.from_dict(data["engram"]) if data.get("engram") is not None else None
+    return ModelConfig(**data)
+
+
+def begin_write(directory: Path) -> Path:
+    """A fresh temporary directory beside `directory` to write a checkpoint into."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_write(tmp: Path, directory: Path) -> None:
+    """Replace `directory` by the completed temporary one."""
+    old = directory.with_name(directory.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def require_checkpoint(directory: str | Path) -> Path:
+    """The checkpoint directory, or FileNotFoundError saying what is missing."""
+    directory = Path(directory)
+    missing = [f for f in (MODEL_FILE, TABLES_FILE, COMPRESSION_FILE, TOKENIZER_FILE) if not (directory / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory} is not a complete checkpoint: missing {missing} (train first: engram train)")
+    return directory

@@ -1,0 +1,120 @@
+"""Remote-table autograd: fetch a batch's Engram rows from a table backend, push their gradients.
+
+Per Engram layer: raw ids -> compressed ids -> row ids [B, T, heads] -> unique ids
+(+ inverse) -> one backend lookup of the unique rows -> a leaf tensor [U, head_dim].
+The layer sees `leaf[inverse]` reshaped to [B, T, heads, head_dim], so backward sums the
+gradients of repeated rows into the leaf; `push_gradients` sends those unique-row
+gradients to the backend, which applies row-wise Adam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from memory_service.backend import TableBackend
+from memory_service.compression import CompressedTokenizer
+from memory_service.hashing import NgramHasher
+
+
+@dataclass
+class LayerRows:
+    """One layer's fetched rows: unique ids [U], leaf rows [U, hd], inverse [B*T*H], and the batch shape."""
+
+    unique_ids: np.ndarray
+    leaf: torch.Tensor
+    inverse: torch.Tensor
+    shape: tuple[int, int, int]
+
+    def gathered(self) -> torch.Tensor:
+        """Rows per token and head, [B, T, heads, head_dim]."""
+        return self.leaf[self.inverse].view(*self.shape, self.leaf.shape[-1])
+
+
+class FetchedRows(Mapping):
+    """layer_id -> rows [B, T, heads, head_dim]; what the model's forward consumes."""
+
+    def __init__(self, layers: dict[int, LayerRows]):
+        self.layers = layers
+
+    def __getitem__(self, layer_id: int) -> torch.Tensor:
+        return self.layers[layer_id].gathered()
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_ids(self) -> int:
+        """Row ids the batch asked for, all layers."""
+        return sum(int(np.prod(r.shape)) for r in self.layers.values())
+
+    @property
+    def num_unique(self) -> int:
+        """Distinct rows fetched, all layers."""
+        return sum(int(r.unique_ids.size) for r in self.layers.values())
+
+    def row_gradients(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """{layer_id: (unique ids [U], grads float32 [U, hd])} after backward (zeros where no grad flowed)."""
+        out = {}
+        for layer_id, rows in self.layers.items():
+            grad = rows.leaf.grad
+            g = np.zeros(rows.leaf.shape, dtype=np.float32) if grad is None else grad.detach().float().cpu().numpy()
+            out[layer_id] = (rows.unique_ids, g)
+        return out
+
+
+class EngramRowFetcher:
+    """Turns raw token ids into fetched rows for every Engram layer, and pushes row gradients."""
+
+    def __init__(self, backend: TableBackend, compressor: CompressedTokenizer, hasher: NgramHasher, device="cpu"):
+        self.backend = backend
+        self.compressor = compressor
+        self.hasher = hasher
+        self.device = torch.device(device)
+        self.spec = hasher.spec
+
+    def row_ids(self, tokens, context=None) -> dict[int, np.ndarray]:
+        """{layer_id: int64 [B, T, heads]} row ids of raw tokens [B, T].
+
+        `context` ([B, any]) holds the raw tokens before the first column (incremental
+        decoding); its last max_ngram_size-1 columns are used, left-padded with pad_id.
+        """
+        ids = tokens.cpu().numpy() if torch.is_tensor(tokens) else np.asarray(tokens)
+        compressed = self.compressor(ids)
+        history = None
+        if context is not None:
+            ctx = context.cpu().numpy() if torch.is_tensor(context) else np.asarray(context)
+            if ctx.ndim != 2 or ctx.shape[0] != ids.shape[0]:
+                raise ValueError(f"context must be [batch={ids.shape[0]}, n], got shape {ctx.shape}")
+            width = self.spec.max_ngram_size - 1
+            ctx = ctx[:, -width:] if width else ctx[:, :0]
+            if ctx.shape[1] < width:
+                pad = np.full((ctx.shape[0], width - ctx.shape[1]), self.spec.pad_id, dtype=np.int64)
+                ctx = np.concatenate([pad, ctx.astype(np.int64)], axis=1)
+            history = self.compressor(ctx)
+        return self.hasher.row_ids(compressed, history)
+
+    def fetch(self, tokens, context=None, requires_grad: bool = False) -> FetchedRows:
+        """Fetch the rows of raw tokens [B, T] for all Engram layers (one lookup of unique ids per layer)."""
+        layers = {}
+        for layer_id, ids in self.row_ids(tokens, context).items():
+            unique, inverse = np.unique(ids.reshape(-1), return_inverse=True)
+            rows = self.backend.lookup(layer_id, unique)  # [U, hd] float32
+            leaf = torch.from_numpy(np.ascontiguousarray(rows)).to(self.device).requires_grad_(requires_grad)
+            inv = torch.from_numpy(inverse.astype(np.int64)).to(self.device)
+            layers[layer_id] = LayerRows(unique, leaf, inv, tuple(ids.shape))
+        return FetchedRows(layers)
+
+    def push_gradients(self, fetched: FetchedRows, lr: float) -> int:
+        """Send each layer's unique-row gradients to the backend (row-wise Adam); returns rows pushed."""
+        pushed = 0
+        for layer_id, (ids, grads) in fetched.row_gradients().items():
+            self.backend.apply_gradients(layer_id, ids, grads, lr)
+            pushed += ids.size
+        return pushed

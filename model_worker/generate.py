@@ -1,0 +1,106 @@
+"""Generation with a KV cache: each new token fetches only its own n-gram rows.
+
+The prompt is run once (prefill) with its rows; every later step hashes just the new
+token against the last max_ngram_size-1 tokens, fetches those rows, and runs one
+position through the model, reusing attention keys/values and the Engram conv state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memory_service.backend import TableBackend
+from memory_service.compression import CompressedTokenizer
+from memory_service.hashing import NgramHasher
+from memory_service.local_table import LocalTable
+from model_worker import checkpoint as ckpt
+from model_worker.data import load_tokenizer
+from model_worker.engram_rows import EngramRowFetcher
+from model_worker.model import EngramMoEModel
+from model_worker.train import pick_device
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
+    """Next token ids [B] from last-position logits [B, V] (greedy when temperature == 0)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    scaled = logits.float() / temperature
+    if 0 < top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = scaled.softmax(dim=-1).cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+class Generator:
+    """A trained model plus its row fetcher and tokenizer."""
+
+    def __init__(self, model: EngramMoEModel, fetcher: EngramRowFetcher, tokenizer=None):
+        self.model = model.eval()
+        self.fetcher = fetcher
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, backend: TableBackend | None = None) -> "Generator":
+        """Load model, compression map, tokenizer and (unless a backend is given) the in-process tables."""
+        directory = ckpt.require_checkpoint(directory)
+        device = pick_device()
+        state = torch.load(directory / ckpt.MODEL_FILE, map_location=device, weights_only=False)
+        config = ckpt.model_config_from_dict(state["model_config"])
+        model = EngramMoEModel(config).to(device)
+        model.load_state_dict(state["model"])
+        compressor = CompressedTokenizer.load(directory / ckpt.COMPRESSION_FILE)
+        spec = config.engram
+        if spec.compressed_vocab_size != len(compressor):
+            raise ValueError(f"compression map in {directory} has {len(compressor)} ids but the model expects {spec.compressed_vocab_size}")
+        hasher = NgramHasher.from_compressor(spec, compressor)
+        if backend is None:
+            backend = LocalTable.for_hasher(hasher)
+            backend.load(directory / ckpt.TABLES_FILE)
+        fetcher = EngramRowFetcher(backend, compressor, hasher, device)
+        return cls(model, fetcher, load_tokenizer(directory / ckpt.TOKENIZER_FILE))
+
+    @torch.no_grad()
+    def generate_ids(self, prompt_ids, max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,
+                     seed: int = 0, return_logits: bool = False):
+        """Continue prompts [B, T0] by max_new_tokens tokens -> ids [B, T0 + n] (and the step logits [B, n, V])."""
+        prompt = torch.as_tensor(np.asarray(prompt_ids), dtype=torch.int64, device=self.device)
+        if prompt.dim() != 2 or prompt.shape[1] == 0:
+            raise ValueError(f"prompt ids must be a non-empty [batch, time] array, got shape {list(prompt.shape)}")
+        total = prompt.shape[1] + max_new_tokens
+        if total > self.model.config.max_seq_len:
+            raise ValueError(f"prompt ({prompt.shape[1]}) + new tokens ({max_new_tokens}) exceed max_seq_len {self.model.config.max_seq_len}")
+        generator = torch.Generator().manual_seed(seed)
+        cache = self.model.new_cache(prompt.shape[0], total)
+        logits, _ = self.model(prompt, self.fetcher.fetch(prompt), cache, start_pos=0)  # prefill
+        tokens = prompt
+        step_logits = []
+        for i in range(max_new_tokens):
+            last = logits[:, -1]  # [B, V]
+            step_logits.append(last)
+            nxt = sample_next(last, temperature, top_k, generator)[:, None]  # [B, 1]
+            tokens = torch.cat([tokens, nxt], dim=1)
+            if i == max_new_tokens - 1:
+                break
+            rows = self.fetcher.fetch(nxt, context=tokens[:, :-1])  # only the new token's n-grams
+            logits, _ = self.model(nxt, rows, cache, start_pos=tokens.shape[1] - 1)
+        if return_logits:
+            return tokens, torch.stack(step_logits, dim=1)
+        return tokens
+
+    def generate(self, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50, seed: int = 0) -> str:
+        """Text continuation of a prompt (prompt included)."""
+        if self.tokenizer is None:
+            raise ValueError("this generator has no tokenizer; use generate_ids")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens; give some text")
+        room = self.model.config.max_seq_len - len(ids)
+        if room <= 0:
+            raise ValueError(f"the prompt is {len(ids)} tokens; the model's context is {self.model.config.max_seq_len}")
+        out = self.generate_ids([ids], min(max_new_tokens, room), temperature, top_k, seed)
+        return self.tokenizer.decode(out[0].tolist(), skip_special_tokens=False)

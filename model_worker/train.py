@@ -1,0 +1,305 @@
+"""Training loop: Engram-MoE language model on a tokenized corpus, rows through a table backend.
+
+Per step: sample a batch, fetch its Engram rows (unique per layer) from the backend,
+forward + cross-entropy + MoE balance loss, backward, AdamW on dense parameters,
+row-wise Adam on the fetched rows (paper: 5x the backbone's learning rate, no weight
+decay) pushed back to the backend. Periodic validation, checkpoints that resume
+exactly (same batches, same losses), a metrics log and a loss-curve PNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from memory_service.backend import TableBackend
+from memory_service.compression import CompressedTokenizer
+from memory_service.hashing import NgramHasher
+from memory_service.local_table import LocalTable
+from model_worker import checkpoint as ckpt
+from model_worker.data import Corpus, eval_batches, load_corpus, sample_batch, unigram_cross_entropy
+from model_worker.engram_rows import EngramRowFetcher
+from model_worker.model import EngramMoEModel, ModelConfig
+from model_worker.presets import build_preset, count_parameters
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training run."""
+
+    preset: str = "tiny"
+    """Model preset (tiny, small)."""
+    steps: int = 300
+    """Optimizer steps in the whole run (the LR schedule spans them)."""
+    batch_size: int = 16
+    """Sequences per step."""
+    seq_len: int = 128
+    """Tokens per sequence."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate of the dense parameters."""
+    engram_lr_mult: float = 5.0
+    """Engram rows learn at lr * this (paper: 5)."""
+    weight_decay: float = 0.1
+    """AdamW decay of dense matrices (Engram rows: none)."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor, as a fraction of the peak."""
+    grad_clip: float = 1.0
+    """Max global norm of dense gradients."""
+    eval_every: int = 50
+    """Steps between validation runs."""
+    eval_batches: int = 8
+    """Validation batches (fixed windows, same every time)."""
+    ckpt_every: int = 100
+    """Steps between checkpoints (and one at the end)."""
+    seed: int = 0
+    """Seeds model init, table init and batch sampling."""
+    out_dir: str = "runs/tiny"
+    """Checkpoint, metrics and plot directory."""
+    data: str | None = None
+    """Corpus directory or file (default: the Python standard library)."""
+    tokenizer: str | None = None
+    """tokenizer.json to use (default: train one on the corpus and cache it)."""
+    vocab_size: int = 8192
+    """Vocabulary of a tokenizer trained here."""
+    row_init_std: float = 1.0
+    """Std of initial Engram rows (the reference's nn.Embedding default)."""
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate of a 0-based step: linear warm-up, then cosine to min_lr_ratio."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def pick_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; logits [B, T, V], targets [B, T]."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+class Trainer:
+    """Owns the model, optimizer, table backend and data of one run."""
+
+    def __init__(self, config: TrainConfig, backend: TableBackend | None = None, log=print, progress: bool = True):
+        self.config = config
+        self.log = log
+        self.progress = progress
+        self.out_dir = Path(config.out_dir)
+        self.device = pick_device()
+        self.corpus: Corpus = load_corpus(config.data, config.tokenizer, config.vocab_size, log=log)
+        self.compressor = CompressedTokenizer.from_tokenizer_file(self.corpus.tokenizer_path)
+        self.tokenizer_json = self.corpus.tokenizer_path.read_bytes()  # kept: a resumed run's source file is replaced
+        base = build_preset(config.preset, self.corpus.vocab_size, self.corpus.pad_id)
+        if config.seq_len > base.max_seq_len:
+            raise ValueError(f"seq_len {config.seq_len} exceeds preset {config.preset}'s max_seq_len {base.max_seq_len}")
+        spec = base.engram.with_compression(self.compressor.lookup_table, len(self.compressor))
+        self.model_config: ModelConfig = dataclasses.replace(base, engram=spec)
+        self.hasher = NgramHasher.from_compressor(spec, self.compressor)
+        torch.manual_seed(config.seed)
+        self.model = EngramMoEModel(self.model_config).to(self.device)
+        self.backend = backend or LocalTable.for_hasher(self.hasher, init_std=config.row_init_std, init_seed=config.seed)
+        self.fetcher = EngramRowFetcher(self.backend, self.compressor, self.hasher, self.device)
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr, betas=(0.9, 0.95), eps=1e-8,
+        )
+        self.rng = np.random.default_rng(config.seed)
+        self.step = 0
+        self.history: dict[str, list] = {"train": [], "val": []}
+        self.eval_set = eval_batches(self.corpus.val_ids, config.batch_size, config.seq_len, config.eval_batches)
+        self.unigram_loss = unigram_cross_entropy(self.corpus.train_ids, self.corpus.val_ids, self.corpus.vocab_size)
+
+    # ------------------------------------------------------------------ steps
+    def autocast(self):
+        """bf16 autocast on CUDA, a no-op on CPU (fp32)."""
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def train_step(self, inputs: np.ndarray, targets: np.ndarray) -> dict:
+        """One optimizer step on a batch; returns loss and row statistics."""
+        lr = lr_at(self.step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        fetched = self.fetcher.fetch(inputs, requires_grad=True)
+        x = torch.from_numpy(inputs).to(self.device)
+        y = torch.from_numpy(targets).to(self.device)
+        with self.autocast():
+            logits, aux = self.model(x, fetched)
+        loss = lm_loss(logits, y)
+        (loss + aux).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.fetcher.push_gradients(fetched, lr * self.config.engram_lr_mult)
+        self.step += 1
+        return {"loss": float(loss.detach()), "aux": float(aux.detach()), "lr": lr, "ids": fetched.num_ids, "unique": fetched.num_unique}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation cross-entropy over the fixed eval windows."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for inputs, targets in self.eval_set:
+            fetched = self.fetcher.fetch(inputs)
+            with self.autocast():
+                logits, _ = self.model(torch.from_numpy(inputs).to(self.device), fetched)
+            total += float(lm_loss(logits, torch.from_numpy(targets).to(self.device))) * inputs.shape[0]
+            count += inputs.shape[0]
+        return total / count
+
+    # ------------------------------------------------------------------ loop
+    def run(self, stop_after: int | None = None) -> dict:
+        """Train until config.steps (or stop_after steps in total); returns a summary."""
+        config = self.config
+        last = config.steps if stop_after is None else min(config.steps, stop_after)
+        counts = count_parameters(self.model_config)
+        self.log(f"model {config.preset}: {counts['total']:,} parameters ({counts['engram_tables']:,} in Engram tables), "
+                 f"{counts['activated']:,} activated per token; device {self.device}")
+        self.log(f"corpus: {len(self.corpus.train_ids):,} train / {len(self.corpus.val_ids):,} val tokens; "
+                 f"compression {self.corpus.vocab_size} -> {len(self.compressor)} ids ({self.compressor.reduction:.1%} fewer); "
+                 f"unigram baseline {self.unigram_loss:.3f}")
+        if self.step == 0 and not self.history["val"]:
+            self._record_val(self.evaluate())
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=last, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        tokens, seconds = 0, 0.0
+        ids_total, unique_total = 0, 0
+        while self.step < last:
+            inputs, targets = sample_batch(self.corpus.train_ids, config.batch_size, config.seq_len, self.rng)
+            started = time.perf_counter()
+            stats = self.train_step(inputs, targets)
+            seconds += time.perf_counter() - started
+            tokens += inputs.size
+            ids_total += stats["ids"]
+            unique_total += stats["unique"]
+            self.history["train"].append([self.step, stats["loss"], stats["lr"]])
+            if self.step % config.eval_every == 0 or self.step == config.steps:
+                self._record_val(self.evaluate())
+            if self.step % config.ckpt_every == 0 or self.step == last:
+                self.save()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", val=f"{self.history['val'][-1][1]:.3f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+        if bar is not None:
+            bar.close()
+        self.plot()
+        summary = {
+            "step": self.step,
+            "val_loss_start": self.history["val"][0][1],
+            "val_loss": self.history["val"][-1][1],
+            "train_loss": self.history["train"][-1][1] if self.history["train"] else None,
+            "unigram_loss": self.unigram_loss,
+            "tokens_per_s": tokens / seconds if seconds else 0.0,
+            "unique_id_ratio": unique_total / ids_total if ids_total else 0.0,
+            "compression_reduction": self.compressor.reduction,
+            "parameters": counts,
+            "checkpoint": str(self.out_dir / "checkpoint"),
+        }
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _record_val(self, loss: float) -> None:
+        self.history["val"].append([self.step, loss])
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, "val_loss": loss}) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        """Write a complete checkpoint to out_dir/checkpoint (atomically)."""
+        directory = self.out_dir / "checkpoint"
+        tmp = ckpt.begin_write(directory)
+        torch.save({
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+            "train_config": dataclasses.asdict(self.config),
+            "model_config": ckpt.model_config_to_dict(self.model_config),
+        }, tmp / ckpt.MODEL_FILE)
+        if not isinstance(self.backend, LocalTable):
+            raise NotImplementedError("checkpointing remote tables is done by the memory service")
+        self.backend.save(tmp / ckpt.TABLES_FILE)
+        self.compressor.save(tmp / ckpt.COMPRESSION_FILE)
+        (tmp / ckpt.TOKENIZER_FILE).write_bytes(self.tokenizer_json)
+        (tmp / ckpt.CONFIG_FILE).write_text(json.dumps({
+            "train": dataclasses.asdict(self.config), "model": ckpt.model_config_to_dict(self.model_config)}, indent=2))
+        ckpt.commit_write(tmp, directory)
+        return directory
+
+    def load(self, directory: str | Path) -> None:
+        """Restore the state of a checkpoint written by save() for the same config."""
+        directory = ckpt.require_checkpoint(directory)
+        state = torch.load(directory / ckpt.MODEL_FILE, map_location=self.device, weights_only=False)
+        saved = ckpt.model_config_from_dict(state["model_config"])
+        if saved != self.model_config:
+            raise ValueError(f"checkpoint {directory} was trained with another model config or tokenizer; "
+                             f"resume with the same preset, data and tokenizer")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        self.history = state["history"]
+        self.backend.load(directory / ckpt.TABLES_FILE)
+
+    # ------------------------------------------------------------------ plot
+    def plot(self) -> Path | None:
+        """Loss curve PNG (train, val, unigram baseline) in out_dir."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if not self.history["train"]:
+            return None
+        train = np.asarray(self.history["train"])
+        val = np.asarray(self.history["val"])
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(train[:, 0], train[:, 1], alpha=0.35, label="train (per step)")
+        if len(train) >= 10:
+            k = max(1, len(train) // 20)
+            smooth = np.convolve(train[:, 1], np.ones(k) / k, mode="valid")
+            ax.plot(train[k - 1:, 0], smooth, label=f"train ({k}-step mean)")
+        ax.plot(val[:, 0], val[:, 1], "o-", label="val")
+        ax.axhline(self.unigram_loss, color="gray", linestyle="--", label="unigram baseline")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_title(f"Engram-MoE {self.config.preset}")
+        ax.legend()
+        fig.tight_layout()
+        path = self.out_dir / "loss_curve.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def train_config_from_checkpoint(directory: str | Path, **overrides) -> TrainConfig:
+    """The TrainConfig a checkpoint was written with, with some fields replaced."""
+    directory = ckpt.require_checkpoint(directory)
+    data = json.loads((Path(directory) / ckpt.CONFIG_FILE).read_text())["train"]
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    data["tokenizer"] = str(Path(directory) / ckpt.TOKENIZER_FILE)
+    return TrainConfig(**data)
