@@ -146,7 +146,10 @@ def load_reference_engram(state_dict: dict, spec: EngramSpec, layer_id: int, hid
             raise ValueError(f"reference head offsets {offsets} differ from the spec's {expected}")
     layer = EngramLayer(spec, hidden_size, hc_mult, zero_init_conv=False)
     params = {k: torch.as_tensor(v) for k, v in state_dict.items() if k not in (REFERENCE_TABLE_KEY, REFERENCE_OFFSETS_KEY)}
-    missing, unexpected = layer.load_state_dict(params, strict=False)
+    try:
+        missing, unexpected = layer.load_state_dict(params, strict=False)
+    except RuntimeError as e:  # shape mismatches (e.g. another hc_mult or hidden size)
+        raise ValueError(f"reference state dict does not fit hidden_size={hidden_size}, hc_mult={hc_mult}: {e}") from e
     if missing or unexpected:
         raise ValueError(f"reference state dict does not fit: missing {missing}, unexpected {unexpected}")
     return layer, table.detach().clone()

@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `engram` console command."""
     args = build_parser().parse_args(argv)
+    from memory_service.malloc_tuning import tune_glibc_malloc
+
+    tune_glibc_malloc()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
