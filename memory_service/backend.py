@@ -11,11 +11,11 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from memory_service.errors import InvalidArgument
 from memory_service.spec import EngramSpec
 
-
-class TableError(ValueError):
-    """A request a table cannot serve: bad ids, shapes, dtypes or an unknown layer."""
+# A request a table cannot serve: bad ids, shapes, dtypes or an unknown layer.
+TableError = InvalidArgument
 
 
 class TableBackend(ABC):

@@ -1,0 +1,604 @@
+"""LMDB table store: Engram rows in fixed-size chunks of raw bytes, versions, row-wise Adam.
+
+Layout of one environment (one shard directory):
+
+    meta  db   b"table:" + name      -> TableMeta JSON (spec, versions, active, history)
+               b"next_table_id"      -> u32
+    rows  db   (kind, table, version, layer, chunk) -> chunk_rows x head_dim raw rows
+    opt   db   same key              -> chunk_rows x (m[hd] f4, v[hd] f4, step i8), absent = zeros
+    maps  db   table id              -> int64 compression map (for token lookups)
+
+Reads: a long-lived read transaction (a snapshot) is shared by all lookups and replaced
+after every committed write. Chunks are values bigger than a page, so LMDB stores each
+in contiguous overflow pages inside its memory map; a lookup turns every row id into
+an address (chunk base + offset) and gathers all rows with one vectorised `np.take`
+over a zero-copy view of the mapped region. Never one LMDB get per row.
+
+Writes: one writer at a time; each request is one write transaction (committed with
+fsync before the call returns). MVCC means a reader never sees half a write, and a
+lookup reads the active version and its rows from the same snapshot, so a swap is
+atomic for readers too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import struct
+import threading
+import time
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from memory_service.backend import check_gradients, check_row_ids
+from memory_service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from memory_service.row_init import init_rows
+from memory_service.row_optim import RowAdamConfig, row_adam_update
+from memory_service.spec import EngramSpec
+from memory_service.table_meta import TableMeta, check_table_name, layer_rows_for_spec
+
+DEFAULT_CHUNK_ROWS = 4096
+DEFAULT_MAP_SIZE = 1 << 40  # virtual address space reserved for the map; the file grows as needed
+WRITE_BATCH_BYTES = 64 << 20  # bulk writes (init, copy, drop) commit every this many bytes
+_KEY = struct.Struct(">BIIII")  # kind, table id, version, layer, chunk (big-endian: prefix order)
+_ROWS, _OPT = 1, 2
+_PAGE = 4096
+
+
+def opt_dtype(head_dim: int) -> np.dtype:
+    """Per-row optimizer record: Adam m, v and the row's step count."""
+    return np.dtype([("m", "<f4", (head_dim,)), ("v", "<f4", (head_dim,)), ("step", "<i8")])
+
+
+def chunk_key(kind: int, table_id: int, version: int, layer: int, chunk: int) -> bytes:
+    """Key of one chunk."""
+    return _KEY.pack(kind, table_id, version, layer, chunk)
+
+
+def _address(buf) -> int:
+    """Memory address of a buffer (a zero-copy LMDB value)."""
+    return np.frombuffer(buf, dtype=np.uint8).__array_interface__["data"][0]
+
+
+def group_by_chunk(ids: np.ndarray, chunk_rows: int):
+    """Yield (chunk, positions in ids, offsets in chunk) for every chunk the ids touch (a loop per chunk, not per row)."""
+    chunks = ids // chunk_rows
+    order = np.argsort(chunks, kind="stable")
+    sorted_chunks = chunks[order]
+    bounds = np.flatnonzero(np.diff(sorted_chunks)) + 1
+    for part in np.split(order, bounds):
+        if part.size:
+            chunk = int(chunks[part[0]])
+            yield chunk, part, ids[part] - chunk * chunk_rows
+
+
+class ChunkIndex:
+    """Addresses of one (table, version, layer)'s chunks inside a snapshot, and a row view over them."""
+
+    def __init__(self, snapshot: "Snapshot", meta: TableMeta, version: int, layer: int):
+        self.snapshot = snapshot
+        self.meta = meta
+        self.version = version
+        self.layer = layer
+        self.chunk_rows = meta.chunk_rows
+        self.row_nbytes = meta.row_nbytes
+        self.chunk_nbytes = meta.chunk_rows * meta.row_nbytes
+        num_chunks = meta.num_chunks(layer)
+        self.addr = np.full(num_chunks, -1, dtype=np.int64)
+        self.missing = np.zeros(num_chunks, dtype=bool)  # chunk absent in this version: rows read as zeros
+        self.any_missing = False
+        self.buffers: dict[int, memoryview] = {}
+        self.lo = self.hi = 0
+        self.unit = 0  # bytes per gathered item; 0 = addresses not aligned, use the per-chunk path
+        self.region = None  # [n_units, unit] uint8 view of [lo, hi)
+
+    def resolve(self, chunks: np.ndarray) -> None:
+        """Look up the addresses of chunks not resolved yet (one LMDB get per chunk)."""
+        need = chunks[(self.addr[chunks] < 0) & ~self.missing[chunks]]
+        if need.size == 0:
+            return
+        txn = self.snapshot.txn
+        with self.snapshot.lock:
+            for chunk in need.tolist():
+                if self.addr[chunk] >= 0 or self.missing[chunk]:
+                    continue
+                buf = txn.get(chunk_key(_ROWS, self.meta.table_id, self.version, self.layer, chunk), db=self.snapshot.rows_db)
+                if buf is None:
+                    self.missing[chunk] = True
+                    self.any_missing = True
+                    continue
+                if len(buf) != self.chunk_nbytes:
+                    raise FailedPrecondition(f"chunk {chunk} of {self.meta.name} v{self.version} layer {self.layer} is "
+                                             f"{len(buf)} bytes, expected {self.chunk_nbytes}: the store is damaged")
+                self.buffers[chunk] = buf
+                self.addr[chunk] = _address(buf)
+            self._rebuild_region()
+
+    def _rebuild_region(self) -> None:
+        known = self.addr[self.addr >= 0]
+        if known.size == 0:
+            self.region = None
+            return
+        lo, hi = int(known.min()), int(known.max()) + self.chunk_nbytes
+        unit = math.gcd(self.row_nbytes, _PAGE)
+        if np.any((known - lo) % unit):
+            self.unit, self.region = 0, None  # not page-congruent: gather chunk by chunk
+            return
+        raw = (ctypes.c_uint8 * (hi - lo)).from_address(lo)
+        region = np.frombuffer(raw, dtype=np.uint8)
+        region.flags.writeable = False
+        self.lo, self.hi, self.unit = lo, hi, unit
+        self.region = region[: (hi - lo) // unit * unit].reshape(-1, unit)
+
+    def gather(self, ids: np.ndarray, out: np.ndarray) -> None:
+        """out[i] = row ids[i]; ids int64 [N] in range, out [N, head_dim] in the table dtype."""
+        if ids.size == 0:
+            return
+        chunks = ids // self.chunk_rows
+        touched = np.zeros(self.addr.shape[0], dtype=bool)
+        touched[chunks] = True
+        self.resolve(np.flatnonzero(touched))
+        out_bytes = out.view(np.uint8).reshape(ids.size, self.row_nbytes)
+        if self.region is not None and self.unit:
+            base = self.addr[chunks]  # [N] chunk addresses (-1 for missing chunks)
+            units_per_row = self.row_nbytes // self.unit
+            first = (base - self.lo) // self.unit + (ids - chunks * self.chunk_rows) * units_per_row  # [N]
+            if units_per_row == 1:
+                np.take(self.region, first, axis=0, out=out_bytes, mode="clip")
+            else:
+                index = first[:, None] + np.arange(units_per_row)[None, :]  # [N, k]
+                np.take(self.region, index.reshape(-1), axis=0, out=out_bytes.reshape(-1, self.unit), mode="clip")
+        else:
+            for chunk, pos, offsets in group_by_chunk(ids, self.chunk_rows):
+                if not self.missing[chunk]:
+                    rows = np.frombuffer(self.buffers[chunk], dtype=np.uint8).reshape(self.chunk_rows, self.row_nbytes)
+                    out_bytes[pos] = rows[offsets]
+        if self.any_missing:
+            out_bytes[self.missing[chunks]] = 0
+
+
+class Snapshot:
+    """A read transaction plus lazily built chunk indexes; shared by concurrent lookups."""
+
+    def __init__(self, store: "TableStore", generation: int):
+        self.txn = store.env.begin(write=False, buffers=True)
+        self.rows_db = store.rows_db
+        self.generation = generation
+        self.lock = threading.Lock()  # serialises LMDB calls on this txn
+        self.refs = 0
+        self.retired = False
+        self.metas: dict[str, TableMeta | None] = {}
+        self.indexes: dict[tuple, ChunkIndex] = {}
+        self._meta_db = store.meta_db
+
+    def meta(self, name: str) -> TableMeta:
+        """Table metadata as of this snapshot (NotFound if absent)."""
+        if name not in self.metas:
+            with self.lock:
+                blob = self.txn.get(b"table:" + name.encode(), db=self._meta_db)
+                self.metas[name] = TableMeta.from_json(blob) if blob is not None else None
+        meta = self.metas[name]
+        if meta is None:
+            raise NotFound(f"no table named {name!r}")
+        return meta
+
+    def index(self, meta: TableMeta, version: int, layer: int) -> ChunkIndex:
+        """The chunk index of (table, version, layer), built on first use."""
+        key = (meta.table_id, version, layer)
+        index = self.indexes.get(key)
+        if index is None:
+            with self.lock:
+                index = self.indexes.setdefault(key, ChunkIndex(self, meta, version, layer))
+        return index
+
+    def close(self) -> None:
+        """End the read transaction (only once no lookup uses it)."""
+        self.indexes.clear()
+        self.txn.abort()
+
+
+class TableStore:
+    """One LMDB environment holding any number of table sets and their versions."""
+
+    def __init__(self, path: str | Path, map_size: int = DEFAULT_MAP_SIZE, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                 optimizer: RowAdamConfig | None = None, sync: bool = True):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.default_chunk_rows = chunk_rows
+        self.optimizer = optimizer or RowAdamConfig()
+        # readahead off: lookups are random, readahead would pull useless pages into RAM.
+        self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=8, subdir=True, sync=sync, metasync=sync,
+                             readahead=False, max_readers=512, lock=True)
+        self.meta_db = self.env.open_db(b"meta")
+        self.rows_db = self.env.open_db(b"rows")
+        self.opt_db = self.env.open_db(b"opt")
+        self.maps_db = self.env.open_db(b"maps")
+        self._write_lock = threading.Lock()
+        self._snap_lock = threading.Lock()
+        self._snapshot: Snapshot | None = None
+        self._generation = 0
+        self.counters = {"lookups": 0, "rows_served": 0, "writes": 0, "rows_written": 0, "gradient_pushes": 0, "rows_updated": 0}
+
+    # ------------------------------------------------------------------ snapshots
+    def _acquire(self) -> Snapshot:
+        with self._snap_lock:
+            snap = self._snapshot
+            if snap is None or snap.generation != self._generation:
+                if snap is not None:
+                    snap.retired = True
+                    if snap.refs == 0:
+                        snap.close()
+                snap = self._snapshot = Snapshot(self, self._generation)
+            snap.refs += 1
+            return snap
+
+    def _release(self, snap: Snapshot) -> None:
+        with self._snap_lock:
+            snap.refs -= 1
+            if snap.retired and snap.refs == 0:
+                snap.close()
+
+    def _committed(self) -> None:
+        with self._snap_lock:
+            self._generation += 1
+
+    # ------------------------------------------------------------------ metadata
+    def _read_meta(self, txn, name: str) -> TableMeta:
+        blob = txn.get(b"table:" + name.encode(), db=self.meta_db)
+        if blob is None:
+            raise NotFound(f"no table named {name!r}")
+        return TableMeta.from_json(blob)
+
+    def _put_meta(self, txn, meta: TableMeta) -> None:
+        txn.put(b"table:" + meta.name.encode(), meta.to_json(), db=self.meta_db)
+
+    def table_info(self, name: str) -> TableMeta:
+        """Current metadata of a table."""
+        with self.env.begin(buffers=False) as txn:
+            return self._read_meta(txn, name)
+
+    def list_tables(self) -> list[TableMeta]:
+        """Metadata of every table, by name."""
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self.meta_db)
+            metas = []
+            if cursor.set_range(b"table:"):
+                for key, value in cursor:
+                    if not key.startswith(b"table:"):
+                        break
+                    metas.append(TableMeta.from_json(value))
+            return metas
+
+    def compression_map(self, name: str) -> np.ndarray | None:
+        """The table's compression map (int64 [vocab]) or None."""
+        meta = self.table_info(name)
+        with self.env.begin() as txn:
+            blob = txn.get(struct.pack(">I", meta.table_id), db=self.maps_db)
+        return None if blob is None else np.frombuffer(blob, dtype="<i8").copy()
+
+    # ------------------------------------------------------------------ tables and versions
+    def create_table(self, name: str, spec: EngramSpec, compression_map: np.ndarray | None = None,
+                     init_std: float = 1.0, init_seed: int = 0, chunk_rows: int | None = None) -> TableMeta:
+        """Create a table set whose version 1 holds seeded N(0, init_std^2) rows (zeros if init_std == 0); active."""
+        check_table_name(name)
+        chunk_rows = int(chunk_rows or self.default_chunk_rows)
+        if chunk_rows < 64 or chunk_rows * spec.row_nbytes < _PAGE:
+            raise InvalidArgument(f"chunk_rows {chunk_rows} is too small: a chunk must span at least one {_PAGE}-byte page")
+        if compression_map is not None:
+            cmap = np.ascontiguousarray(compression_map, dtype="<i8")
+            if spec.compressed_vocab_size is None or int(cmap.max()) + 1 != spec.compressed_vocab_size:
+                raise InvalidArgument("compression map does not match the spec's compressed_vocab_size")
+            if spec.compression_digest and spec.with_compression(cmap, spec.compressed_vocab_size).compression_digest != spec.compression_digest:
+                raise InvalidArgument("compression map does not match the spec's compression_digest")
+        with self._write_lock:
+            with self.env.begin(write=True) as txn:
+                if txn.get(b"table:" + name.encode(), db=self.meta_db) is not None:
+                    raise AlreadyExists(f"table {name!r} already exists")
+                raw = txn.get(b"next_table_id", db=self.meta_db)
+                table_id = struct.unpack(">I", raw)[0] if raw else 1
+                txn.put(b"next_table_id", struct.pack(">I", table_id + 1), db=self.meta_db)
+            meta = TableMeta(name=name, table_id=table_id, spec=spec, chunk_rows=chunk_rows,
+                             layer_rows=layer_rows_for_spec(spec), has_compression=compression_map is not None)
+            version = meta.add_version("init" if init_std else "empty")
+            self._fill_version(meta, version, init_std, init_seed)
+            meta.active = version
+            with self.env.begin(write=True) as txn:
+                self._put_meta(txn, meta)
+                if compression_map is not None:
+                    txn.put(struct.pack(">I", table_id), cmap.tobytes(), db=self.maps_db)
+            self._committed()
+            return meta
+
+    def _fill_version(self, meta: TableMeta, version: int, init_std: float, init_seed: int) -> None:
+        """Write every chunk of a new version: seeded rows, or zeros when init_std == 0 (bulk, batched commits)."""
+        spec = meta.spec
+        pending = 0
+        txn = self.env.begin(write=True)
+        try:
+            for layer, num_rows in meta.layer_rows.items():
+                for chunk in range(meta.num_chunks(layer)):
+                    start = chunk * meta.chunk_rows
+                    stop = min(num_rows, start + meta.chunk_rows)
+                    rows = np.zeros((meta.chunk_rows, spec.head_dim), dtype=meta.dtype)
+                    if init_std:
+                        rows[: stop - start] = init_rows(num_rows, spec.head_dim, layer, start, stop, init_std, init_seed, spec.dtype)
+                    txn.put(chunk_key(_ROWS, meta.table_id, version, layer, chunk), rows.tobytes(), db=self.rows_db)
+                    pending += rows.nbytes
+                    if pending >= WRITE_BATCH_BYTES:
+                        txn.commit()
+                        txn, pending = self.env.begin(write=True), 0
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+
+    def create_version(self, name: str, copy_of: int | None = None, init_std: float | None = None,
+                       init_seed: int = 0) -> int:
+        """New (inactive) version: a copy of another (rows and optimizer state), seeded rows, or zeros."""
+        with self._write_lock:
+            meta = self.table_info(name)
+            if copy_of is not None:
+                try:
+                    source_version = meta.resolve_version(copy_of)
+                except KeyError as e:
+                    raise NotFound(str(e.args[0])) from None
+                version = meta.add_version(f"copy of {source_version}")
+                self._copy_version(meta, source_version, version)
+            else:
+                version = meta.add_version("init" if init_std else "empty")
+                self._fill_version(meta, version, init_std or 0.0, init_seed)
+            with self.env.begin(write=True) as txn:
+                current = self._read_meta(txn, name)
+                current.versions[version] = meta.versions[version]
+                current.next_version = meta.next_version
+                self._put_meta(txn, current)
+            self._committed()
+            return version
+
+    def _prefix_items(self, txn, db, kind: int, table_id: int, version: int):
+        prefix = struct.pack(">BII", kind, table_id, version)
+        cursor = txn.cursor(db=db)
+        if cursor.set_range(prefix):
+            for key, value in cursor:
+                if not key.startswith(prefix):
+                    break
+                yield key, value
+
+    def _copy_version(self, meta: TableMeta, source: int, target: int) -> None:
+        for kind, db in ((_ROWS, self.rows_db), (_OPT, self.opt_db)):
+            with self.env.begin() as read:
+                batch, pending = [], 0
+                for key, value in self._prefix_items(read, db, kind, meta.table_id, source):
+                    _, _, _, layer, chunk = _KEY.unpack(key)
+                    batch.append((chunk_key(kind, meta.table_id, target, layer, chunk), bytes(value)))
+                    pending += len(value)
+                    if pending >= WRITE_BATCH_BYTES:
+                        self._put_batch(db, batch)
+                        batch, pending = [], 0
+                self._put_batch(db, batch)
+
+    def _put_batch(self, db, items) -> None:
+        if items:
+            with self.env.begin(write=True) as txn:
+                for key, value in items:
+                    txn.put(key, value, db=db)
+
+    def _delete_version_chunks(self, table_id: int, version: int, batch: int = 1024) -> None:
+        """Delete a version's chunks a batch of keys per transaction."""
+        for kind, db in ((_ROWS, self.rows_db), (_OPT, self.opt_db)):
+            while True:
+                with self.env.begin(write=True) as txn:
+                    keys = []
+                    for key, _ in self._prefix_items(txn, db, kind, table_id, version):
+                        keys.append(bytes(key))
+                        if len(keys) >= batch:
+                            break
+                    for key in keys:
+                        txn.delete(key, db=db)
+                if len(keys) < batch:
+                    break
+
+    def swap(self, name: str, version: int) -> tuple[int, int]:
+        """Make `version` active; returns (active, previous). Readers switch at their next snapshot."""
+        with self._write_lock:
+            with self.env.begin(write=True) as txn:
+                meta = self._read_meta(txn, name)
+                if version not in meta.versions:
+                    raise NotFound(f"table {name!r} has no version {version}; versions are {sorted(meta.versions)}")
+                previous = meta.active
+                if version != previous:
+                    meta.history.append(previous)
+                    meta.active = version
+                    self._put_meta(txn, meta)
+            self._committed()
+            return version, previous
+
+    def rollback(self, name: str) -> tuple[int, int]:
+        """Re-activate the version that was active before the last swap; returns (active, previous)."""
+        with self._write_lock:
+            with self.env.begin(write=True) as txn:
+                meta = self._read_meta(txn, name)
+                history = [v for v in meta.history if v in meta.versions]
+                if not history:
+                    raise FailedPrecondition(f"table {name!r} has no earlier active version to roll back to")
+                previous = meta.active
+                meta.active = history.pop()
+                meta.history = history
+                self._put_meta(txn, meta)
+            self._committed()
+            return meta.active, previous
+
+    def drop_version(self, name: str, version: int) -> None:
+        """Delete an inactive version's rows and optimizer state."""
+        with self._write_lock:
+            with self.env.begin(write=True) as txn:
+                meta = self._read_meta(txn, name)
+                if version not in meta.versions:
+                    raise NotFound(f"table {name!r} has no version {version}; versions are {sorted(meta.versions)}")
+                if version == meta.active:
+                    raise FailedPrecondition(f"version {version} of {name!r} is active; swap to another version first")
+                del meta.versions[version]
+                meta.history = [v for v in meta.history if v != version]
+                self._put_meta(txn, meta)
+            self._committed()
+            self._delete_version_chunks(meta.table_id, version)
+
+    def drop_table(self, name: str) -> None:
+        """Delete a table set with all its versions."""
+        with self._write_lock:
+            with self.env.begin(write=True) as txn:
+                meta = self._read_meta(txn, name)
+                txn.delete(b"table:" + name.encode(), db=self.meta_db)
+                txn.delete(struct.pack(">I", meta.table_id), db=self.maps_db)
+            self._committed()
+            for version in meta.versions:
+                self._delete_version_chunks(meta.table_id, version)
+
+    # ------------------------------------------------------------------ reads
+    def _check(self, meta: TableMeta, layer: int, fingerprint: str | None) -> int:
+        if fingerprint is not None and fingerprint != meta.spec.fingerprint():
+            raise FailedPrecondition(f"spec fingerprint {fingerprint!r} does not match table {meta.name!r} "
+                                     f"({meta.spec.fingerprint()}): client and table disagree on hashing or layout")
+        if layer not in meta.layer_rows:
+            raise InvalidArgument(f"table {meta.name!r} has no layer {layer}; its layers are {sorted(meta.layer_rows)}")
+        return meta.layer_rows[layer]
+
+    def lookup(self, name: str, layer: int, row_ids, version: int = 0, fingerprint: str | None = None,
+               out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """Rows [N, head_dim] (table dtype) for int64 ids [N], and the version they came from."""
+        snap = self._acquire()
+        try:
+            meta = snap.meta(name)
+            num_rows = self._check(meta, layer, fingerprint)
+            ids = check_row_ids(row_ids, num_rows, layer)
+            try:
+                v = meta.resolve_version(version)
+            except KeyError as e:
+                raise NotFound(str(e.args[0])) from None
+            if out is None or out.shape != (ids.size, meta.head_dim) or out.dtype != meta.dtype:
+                out = np.empty((ids.size, meta.head_dim), dtype=meta.dtype)
+            snap.index(meta, v, layer).gather(ids, out)
+            self.counters["lookups"] += 1
+            self.counters["rows_served"] += ids.size
+            return out, v
+        finally:
+            self._release(snap)
+
+    def read_range(self, name: str, layer: int, start: int, stop: int, version: int = 0) -> tuple[np.ndarray, int]:
+        """Rows [start, stop) of a layer (export)."""
+        meta = self.table_info(name)
+        num_rows = self._check(meta, layer, None)
+        if not 0 <= start <= stop <= num_rows:
+            raise InvalidArgument(f"row range [{start}, {stop}) is outside layer {layer}'s [0, {num_rows})")
+        return self.lookup(name, layer, np.arange(start, stop, dtype=np.int64), version)
+
+    def optimizer_state(self, name: str, layer: int, row_ids, version: int = 0) -> np.ndarray:
+        """Adam records (m, v, step) of rows (for tests and export)."""
+        meta = self.table_info(name)
+        ids = check_row_ids(row_ids, self._check(meta, layer, None), layer)
+        v = meta.resolve_version(version)
+        out = np.zeros(ids.size, dtype=opt_dtype(meta.head_dim))
+        with self.env.begin(buffers=True) as txn:
+            for chunk, pos, offsets in group_by_chunk(ids, meta.chunk_rows):
+                buf = txn.get(chunk_key(_OPT, meta.table_id, v, layer, chunk), db=self.opt_db)
+                if buf is not None:
+                    out[pos] = np.frombuffer(buf, dtype=opt_dtype(meta.head_dim))[offsets]
+        return out
+
+    # ------------------------------------------------------------------ writes
+    def _write_target(self, txn, name: str, layer: int, version: int, fingerprint: str | None) -> tuple[TableMeta, int, int]:
+        meta = self._read_meta(txn, name)
+        num_rows = self._check(meta, layer, fingerprint)
+        try:
+            v = meta.resolve_version(version)
+        except KeyError as e:
+            raise NotFound(str(e.args[0])) from None
+        return meta, num_rows, v
+
+    def write_rows(self, name: str, layer: int, row_ids, rows, version: int = 0, fingerprint: str | None = None) -> int:
+        """Set rows of a version in one committed transaction; returns the version written."""
+        with self._write_lock:
+            with self.env.begin(write=True) as txn:
+                meta, num_rows, v = self._write_target(txn, name, layer, version, fingerprint)
+                ids = check_row_ids(row_ids, num_rows, layer)
+                values = np.asarray(rows)
+                if values.shape != (ids.size, meta.head_dim):
+                    raise InvalidArgument(f"rows must be [{ids.size}, {meta.head_dim}] for {ids.size} ids, got {list(values.shape)}")
+                if values.dtype != meta.dtype:
+                    raise InvalidArgument(f"rows must be {meta.dtype.name} (the table dtype), got {values.dtype.name}")
+                if np.unique(ids).size != ids.size:
+                    raise InvalidArgument("row ids of a write must be unique")
+                for chunk, pos, offsets in group_by_chunk(ids, meta.chunk_rows):
+                    key = chunk_key(_ROWS, meta.table_id, v, layer, chunk)
+                    current = txn.get(key, db=self.rows_db)
+                    block = (np.frombuffer(current, dtype=meta.dtype).reshape(meta.chunk_rows, meta.head_dim).copy()
+                             if current is not None else np.zeros((meta.chunk_rows, meta.head_dim), dtype=meta.dtype))
+                    block[offsets] = values[pos]
+                    txn.put(key, block.tobytes(), db=self.rows_db)
+            self._committed()
+            self.counters["writes"] += 1
+            self.counters["rows_written"] += ids.size
+            return v
+
+    def apply_gradients(self, name: str, layer: int, row_ids, grads, lr: float, version: int = 0,
+                        fingerprint: str | None = None) -> int:
+        """Row-wise Adam on unique rows in one committed transaction; returns the version updated."""
+        if not np.isfinite(lr) or lr < 0:
+            raise InvalidArgument(f"learning rate must be a finite number >= 0, got {lr}")
+        with self._write_lock:
+            with self.env.begin(write=True) as txn:
+                meta, num_rows, v = self._write_target(txn, name, layer, version, fingerprint)
+                ids = check_row_ids(row_ids, num_rows, layer)
+                g = check_gradients(ids, grads, meta.head_dim)
+                record = opt_dtype(meta.head_dim)
+                for chunk, pos, offsets in group_by_chunk(ids, meta.chunk_rows):
+                    row_key = chunk_key(_ROWS, meta.table_id, v, layer, chunk)
+                    opt_key = chunk_key(_OPT, meta.table_id, v, layer, chunk)
+                    current = txn.get(row_key, db=self.rows_db)
+                    block = (np.frombuffer(current, dtype=meta.dtype).reshape(meta.chunk_rows, meta.head_dim).copy()
+                             if current is not None else np.zeros((meta.chunk_rows, meta.head_dim), dtype=meta.dtype))
+                    current_opt = txn.get(opt_key, db=self.opt_db)
+                    state = (np.frombuffer(current_opt, dtype=record).copy() if current_opt is not None
+                             else np.zeros(meta.chunk_rows, dtype=record))
+                    sel = state[offsets]
+                    new_rows, new_m, new_v, new_steps = row_adam_update(
+                        block[offsets], sel["m"], sel["v"], sel["step"], g[pos], lr, self.optimizer)
+                    block[offsets] = new_rows
+                    state["m"][offsets], state["v"][offsets], state["step"][offsets] = new_m, new_v, new_steps
+                    txn.put(row_key, block.tobytes(), db=self.rows_db)
+                    txn.put(opt_key, state.tobytes(), db=self.opt_db)
+            self._committed()
+            self.counters["gradient_pushes"] += 1
+            self.counters["rows_updated"] += ids.size
+            return v
+
+    # ------------------------------------------------------------------ housekeeping
+    def warm(self, name: str, version: int = 0) -> int:
+        """Touch every page of a version (prefault the map); returns bytes read."""
+        meta = self.table_info(name)
+        v = meta.resolve_version(version)
+        total = 0
+        with self.env.begin(buffers=True) as txn:
+            for _, value in self._prefix_items(txn, self.rows_db, _ROWS, meta.table_id, v):
+                total += int(np.frombuffer(value, dtype=np.uint8)[::_PAGE].sum() >= 0) * len(value)
+        return total
+
+    def stats(self) -> dict[str, float]:
+        """Counters plus environment size figures."""
+        info, stat = self.env.info(), self.env.stat()
+        out = {k: float(v) for k, v in self.counters.items()}
+        out.update(map_size=float(info["map_size"]), last_page=float(info["last_pgno"]),
+                   used_bytes=float((info["last_pgno"] + 1) * stat["psize"]), readers=float(info["num_readers"]))
+        return out
+
+    def close(self) -> None:
+        """Close the environment (after ending the shared snapshot)."""
+        with self._snap_lock:
+            if self._snapshot is not None:
+                self._snapshot.retired = True
+                if self._snapshot.refs == 0:
+                    self._snapshot.close()
+                self._snapshot = None
+        self.env.close()

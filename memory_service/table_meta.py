@@ -1,0 +1,101 @@
+"""Metadata of one stored table set: spec, sizes, versions, active version, swap history.
+
+Kept as a small JSON document in the store's `meta` database (row data never is:
+rows are raw little-endian chunks). Changing the active version is one write of this
+document, so a swap or rollback is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from memory_service.hashing import head_sizes_for_spec
+from memory_service.spec import EngramSpec
+
+TABLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_table_name(name: str) -> str:
+    """Table names are 1-128 characters of letters, digits, '.', '_' and '-'."""
+    if not isinstance(name, str) or not TABLE_NAME.match(name):
+        raise ValueError(f"invalid table name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+def layer_rows_for_spec(spec: EngramSpec) -> dict[int, int]:
+    """Rows of each layer's table: the sum of its heads' primes."""
+    return {layer: sum(sum(order) for order in sizes) for layer, sizes in head_sizes_for_spec(spec).items()}
+
+
+@dataclass
+class TableMeta:
+    """Everything the store knows about one table set besides its rows."""
+
+    name: str
+    table_id: int
+    spec: EngramSpec
+    chunk_rows: int
+    layer_rows: dict[int, int]
+    active: int = 1
+    versions: dict[int, dict] = field(default_factory=dict)  # version -> {"source", "created"}
+    history: list[int] = field(default_factory=list)  # earlier active versions, newest last
+    next_version: int = 1
+    has_compression: bool = False
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Row dtype."""
+        return np.dtype(self.spec.dtype).newbyteorder("<")
+
+    @property
+    def head_dim(self) -> int:
+        """Row width."""
+        return self.spec.head_dim
+
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes of one row."""
+        return self.head_dim * self.dtype.itemsize
+
+    def num_chunks(self, layer: int) -> int:
+        """Chunks of a layer's table (the last one padded to chunk_rows)."""
+        return -(-self.layer_rows[layer] // self.chunk_rows)
+
+    def resolve_version(self, version: int) -> int:
+        """0 -> the active version; otherwise the version itself, which must exist (KeyError)."""
+        v = self.active if version == 0 else int(version)
+        if v not in self.versions:
+            raise KeyError(f"table {self.name!r} has no version {v}; versions are {sorted(self.versions)}")
+        return v
+
+    def add_version(self, source: str) -> int:
+        """Register a new version number (not yet active)."""
+        v = self.next_version
+        self.next_version += 1
+        self.versions[v] = {"source": source, "created": time.time()}
+        return v
+
+    def to_json(self) -> bytes:
+        """Serialised form for the meta database."""
+        return json.dumps({
+            "name": self.name, "table_id": self.table_id, "spec": json.loads(self.spec.to_json()),
+            "chunk_rows": self.chunk_rows, "layer_rows": {str(k): v for k, v in self.layer_rows.items()},
+            "active": self.active, "versions": {str(k): v for k, v in self.versions.items()},
+            "history": self.history, "next_version": self.next_version, "has_compression": self.has_compression,
+        }, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, blob: bytes) -> "TableMeta":
+        """Inverse of to_json."""
+        d = json.loads(bytes(blob))
+        return cls(
+            name=d["name"], table_id=d["table_id"], spec=EngramSpec.from_dict(d["spec"]), chunk_rows=d["chunk_rows"],
+            layer_rows={int(k): v for k, v in d["layer_rows"].items()}, active=d["active"],
+            versions={int(k): v for k, v in d["versions"].items()}, history=list(d["history"]),
+            next_version=d["next_version"], has_compression=d["has_compression"],
+        )
