@@ -184,23 +184,25 @@ class NgramHasher:
             np.remainder(mix[:, :, None], primes[None, None, order_heads], out=out[:, :, order_heads])
         return out
 
-    def hash(self, compressed_ids, history=None) -> dict[int, np.ndarray]:
+    def hash(self, compressed_ids, history=None, layers=None) -> dict[int, np.ndarray]:
         """{layer_id: int64 [B, T, num_heads]} per-head hashes of compressed ids [B, T].
 
         `history` ([B, max_ngram_size - 1], compressed) holds the tokens before the first
         column, for incremental decoding; without it the n-grams are left-padded with the pad id.
+        `layers` restricts the result to some layers (default: all).
         """
         padded = self._padded(compressed_ids, history)
         num_tokens = padded.shape[1] - (self.spec.max_ngram_size - 1)
-        return {l: self._layer_hash(padded, num_tokens, l) for l in self.spec.layer_ids}
+        layers = self.spec.layer_ids if layers is None else [self._check_layer(l) for l in layers]
+        return {l: self._layer_hash(padded, num_tokens, l) for l in layers}
 
-    def row_ids(self, compressed_ids, history=None, global_ids: bool = False) -> dict[int, np.ndarray]:
+    def row_ids(self, compressed_ids, history=None, global_ids: bool = False, layers=None) -> dict[int, np.ndarray]:
         """{layer_id: int64 [B, T, num_heads]} rows of each layer's table (hash + head offset).
 
         Local ids index one layer's table, the reference's `multi_head_embedding.embedding`;
         with global_ids=True the layer's base row is added so all layers share one row space.
         """
-        hashes = self.hash(compressed_ids, history)
+        hashes = self.hash(compressed_ids, history, layers)
         for layer_id, h in hashes.items():
             h += self._offsets[layer_id]
             if global_ids:

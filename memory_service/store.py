@@ -215,6 +215,7 @@ class TableStore:
         self.rows_db = self.env.open_db(b"rows")
         self.opt_db = self.env.open_db(b"opt")
         self.maps_db = self.env.open_db(b"maps")
+        self.requests_db = self.env.open_db(b"requests")  # request id -> version, for idempotent retries
         self._write_lock = threading.Lock()
         self._snap_lock = threading.Lock()
         self._snapshot: Snapshot | None = None
@@ -517,11 +518,37 @@ class TableStore:
             raise NotFound(str(e.args[0])) from None
         return meta, num_rows, v
 
-    def write_rows(self, name: str, layer: int, row_ids, rows, version: int = 0, fingerprint: str | None = None) -> int:
+    def _seen_request(self, txn, request_id: str | None) -> int | None:
+        """Version recorded for an already-applied request id, else None."""
+        if not request_id:
+            return None
+        done = txn.get(b"req:" + request_id.encode(), db=self.requests_db)
+        return struct.unpack(">Qd", done)[0] if done is not None else None
+
+    def _record_request(self, txn, request_id: str | None, version: int) -> None:
+        if request_id:
+            txn.put(b"req:" + request_id.encode(), struct.pack(">Qd", version, time.time()), db=self.requests_db)
+
+    def prune_requests(self, older_than_s: float = 3600.0) -> int:
+        """Forget request ids recorded more than older_than_s ago; returns how many."""
+        cutoff, dropped = time.time() - older_than_s, 0
+        with self._write_lock, self.env.begin(write=True) as txn:
+            cursor = txn.cursor(db=self.requests_db)
+            for key, value in list(cursor):
+                if struct.unpack(">Qd", value)[1] < cutoff:
+                    txn.delete(key, db=self.requests_db)
+                    dropped += 1
+        return dropped
+
+    def write_rows(self, name: str, layer: int, row_ids, rows, version: int = 0, fingerprint: str | None = None,
+                   request_id: str | None = None) -> int:
         """Set rows of a version in one committed transaction; returns the version written."""
         with self._write_lock:
             with self.env.begin(write=True) as txn:
                 meta, num_rows, v = self._write_target(txn, name, layer, version, fingerprint)
+                done = self._seen_request(txn, request_id)
+                if done is not None:
+                    return done
                 ids = check_row_ids(row_ids, num_rows, layer)
                 values = np.asarray(rows)
                 if values.shape != (ids.size, meta.head_dim):
@@ -537,13 +564,14 @@ class TableStore:
                              if current is not None else np.zeros((meta.chunk_rows, meta.head_dim), dtype=meta.dtype))
                     block[offsets] = values[pos]
                     txn.put(key, block.tobytes(), db=self.rows_db)
+                self._record_request(txn, request_id, v)
             self._committed()
             self.counters["writes"] += 1
             self.counters["rows_written"] += ids.size
             return v
 
     def apply_gradients(self, name: str, layer: int, row_ids, grads, lr: float, version: int = 0,
-                        fingerprint: str | None = None) -> int:
+                        fingerprint: str | None = None, request_id: str | None = None) -> int:
         """Row-wise Adam on unique rows in one committed transaction; returns the version updated."""
         if not np.isfinite(lr) or lr < 0:
             raise InvalidArgument(f"learning rate must be a finite number >= 0, got {lr}")
@@ -552,6 +580,9 @@ class TableStore:
                 meta, num_rows, v = self._write_target(txn, name, layer, version, fingerprint)
                 ids = check_row_ids(row_ids, num_rows, layer)
                 g = check_gradients(ids, grads, meta.head_dim)
+                done = self._seen_request(txn, request_id)
+                if done is not None:
+                    return done
                 record = opt_dtype(meta.head_dim)
                 for chunk, pos, offsets in group_by_chunk(ids, meta.chunk_rows):
                     row_key = chunk_key(_ROWS, meta.table_id, v, layer, chunk)
@@ -569,6 +600,7 @@ class TableStore:
                     state["m"][offsets], state["v"][offsets], state["step"][offsets] = new_m, new_v, new_steps
                     txn.put(row_key, block.tobytes(), db=self.rows_db)
                     txn.put(opt_key, state.tobytes(), db=self.opt_db)
+                self._record_request(txn, request_id, v)
             self._committed()
             self.counters["gradient_pushes"] += 1
             self.counters["rows_updated"] += ids.size

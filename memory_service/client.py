@@ -1,0 +1,331 @@
+"""Client of the memory service; implements the model worker's TableBackend over gRPC.
+
+A lookup dedups its ids (unique + inverse), splits them by shard (ShardMap) and into
+messages under the payload limit, sends every part at once (futures), and writes each
+reply straight into one output array. All parts of a batch are served from one table
+version: if a swap lands between parts, the parts from the older version are fetched
+again pinned to the newer one. Every call has a deadline; UNAVAILABLE and
+DEADLINE_EXCEEDED are retried with backoff (writes carry a request id, so a retried
+write is applied once). Server errors come back as memory_service.errors exceptions.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from memory_service.backend import TableBackend, check_gradients, check_row_ids
+from memory_service.errors import BY_CODE, EngramError, FailedPrecondition, InvalidArgument, ShardUnavailable
+from memory_service.server import channel_options
+from memory_service.spec import EngramSpec
+from memory_service.wire import MAX_PAYLOAD_BYTES, decode_array, dtype_enum, encode_ids, enum_dtype
+from protos import engram_pb2 as pb
+from protos import engram_pb2_grpc as pb_grpc
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def parse_address(url: str) -> str:
+    """'grpc://host:port' or 'host:port' -> 'host:port'."""
+    address = url[len("grpc://"):] if url.startswith("grpc://") else url
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"memory service address must look like grpc://HOST:PORT or HOST:PORT, got {url!r}")
+    return address
+
+
+def error_from_rpc(e: grpc.RpcError, where: str = "") -> EngramError:
+    """Our exception for a gRPC error (status code -> class, details kept)."""
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    cls = BY_CODE.get(code.name, EngramError)
+    err = cls(f"{where}{e.details() if hasattr(e, 'details') else e}")
+    if cls is EngramError:
+        err.code = code.name
+    return err
+
+
+@dataclass
+class ShardMap:
+    """Where rows live: chunk c of layer l is on shard (c + l) % num_shards; `epoch` names this map."""
+
+    addresses: list[str]
+    chunk_rows: int = 4096
+    epoch: int = 0
+    layer_salt: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def num_shards(self) -> int:
+        """Number of shards."""
+        return len(self.addresses)
+
+    def shard_of(self, layer: int, row_ids: np.ndarray) -> np.ndarray:
+        """Shard index of every row id, int64 [N]."""
+        if self.num_shards == 1:
+            return np.zeros(row_ids.shape, dtype=np.int64)
+        return (row_ids // self.chunk_rows + layer) % self.num_shards
+
+
+class MemoryClient(TableBackend):
+    """A table set on the memory service, as a TableBackend (plus admin calls)."""
+
+    def __init__(self, shards: ShardMap | str | list[str], table: str, token: str | None = None,
+                 deadline_s: float = 30.0, retry_budget_s: float = 30.0, tls_root_cert: bytes | None = None,
+                 max_payload_bytes: int = MAX_PAYLOAD_BYTES, spec: EngramSpec | None = None, connect: bool = True):
+        if isinstance(shards, str):
+            shards = ShardMap([parse_address(shards)])
+        elif isinstance(shards, list):
+            shards = ShardMap([parse_address(a) for a in shards])
+        self.shard_map = shards
+        self.table = table
+        self.token = token
+        self.deadline_s = deadline_s
+        self.retry_budget_s = retry_budget_s
+        self.max_payload_bytes = max_payload_bytes
+        self._tls_root_cert = tls_root_cert
+        self._channels: list[grpc.Channel] = []
+        self._stubs: list[pb_grpc.EngramMemoryStub] = []
+        self._open_channels()
+        self.spec: EngramSpec | None = None
+        self.fingerprint = ""
+        self.layer_rows: dict[int, int] = {}
+        self.dtype = np.dtype("<f4")
+        if connect:
+            self.refresh_info(expected=spec)
+
+    # ------------------------------------------------------------------ plumbing
+    def _open_channels(self) -> None:
+        for channel in self._channels:
+            channel.close()
+        make = (lambda a: grpc.secure_channel(a, grpc.ssl_channel_credentials(self._tls_root_cert), options=channel_options())) \
+            if self._tls_root_cert else (lambda a: grpc.insecure_channel(a, options=channel_options()))
+        self._channels = [make(a) for a in self.shard_map.addresses]
+        self._stubs = [pb_grpc.EngramMemoryStub(c) for c in self._channels]
+
+    def set_shard_map(self, shard_map: ShardMap) -> None:
+        """Switch to another shard map (after FAILED_PRECONDITION: stale map)."""
+        self.shard_map = shard_map
+        self._open_channels()
+
+    def _metadata(self):
+        return (("authorization", f"Bearer {self.token}"),) if self.token else None
+
+    def _call(self, shard: int, method: str, request, retry: bool = True):
+        """One unary call with deadline and retries on UNAVAILABLE / DEADLINE_EXCEEDED."""
+        deadline = time.monotonic() + self.retry_budget_s
+        delay = 0.05
+        while True:
+            try:
+                return getattr(self._stubs[shard], method)(request, timeout=self.deadline_s, metadata=self._metadata())
+            except grpc.RpcError as e:
+                if not retry or e.code() not in RETRYABLE or time.monotonic() + delay > deadline:
+                    if e.code() in RETRYABLE:
+                        raise ShardUnavailable(f"shard {shard} ({self.shard_map.addresses[shard]}) {method}: "
+                                               f"{e.code().name} for {self.retry_budget_s:.0f}s: {e.details()}") from e
+                    raise error_from_rpc(e, f"{method} on {self.shard_map.addresses[shard]}: ") from e
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _call_all(self, calls: list[tuple[int, str, object]]) -> list:
+        """Send several calls at once (futures); retry the failed ones one by one; results in order."""
+        futures = [getattr(self._stubs[s], m).future(r, timeout=self.deadline_s, metadata=self._metadata()) for s, m, r in calls]
+        results = []
+        for (shard, method, request), future in zip(calls, futures):
+            try:
+                results.append(future.result())
+            except grpc.RpcError as e:
+                if e.code() in RETRYABLE:
+                    results.append(self._call(shard, method, request))
+                else:
+                    raise error_from_rpc(e, f"{method} on {self.shard_map.addresses[shard]}: ") from e
+        return results
+
+    def _plan(self, layer: int, ids: np.ndarray, row_nbytes: int) -> list[tuple[int, np.ndarray]]:
+        """(shard, positions into ids) parts, each under the payload limit."""
+        per_message = max(1, self.max_payload_bytes // row_nbytes)
+        shards = self.shard_map.shard_of(layer, ids)
+        parts = []
+        for shard in range(self.shard_map.num_shards):
+            positions = np.flatnonzero(shards == shard) if self.shard_map.num_shards > 1 else np.arange(ids.size)
+            for start in range(0, positions.size, per_message):
+                parts.append((shard, positions[start:start + per_message]))
+        return parts
+
+    # ------------------------------------------------------------------ table info
+    def refresh_info(self, expected: EngramSpec | None = None) -> pb.TableInfo:
+        """Read the table's spec, sizes and dtype; refuse a spec that differs from `expected`."""
+        info = self._call(0, "GetTableInfo", pb.GetTableInfoRequest(table=self.table))
+        self.spec = EngramSpec.from_json(info.spec_json)
+        self.fingerprint = info.spec_fingerprint
+        self.layer_rows = dict(info.layer_rows)
+        self.dtype = enum_dtype(info.dtype)
+        if expected is not None and expected.fingerprint() != self.fingerprint:
+            raise FailedPrecondition(f"table {self.table!r} on the service has spec fingerprint {self.fingerprint}, "
+                                     f"this model expects {expected.fingerprint()}: another spec or compression map")
+        return info
+
+    def num_rows(self, layer_id: int) -> int:
+        """Rows in one layer's table."""
+        if layer_id not in self.layer_rows:
+            raise InvalidArgument(f"table {self.table!r} has no layer {layer_id}; its layers are {sorted(self.layer_rows)}")
+        return self.layer_rows[layer_id]
+
+    # ------------------------------------------------------------------ rows
+    def lookup_raw(self, layer_id: int, row_ids, version: int = 0, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """Rows in the table dtype [N, head_dim] and the one version they all came from."""
+        ids = check_row_ids(row_ids, self.num_rows(layer_id), layer_id)
+        head_dim = self.spec.head_dim
+        if ids.size > 1 and not np.all(ids[1:] > ids[:-1]):
+            unique, inverse = np.unique(ids, return_inverse=True)
+        else:
+            unique, inverse = ids, None
+        rows = out if (inverse is None and out is not None and out.shape == (ids.size, head_dim) and out.dtype == self.dtype) \
+            else np.empty((unique.size, head_dim), dtype=self.dtype)
+        parts = self._plan(layer_id, unique, head_dim * self.dtype.itemsize)
+        served = self._fetch_parts(layer_id, unique, parts, rows, version)
+        target = version or max(served, default=0)
+        stale = [part for part, v in zip(parts, served) if v != target]
+        if stale:  # a swap landed between parts: fetch those again from the newer version
+            self._fetch_parts(layer_id, unique, stale, rows, target)
+        if inverse is not None:
+            rows = np.take(rows, inverse, axis=0, out=out if out is not None and out.shape == (ids.size, head_dim) and out.dtype == self.dtype else None)
+        return rows, target
+
+    def _fetch_parts(self, layer_id, unique, parts, rows, version) -> list[int]:
+        calls = [(shard, "Lookup", pb.LookupRequest(
+            table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, row_ids=encode_ids(unique[pos]),
+            version=version, shard_epoch=self.shard_map.epoch)) for shard, pos in parts]
+        versions = []
+        for (shard, pos), reply in zip(parts, self._call_all(calls)):
+            got = decode_array(reply.rows, enum_dtype(reply.dtype), "rows", width=self.spec.head_dim)
+            if got.shape[0] != pos.size:
+                raise FailedPrecondition(f"shard {shard} returned {got.shape[0]} rows for {pos.size} ids")
+            rows[pos] = got
+            versions.append(reply.version)
+        return versions
+
+    def lookup(self, layer_id: int, row_ids: np.ndarray) -> np.ndarray:
+        """Rows for int64 ids [N] -> float32 [N, head_dim] (TableBackend)."""
+        rows, _ = self.lookup_raw(layer_id, row_ids)
+        return rows.astype(np.float32, copy=False)
+
+    def lookup_tensor(self, layer_id: int, row_ids, device="cpu"):
+        """Rows as a torch tensor; on CUDA they land in pinned host memory and copy asynchronously."""
+        import torch
+
+        rows = torch.from_numpy(self.lookup(layer_id, row_ids))
+        if torch.device(device).type == "cuda":
+            return rows.pin_memory().to(device, non_blocking=True)
+        return rows
+
+    def apply_gradients(self, layer_id: int, row_ids: np.ndarray, grads: np.ndarray, lr: float, version: int = 0, step: int = 0) -> None:
+        """Row-wise Adam on unique rows, each shard's part committed before return (TableBackend)."""
+        ids = check_row_ids(row_ids, self.num_rows(layer_id), layer_id)
+        g = check_gradients(ids, grads, self.spec.head_dim)
+        calls = [(shard, "ApplyGradients", pb.ApplyGradientsRequest(
+            table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, row_ids=encode_ids(ids[pos]),
+            gradients=np.ascontiguousarray(g[pos], dtype="<f4").tobytes(), learning_rate=lr, step=step,
+            version=version, shard_epoch=self.shard_map.epoch, request_id=uuid.uuid4().hex))
+            for shard, pos in self._plan(layer_id, ids, self.spec.head_dim * 4)]
+        self._call_all(calls)
+
+    def write_rows(self, layer_id: int, row_ids, rows, version: int = 0) -> None:
+        """Set rows of a version (table dtype), split and sent to their shards."""
+        ids = check_row_ids(row_ids, self.num_rows(layer_id), layer_id)
+        values = np.asarray(rows)
+        if values.shape != (ids.size, self.spec.head_dim):
+            raise InvalidArgument(f"rows must be [{ids.size}, {self.spec.head_dim}], got {list(values.shape)}")
+        values = values.astype(self.dtype, copy=False)
+        calls = [(shard, "WriteRows", pb.WriteRowsRequest(
+            table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, version=version,
+            row_ids=encode_ids(ids[pos]), rows=np.ascontiguousarray(values[pos]).tobytes(), dtype=dtype_enum(self.dtype),
+            request_id=uuid.uuid4().hex)) for shard, pos in self._plan(layer_id, ids, values.itemsize * self.spec.head_dim)]
+        self._call_all(calls)
+
+    def read_layer(self, layer_id: int, version: int = 0, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of a layer in the table dtype (export)."""
+        stop = self.num_rows(layer_id) if stop is None else stop
+        rows, _ = self.lookup_raw(layer_id, np.arange(start, stop, dtype=np.int64), version)
+        return rows
+
+    # ------------------------------------------------------------------ admin (sent to every shard)
+    def _broadcast(self, method: str, request):
+        return [self._call(s, method, request, retry=method not in ("CreateTable", "CreateVersion"))
+                for s in range(self.shard_map.num_shards)]
+
+    def create_table(self, spec: EngramSpec, compression_map: np.ndarray | None = None, init_std: float = 1.0,
+                     init_seed: int = 0, chunk_rows: int = 0) -> pb.TableInfo:
+        """Create this client's table on every shard; version 1 active."""
+        request = pb.CreateTableRequest(
+            table=self.table, spec_json=spec.to_json(), init_std=init_std, init_seed=init_seed, chunk_rows=chunk_rows,
+            compression_map=b"" if compression_map is None else encode_ids(compression_map))
+        info = self._broadcast("CreateTable", request)[0]
+        self.refresh_info()
+        return info
+
+    def create_version(self, copy_of: int | None = None, init_std: float | None = None, init_seed: int = 0, empty: bool = False) -> int:
+        """A new inactive version on every shard; returns its number."""
+        if copy_of is not None:
+            request = pb.CreateVersionRequest(table=self.table, copy_of=copy_of)
+        elif empty:
+            request = pb.CreateVersionRequest(table=self.table, empty=True)
+        else:
+            request = pb.CreateVersionRequest(table=self.table, init_std=init_std or 1.0, init_seed=init_seed)
+        versions = {r.version for r in self._broadcast("CreateVersion", request)}
+        if len(versions) != 1:
+            raise FailedPrecondition(f"shards disagree on the new version number: {sorted(versions)}")
+        return versions.pop()
+
+    def swap(self, version: int) -> tuple[int, int]:
+        """Activate a version; returns (active, previous)."""
+        reply = self._broadcast("Swap", pb.SwapRequest(table=self.table, version=version))[0]
+        return reply.active_version, reply.previous_version
+
+    def rollback(self) -> tuple[int, int]:
+        """Re-activate the previous version; returns (active, previous)."""
+        reply = self._broadcast("Rollback", pb.RollbackRequest(table=self.table))[0]
+        return reply.active_version, reply.previous_version
+
+    def drop_version(self, version: int) -> None:
+        """Delete an inactive version."""
+        self._broadcast("DropVersion", pb.DropVersionRequest(table=self.table, version=version))
+
+    def drop_table(self) -> None:
+        """Delete the table with all versions."""
+        self._broadcast("DropTable", pb.DropTableRequest(table=self.table))
+
+    def info(self) -> pb.TableInfo:
+        """TableInfo from the first shard."""
+        return self._call(0, "GetTableInfo", pb.GetTableInfoRequest(table=self.table))
+
+    def list_tables(self) -> list[pb.TableInfo]:
+        """Every table on the first shard."""
+        return list(self._call(0, "ListTables", pb.ListTablesRequest()).tables)
+
+    def stats(self) -> list[dict[str, float]]:
+        """Counters of every shard."""
+        return [dict(self._call(s, "Stats", pb.StatsRequest()).counters) for s in range(self.shard_map.num_shards)]
+
+    def lookup_tokens(self, layer_id: int, token_ids, compressed: bool = False, version: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+        """(rows [B, T, heads, head_dim], row ids [B, T, heads], version) for token ids [B, T]; the server hashes."""
+        tokens = np.atleast_2d(np.asarray(token_ids, dtype=np.int64))
+        reply = self._call(0, "LookupTokens", pb.LookupTokensRequest(
+            table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, token_ids=encode_ids(tokens),
+            shape=list(tokens.shape), compressed=compressed, version=version))
+        rows = decode_array(reply.rows, enum_dtype(reply.dtype), "rows").reshape(tuple(reply.shape))
+        return rows, decode_array(reply.row_ids, "<i8", "row_ids").reshape(tuple(reply.shape)[:-1]), reply.version
+
+    def close(self) -> None:
+        """Close the channels."""
+        for channel in self._channels:
+            channel.close()
+
+
+class AdminClient(MemoryClient):
+    """A client for a table that may not exist yet (create, list)."""
+
+    def __init__(self, shards, table: str = "", **kwargs):
+        super().__init__(shards, table, connect=False, **kwargs)

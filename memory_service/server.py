@@ -1,0 +1,75 @@
+"""The memory service's gRPC server: one TableStore behind engram.v1, health and reflection.
+
+`engram serve --path DIR --port P` runs it standalone (binds 127.0.0.1 by default);
+the Ray shard actors host the same server inside each actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from memory_service.servicer import EngramMemoryServicer
+from memory_service.store import TableStore
+from memory_service.wire import GRPC_MESSAGE_LIMIT
+from protos import engram_pb2 as pb
+from protos import engram_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EngramMemory"].full_name
+log = logging.getLogger("engram.server")
+
+
+def channel_options() -> list[tuple[str, int]]:
+    """Message size limits shared by server and client."""
+    return [("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT), ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT)]
+
+
+def build_server(store: TableStore, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None, max_workers: int = 8,
+                 shard_epoch: int = 0) -> tuple[grpc.Server, int, EngramMemoryServicer]:
+    """A started-ready (not yet started) server for a store; returns (server, bound port, servicer)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="engram-rpc"),
+                         options=channel_options())
+    servicer = EngramMemoryServicer(store, token=token, shard_epoch=shard_epoch)
+    pb_grpc.add_EngramMemoryServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{host}:{port}"
+    if tls_cert or tls_key:
+        if not (tls_cert and tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        credentials = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
+        bound = server.add_secure_port(address, credentials)
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"could not bind {address} (in use, or not an address of this machine)")
+    return server, bound, servicer
+
+
+def serve(path: str, host: str = "127.0.0.1", port: int = 50051, token: str | None = None,
+          tls_cert: str | None = None, tls_key: str | None = None, ready=None) -> None:
+    """Run a server on a store directory until SIGTERM/SIGINT, then stop gracefully."""
+    store = TableStore(path)
+    server, bound, _ = build_server(store, host, port, token, tls_cert, tls_key)
+    server.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if ready is not None:
+        ready(bound)
+    try:
+        stop.wait()
+    finally:
+        server.stop(grace=5).wait()
+        store.close()
