@@ -2,6 +2,7 @@
 
     <dir>/model.pt          model + optimizer state, step, RNG states, loss history, configs
     <dir>/tables.npz        Engram rows and their row-wise Adam state (in-process tables)
+    <dir>/tables.json       or: the memory service address and table name holding them
     <dir>/compression.npy   the compression map the tables were trained with
     <dir>/tokenizer.json    the tokenizer
     <dir>/config.json       model and train configs, human-readable
@@ -21,6 +22,7 @@ from model_worker.model import ModelConfig, MoEConfig
 
 MODEL_FILE = "model.pt"
 TABLES_FILE = "tables.npz"
+REMOTE_TABLES_FILE = "tables.json"  # instead of tables.npz when the rows live on the memory service
 COMPRESSION_FILE = "compression.npy"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "config.json"
@@ -65,7 +67,9 @@ def commit_write(tmp: Path, directory: Path) -> None:
 def require_checkpoint(directory: str | Path) -> Path:
     """The checkpoint directory, or FileNotFoundError saying what is missing."""
     directory = Path(directory)
-    missing = [f for f in (MODEL_FILE, TABLES_FILE, COMPRESSION_FILE, TOKENIZER_FILE) if not (directory / f).is_file()]
+    missing = [f for f in (MODEL_FILE, COMPRESSION_FILE, TOKENIZER_FILE) if not (directory / f).is_file()]
+    if not (directory / TABLES_FILE).is_file() and not (directory / REMOTE_TABLES_FILE).is_file():
+        missing.append(TABLES_FILE)
     if missing:
         raise FileNotFoundError(f"{directory} is not a complete checkpoint: missing {missing} (train first: engram train)")
     return directory

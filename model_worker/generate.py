@@ -7,6 +7,8 @@ position through the model, reusing attention keys/values and the Engram conv st
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from model_worker import checkpoint as ckpt
 from model_worker.data import load_tokenizer
 from model_worker.engram_rows import EngramRowFetcher
 from model_worker.model import EngramMoEModel
+from model_worker.tables import open_tables
 from model_worker.train import pick_device
 
 
@@ -45,8 +48,8 @@ class Generator:
         self.device = next(model.parameters()).device
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path, backend: TableBackend | None = None) -> "Generator":
-        """Load model, compression map, tokenizer and (unless a backend is given) the in-process tables."""
+    def from_checkpoint(cls, directory: str | Path, backend: TableBackend | None = None, memory: str | None = None) -> "Generator":
+        """Load model, compression map, tokenizer and the tables: the checkpoint's own, or those on a memory service."""
         directory = ckpt.require_checkpoint(directory)
         device = pick_device()
         state = torch.load(directory / ckpt.MODEL_FILE, map_location=device, weights_only=False)
@@ -58,6 +61,12 @@ class Generator:
         if spec.compressed_vocab_size != len(compressor):
             raise ValueError(f"compression map in {directory} has {len(compressor)} ids but the model expects {spec.compressed_vocab_size}")
         hasher = NgramHasher.from_compressor(spec, compressor)
+        remote = directory / ckpt.REMOTE_TABLES_FILE
+        if backend is None and (memory or remote.is_file()):
+            where = json.loads(remote.read_text()) if remote.is_file() else {}
+            table = where.get("table") or "engram-" + json.loads((directory / ckpt.CONFIG_FILE).read_text())["train"]["preset"]
+            backend = open_tables(hasher, compressor, memory or where["memory"], table,
+                                  token=os.environ.get("ENGRAM_TOKEN"), create=False)
         if backend is None:
             backend = LocalTable.for_hasher(hasher)
             backend.load(directory / ckpt.TABLES_FILE)

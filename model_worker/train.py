@@ -29,6 +29,7 @@ from model_worker.data import Corpus, eval_batches, load_corpus, sample_batch, u
 from model_worker.engram_rows import EngramRowFetcher
 from model_worker.model import EngramMoEModel, ModelConfig
 from model_worker.presets import build_preset, count_parameters
+from model_worker.tables import open_tables
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +74,10 @@ class TrainConfig:
     """Vocabulary of a tokenizer trained here."""
     row_init_std: float = 1.0
     """Std of initial Engram rows (the reference's nn.Embedding default)."""
+    memory: str | None = None
+    """grpc://HOST:PORT of the memory service holding the tables (default: in-process tables)."""
+    table: str | None = None
+    """Table name on the memory service (default engram-<preset>)."""
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -97,7 +102,8 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """Owns the model, optimizer, table backend and data of one run."""
 
-    def __init__(self, config: TrainConfig, backend: TableBackend | None = None, log=print, progress: bool = True):
+    def __init__(self, config: TrainConfig, backend: TableBackend | None = None, log=print, progress: bool = True,
+                 token: str | None = None):
         self.config = config
         self.log = log
         self.progress = progress
@@ -114,7 +120,9 @@ class Trainer:
         self.hasher = NgramHasher.from_compressor(spec, self.compressor)
         torch.manual_seed(config.seed)
         self.model = EngramMoEModel(self.model_config).to(self.device)
-        self.backend = backend or LocalTable.for_hasher(self.hasher, init_std=config.row_init_std, init_seed=config.seed)
+        self.table_name = config.table or f"engram-{config.preset}"
+        self.backend = backend or open_tables(self.hasher, self.compressor, config.memory, self.table_name, token,
+                                              config.row_init_std, config.seed, log=log)
         self.fetcher = EngramRowFetcher(self.backend, self.compressor, self.hasher, self.device)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "embed" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
@@ -215,6 +223,7 @@ class Trainer:
             "compression_reduction": self.compressor.reduction,
             "parameters": counts,
             "checkpoint": str(self.out_dir / "checkpoint"),
+            "tables": f"{self.config.memory}/{self.table_name}" if self.config.memory else "in-process",
         }
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
@@ -240,9 +249,10 @@ class Trainer:
             "train_config": dataclasses.asdict(self.config),
             "model_config": ckpt.model_config_to_dict(self.model_config),
         }, tmp / ckpt.MODEL_FILE)
-        if not isinstance(self.backend, LocalTable):
-            raise NotImplementedError("checkpointing remote tables is done by the memory service")
-        self.backend.save(tmp / ckpt.TABLES_FILE)
+        if isinstance(self.backend, LocalTable):
+            self.backend.save(tmp / ckpt.TABLES_FILE)
+        else:  # the rows stay on the memory service; record where
+            (tmp / ckpt.REMOTE_TABLES_FILE).write_text(json.dumps({"memory": self.config.memory, "table": self.table_name}))
         self.compressor.save(tmp / ckpt.COMPRESSION_FILE)
         (tmp / ckpt.TOKENIZER_FILE).write_bytes(self.tokenizer_json)
         (tmp / ckpt.CONFIG_FILE).write_text(json.dumps({
@@ -264,7 +274,9 @@ class Trainer:
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         self.history = state["history"]
-        self.backend.load(directory / ckpt.TABLES_FILE)
+        if isinstance(self.backend, LocalTable):
+            self.backend.load(directory / ckpt.TABLES_FILE)
+        # remote tables continue from the service's current rows
 
     # ------------------------------------------------------------------ plot
     def plot(self) -> Path | None:

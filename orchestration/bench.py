@@ -69,3 +69,105 @@ def bench_hash(num_tokens: int = 262144, repeats: int = 5) -> dict:
         f"  ours / baseline speed: {baseline / ours:.2f}x   identical ids: {same}",
     ]
     return result
+
+
+# ---------------------------------------------------------------------- lookup
+def _start_server(path: str, token: str | None = None):
+    """`engram serve` on a free port in a child process; returns (process, address)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_ARENA_MAX="1", MALLOC_MMAP_THRESHOLD_="1073741824", MALLOC_TRIM_THRESHOLD_="4294967296")
+    cmd = [sys.executable, "-m", "orchestration.cli", "serve", "--path", path, "--port", "0"]
+    if token:
+        cmd += ["--token", token]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    if " on " not in line:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line}{proc.stderr.read()}")
+    address = line.split(" on ", 1)[1].split()[0]
+    return proc, address
+
+
+def zipf_ids(num_rows: int, size: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
+    """Zipf-distributed row ids: rank r has weight r^-exponent; ranks are scattered over the table."""
+    ranks = (rng.zipf(exponent, size=size) - 1) % num_rows
+    return (ranks * 0x9E3779B97F4A7C15 % (2**61 - 1)) % num_rows  # a fixed scatter of ranks to rows
+
+
+def bench_lookup(num_rows: int = 1 << 24, dim: int = 64, dtype: str = "float16", batch: int = 262144,
+                 repeats: int = 5, path: str | None = None, zipf_exponent: float = 1.1, log=print) -> dict:
+    """Rows/s of (a) in-process gather, (b) gRPC echo of the same bytes, (c) client -> gRPC -> store; uniform and Zipf ids."""
+    import shutil
+    import tempfile
+
+    from memory_service.client import MemoryClient
+    from memory_service.row_init import init_rows
+    from memory_service.spec import EngramSpec
+    from memory_service.store import TableStore
+    from memory_service.table_meta import layer_rows_for_spec
+    from memory_service.wire import MAX_PAYLOAD_BYTES
+    from protos import engram_pb2 as pb
+
+    spec = EngramSpec(engram_vocab_size=(num_rows,), max_ngram_size=2, n_embed_per_ngram=dim, n_head_per_ngram=1,
+                      layer_ids=(0,), pad_id=0, dtype=dtype)
+    rows_in_table = layer_rows_for_spec(spec)[0]
+    own_dir = path is None
+    path = path or tempfile.mkdtemp(prefix="engram-bench-")
+    store = TableStore(path)
+    name = f"bench-{rows_in_table}x{dim}-{dtype}"
+    if name not in {m.name for m in store.list_tables()}:
+        log(f"creating {rows_in_table:,} x {dim} {dtype} table in {path} ...")
+        store.create_table(name, spec, init_std=1.0, init_seed=0)
+    store.close()
+    table = init_rows(rows_in_table, dim, 0, 0, rows_in_table, 1.0, 0, dtype)  # (a)'s in-RAM copy, same values
+    proc, address = _start_server(path)
+    try:
+        client = MemoryClient(address, name, deadline_s=120)
+        rng = np.random.default_rng(0)
+        batches = {"uniform": rng.integers(0, rows_in_table, size=batch), "zipf": zipf_ids(rows_in_table, batch, zipf_exponent, rng)}
+        row_nbytes = dim * np.dtype(dtype).itemsize
+        per_message = MAX_PAYLOAD_BYTES // row_nbytes
+        out = np.empty((batch, dim), dtype=dtype)
+        log("warming the page cache ...")
+        client.lookup_raw(0, np.arange(0, rows_in_table, 97, dtype=np.int64))
+        results = {}
+        for kind, ids in batches.items():
+            unique = np.unique(ids).size
+            got, _ = client.lookup_raw(0, ids)
+            assert np.array_equal(got, table[ids]), "service rows differ from the table"
+
+            def gather():
+                np.take(table, ids, axis=0, out=out, mode="clip")
+
+            def echo():  # the same bytes in the same message plan as our path sends for `unique` rows
+                sizes = [min(per_message, unique - s) * row_nbytes for s in range(0, unique, per_message)]
+                calls = [(0, "Echo", pb.EchoRequest(size=n)) for n in sizes]
+                client._call_all(calls)
+
+            def ours():
+                client.lookup_raw(0, ids)
+
+            t = {name_: best_time(fn, repeats) for name_, fn in (("a_inprocess", gather), ("b_echo", echo), ("c_ours", ours))}
+            results[kind] = {
+                "unique_ids": unique, "rows_per_s": {k: batch / v for k, v in t.items()},
+                "seconds": t, "c_over_a": t["a_inprocess"] / t["c_ours"], "c_over_b": t["b_echo"] / t["c_ours"],
+            }
+        stats = client.stats()[0]
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if own_dir:
+            shutil.rmtree(path, ignore_errors=True)
+    lines = [f"lookup bench: {rows_in_table:,} rows x {dim} {dtype}, batches of {batch:,} ids, best of {repeats} (after warm-up)"]
+    for kind, r in results.items():
+        rps = r["rows_per_s"]
+        lines.append(f"  {kind:8s} ({r['unique_ids']:,} unique)  a in-process {rps['a_inprocess'] / 1e6:7.2f} M rows/s   "
+                     f"b gRPC echo {rps['b_echo'] / 1e6:7.2f} M rows/s   c ours {rps['c_ours'] / 1e6:7.2f} M rows/s   "
+                     f"c/a {r['c_over_a']:.2f}   c/b {r['c_over_b']:.2f}")
+    lines.append(f"  zipf vs uniform (ours): {results['zipf']['rows_per_s']['c_ours'] / results['uniform']['rows_per_s']['c_ours']:.2f}x")
+    return {"table_rows": rows_in_table, "dim": dim, "dtype": dtype, "batch": batch, "results": results,
+            "server_rows_served": stats.get("rows_served", 0.0), "lines": lines}

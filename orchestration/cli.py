@@ -1,11 +1,11 @@
 """The `engram` command line.
 
-    engram train      train an Engram-MoE model on the built-in corpus (or --data)
-    engram generate   continue a prompt from a checkpoint, with a KV cache
-    engram compress   build a tokenizer's compression map and report the reduction
-    engram bench hash hashing throughput against a per-head reference-style baseline
+    engram train | generate | compress        model side (commands_model.py)
+    engram serve | table ... | query          memory service (commands_memory.py)
+    engram bench hash | lookup                benchmarks with same-run baselines (bench.py)
 
-Heavy imports happen inside each command so `engram --help` is instant.
+Heavy imports happen inside each command so `engram --help` is instant. Errors a user
+can cause print one line naming the problem and exit with status 2.
 """
 
 from __future__ import annotations
@@ -13,82 +13,40 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-# Per-preset defaults for `engram train` (flags override them).
-TRAIN_DEFAULTS = {
-    "tiny": {"steps": 300, "batch_size": 16, "seq_len": 128, "lr": 3e-3, "eval_every": 50, "ckpt_every": 100},
-    "small": {"steps": 300, "batch_size": 16, "seq_len": 192, "lr": 2e-3, "eval_every": 50, "ckpt_every": 100},
-}
-
-
-def _train(args) -> int:
-    from model_worker.train import Trainer, TrainConfig, train_config_from_checkpoint
-
-    out_dir = args.out or f"runs/{args.preset}"
-    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "lr", "eval_every", "ckpt_every", "seed")}
-    if args.resume:
-        checkpoint = Path(out_dir) / "checkpoint"
-        config = train_config_from_checkpoint(checkpoint, out_dir=out_dir, **overrides)
-    else:
-        if args.preset not in TRAIN_DEFAULTS:
-            raise ValueError(f"unknown preset {args.preset!r}; trainable presets are {sorted(TRAIN_DEFAULTS)}")
-        values = dict(TRAIN_DEFAULTS[args.preset])
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        config = TrainConfig(preset=args.preset, out_dir=out_dir, data=args.data, tokenizer=args.tokenizer, **values)
-        if (Path(out_dir) / "metrics.jsonl").exists():
-            (Path(out_dir) / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    trainer = Trainer(config, log=log, progress=not args.no_progress)
-    if args.resume:
-        trainer.load(Path(out_dir) / "checkpoint")
-        log(f"resumed {out_dir} at step {trainer.step}")
-    summary = trainer.run(stop_after=args.stop_after)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(f"step {summary['step']}: val loss {summary['val_loss_start']:.3f} -> {summary['val_loss']:.3f} "
-              f"(unigram baseline {summary['unigram_loss']:.3f}); {summary['tokens_per_s']:.0f} tokens/s; "
-              f"unique row ratio {summary['unique_id_ratio']:.2f}")
-        print(f"checkpoint: {summary['checkpoint']}   loss curve: {Path(out_dir) / 'loss_curve.png'}")
-    return 0
-
-
-def _generate(args) -> int:
-    from model_worker.generate import Generator
-
-    checkpoint = args.checkpoint or f"runs/{args.preset}/checkpoint"
-    generator = Generator.from_checkpoint(checkpoint)
-    text = generator.generate(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
-    print(text)
-    return 0
-
-
-def _compress(args) -> int:
-    from memory_service.compression import CompressedTokenizer
-
-    compressor = CompressedTokenizer.from_tokenizer_file(args.tokenizer, args.clean_up_spaces)
-    if args.out:
-        compressor.save(args.out)
-    result = {"vocab_size": compressor.vocab_size, "compressed_vocab_size": len(compressor), "reduction": compressor.reduction}
-    print(json.dumps(result) if args.json else
-          f"{compressor.vocab_size} ids -> {len(compressor)} compressed ids ({compressor.reduction:.1%} fewer)")
-    return 0
+from memory_service.errors import EngramError
 
 
 def _bench(args) -> int:
-    from orchestration.bench import bench_hash
+    from orchestration import bench
 
+    log = (lambda *a: print(*a, file=sys.stderr))
     if args.what == "hash":
-        result = bench_hash(args.tokens, args.repeats)
+        result = bench.bench_hash(args.tokens, args.repeats)
     else:
-        raise ValueError(f"unknown benchmark {args.what!r}")
+        result = bench.bench_lookup(args.rows, args.dim, args.dtype, args.batch, args.repeats, args.path, log=log)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps({k: v for k, v in result.items() if k != "lines"}, indent=2))
     else:
-        for line in result["lines"]:
-            print(line)
+        print("\n".join(result["lines"]))
     return 0
+
+
+def _lazy(module: str, name: str):
+    def run(args):
+        import importlib
+
+        return getattr(importlib.import_module(f"orchestration.{module}"), name)(args)
+    return run
+
+
+def _service_args(p, table: bool = True, table_required: bool = True) -> None:
+    p.add_argument("--address", default="127.0.0.1:50051", help="memory service HOST:PORT (or grpc://HOST:PORT)")
+    p.add_argument("--token", help="token for writes and admin calls (default $ENGRAM_TOKEN)")
+    p.add_argument("--deadline", type=float, default=60.0, help="seconds per call")
+    if table:
+        p.add_argument("--table", required=table_required, help="table name")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,11 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/<preset>)")
     p.add_argument("--data", help="corpus directory or file (default: the Python standard library)")
     p.add_argument("--tokenizer", help="tokenizer.json to use instead of training one")
+    p.add_argument("--memory", help="grpc://HOST:PORT: keep the Engram tables on the memory service (default in-process)")
+    p.add_argument("--table", help="table name on the memory service (default engram-<preset>; created if missing)")
+    p.add_argument("--token", help="memory service token (default $ENGRAM_TOKEN)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
     p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) once this many steps are done")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=_train)
+    p.set_defaults(func=_lazy("commands_model", "train"))
 
     p = sub.add_parser("generate", help="continue a prompt from a checkpoint")
     p.add_argument("--checkpoint", help="checkpoint directory (default runs/<preset>/checkpoint)")
@@ -122,18 +83,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_generate)
+    p.add_argument("--memory", help="grpc://HOST:PORT holding the tables (default: the checkpoint's)")
+    p.set_defaults(func=_lazy("commands_model", "generate"))
 
     p = sub.add_parser("compress", help="build a tokenizer's compression map and report the reduction")
     p.add_argument("--tokenizer", required=True, help="tokenizers tokenizer.json")
     p.add_argument("--out", help="write the map (.npy)")
     p.add_argument("--clean-up-spaces", action="store_true", help="apply transformers' clean_up_tokenization_spaces when decoding")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_compress)
+    p.set_defaults(func=_lazy("commands_model", "compress"))
+
+    p = sub.add_parser("serve", help="run one LMDB store as a gRPC memory service")
+    p.add_argument("--path", required=True, help="store directory (an LMDB environment)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=50051, help="port (0 = any free port)")
+    p.add_argument("--token", help="require this bearer token for writes and admin calls (default $ENGRAM_TOKEN)")
+    p.add_argument("--tls-cert", help="PEM certificate chain (enables TLS with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key")
+    p.set_defaults(func=_lazy("commands_memory", "serve"))
+
+    p = sub.add_parser("table", help="create, import, export, inspect and version tables")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("create", help="create a table set (version 1 active)")
+    _service_args(a)
+    a.add_argument("--from-checkpoint", help="spec, compression map and trained rows of an engram train checkpoint")
+    a.add_argument("--spec-json", help="EngramSpec JSON file")
+    a.add_argument("--preset", default="tiny", help="take the spec of a model preset (with --tokenizer or the cached one)")
+    a.add_argument("--tokenizer", help="tokenizer.json: builds the compression map (enables token queries)")
+    a.add_argument("--compression-map", help="compression map .npy (engram compress --out)")
+    a.add_argument("--dtype", choices=["float32", "float16"], help="row dtype")
+    a.add_argument("--init-std", type=float, default=1.0, help="seeded N(0, std^2) rows (0 = zeros)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--chunk-rows", type=int, default=0, help="rows per LMDB value (default 4096)")
+    for action, text in (("info", "spec, versions and sizes of a table"), ("rollback", "re-activate the previous version")):
+        a = actions.add_parser(action, help=text)
+        _service_args(a)
+    a = actions.add_parser("list", help="every table on the service")
+    _service_args(a, table=False)
+    a = actions.add_parser("swap", help="activate a version (atomically)")
+    _service_args(a)
+    a.add_argument("--version", type=int, required=True)
+    a = actions.add_parser("drop", help="delete a version (or, without --version, the table)")
+    _service_args(a)
+    a.add_argument("--version", type=int)
+    a = actions.add_parser("import", help="load a layer's rows from .npy, safetensors or a reference torch state dict")
+    _service_args(a)
+    a.add_argument("--layer", type=int, required=True)
+    a.add_argument("--file", required=True)
+    a.add_argument("--key", help="tensor name in the file (default: the reference's multi_head_embedding.embedding.weight)")
+    a.add_argument("--version", type=int, help="write into this version (default: a new version)")
+    a.add_argument("--activate", action="store_true", help="swap to the imported version")
+    a = actions.add_parser("export", help="write rows to .npy (one layer) or .safetensors")
+    _service_args(a)
+    a.add_argument("--layer", type=int)
+    a.add_argument("--version", type=int, default=0)
+    a.add_argument("--out", required=True)
+    p.set_defaults(func=_lazy("commands_memory", "table"))
+
+    p = sub.add_parser("query", help="look rows up on a running memory service")
+    _service_args(p)
+    p.add_argument("--layer", type=int, required=True)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="text: tokenized here, compressed and hashed by the server")
+    what.add_argument("--token-ids", help="token ids, comma or space separated")
+    what.add_argument("--row-ids", help="row ids of the layer's table")
+    p.add_argument("--compressed", action="store_true", help="--token-ids are already compressed")
+    p.add_argument("--tokenizer", help="tokenizer.json for --text (default: the cached built-in one)")
+    p.add_argument("--full", action="store_true", help="print every row, not a summary")
+    p.set_defaults(func=_lazy("commands_memory", "query"))
 
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)")
-    p.add_argument("what", choices=["hash"])
-    p.add_argument("--tokens", type=int, default=262144)
+    p.add_argument("what", choices=["hash", "lookup"])
+    p.add_argument("--tokens", type=int, default=262144, help="hash: tokens")
+    p.add_argument("--rows", type=int, default=1 << 24, help="lookup: table rows")
+    p.add_argument("--dim", type=int, default=64, help="lookup: row width")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--batch", type=int, default=262144, help="lookup: ids per batch")
+    p.add_argument("--path", help="lookup: store directory to create or reuse (default: a temporary one)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
@@ -148,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_glibc_malloc()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, EngramError) as e:
         print(f"engram {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

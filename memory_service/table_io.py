@@ -1,0 +1,77 @@
+"""Table files: import rows from the reference layout, .npy or safetensors; export to .npy or safetensors.
+
+The reference keeps one Engram module per layer, whose table is the state-dict entry
+`multi_head_embedding.embedding.weight` [rows, head_dim]; a torch checkpoint of that
+module (or of a model holding it under some prefix) imports directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from memory_service.errors import InvalidArgument
+
+REFERENCE_KEY = "multi_head_embedding.embedding.weight"
+
+
+def _pick(tensors: dict, key: str | None, path: Path):
+    if key is not None:
+        if key not in tensors:
+            raise InvalidArgument(f"{path} has no tensor {key!r}; it has {sorted(tensors)[:20]}")
+        return tensors[key]
+    matches = [k for k in tensors if k == REFERENCE_KEY or k.endswith("." + REFERENCE_KEY)]
+    if len(matches) == 1:
+        return tensors[matches[0]]
+    if len(tensors) == 1:
+        return next(iter(tensors.values()))
+    raise InvalidArgument(f"{path} holds {len(tensors)} tensors ({sorted(tensors)[:10]}...); name one with --key")
+
+
+def read_table_file(path: str | Path, key: str | None = None, mmap: bool = True) -> np.ndarray:
+    """Rows [rows, head_dim] from a .npy, .safetensors or torch (.pt/.pth/.bin) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"table file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        rows = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    elif suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        rows = _pick(load_file(str(path)), key, path)
+    elif suffix in (".pt", ".pth", ".bin"):
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if torch.is_tensor(state):
+            rows = state
+        elif isinstance(state, dict):
+            rows = _pick({k: v for k, v in state.items() if torch.is_tensor(v)}, key, path)
+        else:
+            raise InvalidArgument(f"{path} is neither a tensor nor a state dict")
+        rows = rows.detach().float().numpy() if rows.dtype == torch.bfloat16 else rows.detach().numpy()
+    else:
+        raise InvalidArgument(f"unsupported table file {path.name}: use .npy, .safetensors or a torch .pt/.pth/.bin")
+    if rows.ndim != 2:
+        raise InvalidArgument(f"table in {path} must be 2-D [rows, head_dim], got shape {list(rows.shape)}")
+    return rows
+
+
+def write_table_file(path: str | Path, layers: dict[int, np.ndarray]) -> None:
+    """Write rows per layer: .npy (one layer) or .safetensors (keys 'layer.<id>')."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        if len(layers) != 1:
+            raise InvalidArgument(".npy holds one layer; pick --layer or use .safetensors")
+        np.save(path, next(iter(layers.values())), allow_pickle=False)
+    elif suffix == ".safetensors":
+        from safetensors.numpy import save_file
+
+        save_file({f"layer.{layer}": np.ascontiguousarray(rows) for layer, rows in layers.items()}, str(path))
+    else:
+        raise InvalidArgument(f"unsupported export format {path.name}: use .npy or .safetensors")

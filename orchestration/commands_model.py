@@ -1,0 +1,76 @@
+"""`engram train | generate | compress`: the model-side commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+# Per-preset defaults for `engram train` (flags override them).
+TRAIN_DEFAULTS = {
+    "tiny": {"steps": 300, "batch_size": 16, "seq_len": 128, "lr": 3e-3, "eval_every": 50, "ckpt_every": 100},
+    "small": {"steps": 300, "batch_size": 16, "seq_len": 192, "lr": 2e-3, "eval_every": 50, "ckpt_every": 100},
+}
+
+
+def token_from(args) -> str | None:
+    """The write/admin token: --token, else $ENGRAM_TOKEN."""
+    return getattr(args, "token", None) or os.environ.get("ENGRAM_TOKEN") or None
+
+
+def train(args) -> int:
+    """engram train."""
+    from model_worker.train import Trainer, TrainConfig, train_config_from_checkpoint
+
+    out_dir = args.out or f"runs/{args.preset}"
+    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "lr", "eval_every", "ckpt_every", "seed")}
+    if args.resume:
+        config = train_config_from_checkpoint(Path(out_dir) / "checkpoint", out_dir=out_dir, **overrides)
+    else:
+        if args.preset not in TRAIN_DEFAULTS:
+            raise ValueError(f"unknown preset {args.preset!r}; trainable presets are {sorted(TRAIN_DEFAULTS)}")
+        values = dict(TRAIN_DEFAULTS[args.preset])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        config = TrainConfig(preset=args.preset, out_dir=out_dir, data=args.data, tokenizer=args.tokenizer,
+                             memory=args.memory, table=args.table, **values)
+        if (Path(out_dir) / "metrics.jsonl").exists():
+            (Path(out_dir) / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    trainer = Trainer(config, log=log, progress=not args.no_progress, token=token_from(args))
+    if args.resume:
+        trainer.load(Path(out_dir) / "checkpoint")
+        log(f"resumed {out_dir} at step {trainer.step}")
+    summary = trainer.run(stop_after=args.stop_after)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"step {summary['step']}: val loss {summary['val_loss_start']:.3f} -> {summary['val_loss']:.3f} "
+              f"(unigram baseline {summary['unigram_loss']:.3f}); {summary['tokens_per_s']:.0f} tokens/s; "
+              f"unique row ratio {summary['unique_id_ratio']:.2f}; tables: {summary['tables']}")
+        print(f"checkpoint: {summary['checkpoint']}   loss curve: {Path(out_dir) / 'loss_curve.png'}")
+    return 0
+
+
+def generate(args) -> int:
+    """engram generate."""
+    from model_worker.generate import Generator
+
+    checkpoint = args.checkpoint or f"runs/{args.preset}/checkpoint"
+    generator = Generator.from_checkpoint(checkpoint, memory=args.memory)
+    text = generator.generate(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    print(text)
+    return 0
+
+
+def compress(args) -> int:
+    """engram compress."""
+    from memory_service.compression import CompressedTokenizer
+
+    compressor = CompressedTokenizer.from_tokenizer_file(args.tokenizer, args.clean_up_spaces)
+    if args.out:
+        compressor.save(args.out)
+    result = {"vocab_size": compressor.vocab_size, "compressed_vocab_size": len(compressor), "reduction": compressor.reduction}
+    print(json.dumps(result) if args.json else
+          f"{compressor.vocab_size} ids -> {len(compressor)} compressed ids ({compressor.reduction:.1%} fewer)")
+    return 0
