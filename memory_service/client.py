@@ -22,7 +22,7 @@ from memory_service.backend import TableBackend, check_gradients, check_row_ids
 from memory_service.errors import BY_CODE, EngramError, FailedPrecondition, InvalidArgument, ShardUnavailable
 from memory_service.server import channel_options
 from memory_service.spec import EngramSpec
-from memory_service.wire import MAX_PAYLOAD_BYTES, decode_array, dtype_enum, encode_ids, enum_dtype
+from memory_service.wire import MAX_PAYLOAD_BYTES, decode_array, decode_lookup_response, dtype_enum, encode_ids, enum_dtype
 from protos import engram_pb2 as pb
 from protos import engram_pb2_grpc as pb_grpc
 
@@ -50,23 +50,82 @@ def error_from_rpc(e: grpc.RpcError, where: str = "") -> EngramError:
 
 @dataclass
 class ShardMap:
-    """Where rows live: chunk c of layer l is on shard (c + l) % num_shards; `epoch` names this map."""
+    """Where rows live: shard s holds rows [bounds[layer][s], bounds[layer][s+1]) of each layer; `epoch` names this map.
+
+    Contiguous ranges keep a sorted batch's parts contiguous (no regrouping per shard)
+    and make resharding a matter of moving ranges. Hashed row ids are uniform, so equal
+    ranges are balanced. With one shard no bounds are needed.
+    """
 
     addresses: list[str]
-    chunk_rows: int = 4096
+    bounds: dict[int, list[int]] = field(default_factory=dict)
     epoch: int = 0
-    layer_salt: dict[int, int] = field(default_factory=dict)
 
     @property
     def num_shards(self) -> int:
         """Number of shards."""
         return len(self.addresses)
 
+    @classmethod
+    def even(cls, addresses: list[str], layer_rows: dict[int, int], chunk_rows: int = 4096, epoch: int = 0) -> "ShardMap":
+        """Equal row ranges per shard, cut at chunk boundaries."""
+        bounds = {}
+        for layer, rows in layer_rows.items():
+            chunks = -(-rows // chunk_rows)
+            cuts = [min(rows, round(chunks * s / len(addresses)) * chunk_rows) for s in range(len(addresses))]
+            bounds[layer] = cuts + [rows]
+        return cls(list(addresses), bounds, epoch)
+
+    def cuts(self, layer: int, sorted_ids: np.ndarray) -> np.ndarray:
+        """Positions splitting sorted ids by shard, int64 [num_shards + 1]."""
+        if self.num_shards == 1:
+            return np.asarray([0, sorted_ids.size])
+        if layer not in self.bounds:
+            raise InvalidArgument(f"the shard map has no ranges for layer {layer}")
+        edges = np.searchsorted(sorted_ids, np.asarray(self.bounds[layer][1:-1]), side="left")
+        return np.concatenate([[0], edges, [sorted_ids.size]])
+
     def shard_of(self, layer: int, row_ids: np.ndarray) -> np.ndarray:
         """Shard index of every row id, int64 [N]."""
         if self.num_shards == 1:
-            return np.zeros(row_ids.shape, dtype=np.int64)
-        return (row_ids // self.chunk_rows + layer) % self.num_shards
+            return np.zeros(np.shape(row_ids), dtype=np.int64)
+        return np.searchsorted(np.asarray(self.bounds[layer][1:]), row_ids, side="right")
+
+
+@dataclass
+class Dedup:
+    """Sorted unique ids of a batch, plus how to expand rows of `unique` back to the batch order."""
+
+    unique: np.ndarray  # int64 [U], ascending
+    positions: np.ndarray | None  # int64 [N]: batch position of each id in sorted order (None: batch was already unique+sorted)
+    unique_index: np.ndarray | None  # int64 [N]: index into `unique` of each id in sorted order
+
+    def inverse(self) -> np.ndarray:
+        """int64 [N]: index into `unique` of each batch position (rows[inverse] restores batch order)."""
+        if self.positions is None:
+            return np.arange(self.unique.size)
+        inverse = np.empty(self.positions.size, dtype=np.int64)
+        inverse[self.positions] = self.unique_index
+        return inverse
+
+
+def dedup_ids(ids: np.ndarray) -> Dedup:
+    """Unique ids with one in-place sort of (id << b | position) words (3x faster than argsort/np.unique here)."""
+    n = ids.size
+    if n < 2 or bool(np.all(ids[1:] > ids[:-1])):
+        return Dedup(ids, None, None)
+    shift = max(1, int(n - 1).bit_length())
+    if int(ids.max()) < (1 << (62 - shift)):
+        packed = (ids << shift) | np.arange(n, dtype=np.int64)
+        packed.sort()
+        sorted_ids, positions = packed >> shift, packed & ((1 << shift) - 1)
+    else:
+        positions = np.argsort(ids, kind="stable")
+        sorted_ids = ids[positions]
+    first = np.empty(n, dtype=bool)
+    first[0] = True
+    np.not_equal(sorted_ids[1:], sorted_ids[:-1], out=first[1:])
+    return Dedup(sorted_ids[first], positions, np.cumsum(first) - 1)
 
 
 class MemoryClient(TableBackend):
@@ -104,6 +163,12 @@ class MemoryClient(TableBackend):
             if self._tls_root_cert else (lambda a: grpc.insecure_channel(a, options=channel_options()))
         self._channels = [make(a) for a in self.shard_map.addresses]
         self._stubs = [pb_grpc.EngramMemoryStub(c) for c in self._channels]
+        for channel, stub in zip(self._channels, self._stubs):  # rows arrive as zero-copy views
+            for method in ("Lookup", "ReadRange"):
+                setattr(stub, method, channel.unary_unary(
+                    f"/engram.v1.EngramMemory/{method}",
+                    request_serializer=getattr(pb, f"{'Lookup' if method == 'Lookup' else 'ReadRange'}Request").SerializeToString,
+                    response_deserializer=decode_lookup_response))
 
     def set_shard_map(self, shard_map: ShardMap) -> None:
         """Switch to another shard map (after FAILED_PRECONDITION: stale map)."""
@@ -130,28 +195,26 @@ class MemoryClient(TableBackend):
                 delay = min(delay * 2, 1.0)
 
     def _call_all(self, calls: list[tuple[int, str, object]]) -> list:
-        """Send several calls at once (futures); retry the failed ones one by one; results in order."""
+        """Send several calls at once (futures); a failed one is retried alone; results in order."""
         futures = [getattr(self._stubs[s], m).future(r, timeout=self.deadline_s, metadata=self._metadata()) for s, m, r in calls]
         results = []
         for (shard, method, request), future in zip(calls, futures):
             try:
                 results.append(future.result())
             except grpc.RpcError as e:
-                if e.code() in RETRYABLE:
-                    results.append(self._call(shard, method, request))
-                else:
+                if e.code() not in RETRYABLE:
                     raise error_from_rpc(e, f"{method} on {self.shard_map.addresses[shard]}: ") from e
+                results.append(self._call(shard, method, request))
         return results
 
-    def _plan(self, layer: int, ids: np.ndarray, row_nbytes: int) -> list[tuple[int, np.ndarray]]:
-        """(shard, positions into ids) parts, each under the payload limit."""
+    def _plan(self, layer: int, sorted_ids: np.ndarray, row_nbytes: int) -> list[tuple[int, int, int]]:
+        """(shard, start, stop) contiguous parts of sorted ids, each under the payload limit."""
         per_message = max(1, self.max_payload_bytes // row_nbytes)
-        shards = self.shard_map.shard_of(layer, ids)
+        cuts = self.shard_map.cuts(layer, sorted_ids)
         parts = []
         for shard in range(self.shard_map.num_shards):
-            positions = np.flatnonzero(shards == shard) if self.shard_map.num_shards > 1 else np.arange(ids.size)
-            for start in range(0, positions.size, per_message):
-                parts.append((shard, positions[start:start + per_message]))
+            for start in range(int(cuts[shard]), int(cuts[shard + 1]), per_message):
+                parts.append((shard, start, min(start + per_message, int(cuts[shard + 1]))))
         return parts
 
     # ------------------------------------------------------------------ table info
@@ -174,36 +237,48 @@ class MemoryClient(TableBackend):
         return self.layer_rows[layer_id]
 
     # ------------------------------------------------------------------ rows
-    def lookup_raw(self, layer_id: int, row_ids, version: int = 0, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-        """Rows in the table dtype [N, head_dim] and the one version they all came from."""
-        ids = check_row_ids(row_ids, self.num_rows(layer_id), layer_id)
+    def lookup_unique(self, layer_id: int, unique_ids: np.ndarray, version: int = 0,
+                      out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """Rows [U, head_dim] (table dtype) for ascending unique ids, all from one version.
+
+        Every part (per shard, under the payload limit) is in flight at once; each reply
+        lands in its contiguous slice of `out`, which may be reused across calls.
+        """
         head_dim = self.spec.head_dim
-        if ids.size > 1 and not np.all(ids[1:] > ids[:-1]):
-            unique, inverse = np.unique(ids, return_inverse=True)
-        else:
-            unique, inverse = ids, None
-        rows = out if (inverse is None and out is not None and out.shape == (ids.size, head_dim) and out.dtype == self.dtype) \
-            else np.empty((unique.size, head_dim), dtype=self.dtype)
-        parts = self._plan(layer_id, unique, head_dim * self.dtype.itemsize)
-        served = self._fetch_parts(layer_id, unique, parts, rows, version)
-        target = version or max(served, default=0)
+        if out is None or out.shape != (unique_ids.size, head_dim) or out.dtype != self.dtype:
+            out = np.empty((unique_ids.size, head_dim), dtype=self.dtype)
+        if unique_ids.size == 0:
+            return out, version
+        parts = self._plan(layer_id, unique_ids, head_dim * self.dtype.itemsize)
+        served = self._fetch_parts(layer_id, unique_ids, parts, out, version)
+        target = version or max(served)
         stale = [part for part, v in zip(parts, served) if v != target]
         if stale:  # a swap landed between parts: fetch those again from the newer version
-            self._fetch_parts(layer_id, unique, stale, rows, target)
-        if inverse is not None:
-            rows = np.take(rows, inverse, axis=0, out=out if out is not None and out.shape == (ids.size, head_dim) and out.dtype == self.dtype else None)
-        return rows, target
+            self._fetch_parts(layer_id, unique_ids, stale, out, target)
+        return out, target
 
-    def _fetch_parts(self, layer_id, unique, parts, rows, version) -> list[int]:
+    def lookup_raw(self, layer_id: int, row_ids, version: int = 0, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """Rows [N, head_dim] (table dtype) in batch order, and the one version they all came from."""
+        ids = check_row_ids(row_ids, self.num_rows(layer_id), layer_id)
+        batch = dedup_ids(ids)
+        if batch.positions is None:
+            return self.lookup_unique(layer_id, ids, version, out)
+        rows, served = self.lookup_unique(layer_id, batch.unique, version)
+        if out is None or out.shape != (ids.size, self.spec.head_dim) or out.dtype != self.dtype:
+            out = np.empty((ids.size, self.spec.head_dim), dtype=self.dtype)
+        np.take(rows, batch.inverse(), axis=0, out=out)
+        return out, served
+
+    def _fetch_parts(self, layer_id: int, unique: np.ndarray, parts, out: np.ndarray, version: int) -> list[int]:
         calls = [(shard, "Lookup", pb.LookupRequest(
-            table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, row_ids=encode_ids(unique[pos]),
-            version=version, shard_epoch=self.shard_map.epoch)) for shard, pos in parts]
+            table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, row_ids=encode_ids(unique[start:stop]),
+            version=version, shard_epoch=self.shard_map.epoch)) for shard, start, stop in parts]
         versions = []
-        for (shard, pos), reply in zip(parts, self._call_all(calls)):
+        for (shard, start, stop), reply in zip(parts, self._call_all(calls)):
             got = decode_array(reply.rows, enum_dtype(reply.dtype), "rows", width=self.spec.head_dim)
-            if got.shape[0] != pos.size:
-                raise FailedPrecondition(f"shard {shard} returned {got.shape[0]} rows for {pos.size} ids")
-            rows[pos] = got
+            if got.shape[0] != stop - start or got.dtype != out.dtype:
+                raise FailedPrecondition(f"shard {shard} returned {got.shape[0]} {got.dtype} rows for {stop - start} ids")
+            out[start:stop] = got
             versions.append(reply.version)
         return versions
 
@@ -225,12 +300,21 @@ class MemoryClient(TableBackend):
         """Row-wise Adam on unique rows, each shard's part committed before return (TableBackend)."""
         ids = check_row_ids(row_ids, self.num_rows(layer_id), layer_id)
         g = check_gradients(ids, grads, self.spec.head_dim)
+        ids, g = self._sorted(ids, g)
         calls = [(shard, "ApplyGradients", pb.ApplyGradientsRequest(
-            table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, row_ids=encode_ids(ids[pos]),
-            gradients=np.ascontiguousarray(g[pos], dtype="<f4").tobytes(), learning_rate=lr, step=step,
+            table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, row_ids=encode_ids(ids[a:b]),
+            gradients=np.ascontiguousarray(g[a:b], dtype="<f4").tobytes(), learning_rate=lr, step=step,
             version=version, shard_epoch=self.shard_map.epoch, request_id=uuid.uuid4().hex))
-            for shard, pos in self._plan(layer_id, ids, self.spec.head_dim * 4)]
+            for shard, a, b in self._plan(layer_id, ids, self.spec.head_dim * 4)]
         self._call_all(calls)
+
+    @staticmethod
+    def _sorted(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ids ascending, values in the same order."""
+        if ids.size > 1 and not np.all(ids[1:] > ids[:-1]):
+            order = np.argsort(ids, kind="stable")
+            return ids[order], values[order]
+        return ids, values
 
     def write_rows(self, layer_id: int, row_ids, rows, version: int = 0) -> None:
         """Set rows of a version (table dtype), split and sent to their shards."""
@@ -238,11 +322,11 @@ class MemoryClient(TableBackend):
         values = np.asarray(rows)
         if values.shape != (ids.size, self.spec.head_dim):
             raise InvalidArgument(f"rows must be [{ids.size}, {self.spec.head_dim}], got {list(values.shape)}")
-        values = values.astype(self.dtype, copy=False)
+        ids, values = self._sorted(ids, values.astype(self.dtype, copy=False))
         calls = [(shard, "WriteRows", pb.WriteRowsRequest(
             table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, version=version,
-            row_ids=encode_ids(ids[pos]), rows=np.ascontiguousarray(values[pos]).tobytes(), dtype=dtype_enum(self.dtype),
-            request_id=uuid.uuid4().hex)) for shard, pos in self._plan(layer_id, ids, values.itemsize * self.spec.head_dim)]
+            row_ids=encode_ids(ids[a:b]), rows=np.ascontiguousarray(values[a:b]).tobytes(), dtype=dtype_enum(self.dtype),
+            request_id=uuid.uuid4().hex)) for shard, a, b in self._plan(layer_id, ids, values.itemsize * self.spec.head_dim)]
         self._call_all(calls)
 
     def read_layer(self, layer_id: int, version: int = 0, start: int = 0, stop: int | None = None) -> np.ndarray:

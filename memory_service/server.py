@@ -16,11 +16,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from memory_service.servicer import EngramMemoryServicer
+from memory_service.servicer import EngramMemoryServicer, add_servicer_to_server
 from memory_service.store import TableStore
 from memory_service.wire import GRPC_MESSAGE_LIMIT
 from protos import engram_pb2 as pb
-from protos import engram_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EngramMemory"].full_name
 log = logging.getLogger("engram.server")
@@ -38,7 +37,7 @@ def build_server(store: TableStore, host: str = "127.0.0.1", port: int = 0, toke
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="engram-rpc"),
                          options=channel_options())
     servicer = EngramMemoryServicer(store, token=token, shard_epoch=shard_epoch)
-    pb_grpc.add_EngramMemoryServicer_to_server(servicer, server)
+    add_servicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

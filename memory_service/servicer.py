@@ -20,7 +20,8 @@ from memory_service.errors import EngramError, FailedPrecondition, InvalidArgume
 from memory_service.hashing import NgramHasher
 from memory_service.store import TableStore
 from memory_service.table_meta import TableMeta
-from memory_service.wire import MAX_PAYLOAD_BYTES, decode_array, dtype_enum, encode_ids, enum_dtype
+from memory_service.wire import (MAX_PAYLOAD_BYTES, RawLookup, decode_array, dtype_enum, encode_ids,
+                                 encode_lookup_response, enum_dtype)
 from protos import engram_pb2 as pb
 from protos import engram_pb2_grpc as pb_grpc
 
@@ -106,11 +107,9 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
     def Lookup(self, request, context):
         self._check_epoch(request.shard_epoch)
         ids = decode_array(request.row_ids, "<i8", "row_ids")
-        meta = self.store.table_info(request.table) if ids.size > 0 else None
-        if meta is not None:
-            self._check_size(ids.size, meta.row_nbytes, "lookup response")
-        rows, version = self.store.lookup(request.table, request.layer, ids, request.version, self._fingerprint(request.spec_fingerprint))
-        return pb.LookupResponse(rows=rows.tobytes(), shape=list(rows.shape), dtype=dtype_enum(rows.dtype), version=version)
+        rows, version = self.store.lookup(request.table, request.layer, ids, request.version,
+                                          self._fingerprint(request.spec_fingerprint), max_bytes=self.max_payload_bytes)
+        return RawLookup(rows, rows.shape, dtype_enum(rows.dtype), version)  # encoded by encode_lookup_response
 
     def _hasher(self, meta: TableMeta):
         key = f"{meta.name}:{meta.spec.fingerprint()}"
@@ -154,7 +153,7 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
         meta = self.store.table_info(request.table)
         self._check_size(max(0, request.stop - request.start), meta.row_nbytes, "range")
         rows, version = self.store.read_range(request.table, request.layer, request.start, request.stop, request.version)
-        return pb.LookupResponse(rows=rows.tobytes(), shape=list(rows.shape), dtype=dtype_enum(rows.dtype), version=version)
+        return RawLookup(rows, rows.shape, dtype_enum(rows.dtype), version)
 
     @rpc("read")
     def GetTableInfo(self, request, context):
@@ -255,3 +254,16 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
     def DropTable(self, request, context):
         self.store.drop_table(request.table)
         return pb.DropTableResponse()
+
+
+def add_servicer_to_server(servicer: EngramMemoryServicer, server: grpc.Server) -> None:
+    """Register every engram.v1 method; LookupResponse replies use the one-copy encoder."""
+    service = pb.DESCRIPTOR.services_by_name["EngramMemory"]
+    handlers = {}
+    for method in service.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        serializer = encode_lookup_response if response_cls is pb.LookupResponse else response_cls.SerializeToString
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name), request_deserializer=request_cls.FromString, response_serializer=serializer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

@@ -33,7 +33,7 @@ import lmdb
 import numpy as np
 
 from memory_service.backend import check_gradients, check_row_ids
-from memory_service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from memory_service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from memory_service.row_init import init_rows
 from memory_service.row_optim import RowAdamConfig, row_adam_update
 from memory_service.spec import EngramSpec
@@ -74,8 +74,35 @@ def group_by_chunk(ids: np.ndarray, chunk_rows: int):
             yield chunk, part, ids[part] - chunk * chunk_rows
 
 
+class RowView:
+    """An immutable picture of resolved chunks: addresses, absent chunks, and one row view over [lo, hi).
+
+    Replaced as a whole (never mutated) when more chunks get resolved, so a gather that
+    took a RowView computes addresses and reads rows from the same picture.
+    """
+
+    __slots__ = ("addr", "missing", "any_missing", "lo", "unit", "region")
+
+    def __init__(self, addr: np.ndarray, missing: np.ndarray, chunk_nbytes: int, row_nbytes: int):
+        self.addr, self.missing = addr, missing
+        self.any_missing = bool(missing.any())
+        self.lo, self.unit, self.region = 0, 0, None
+        known = addr[addr >= 0]
+        if known.size == 0:
+            return
+        lo, hi = int(known.min()), int(known.max()) + chunk_nbytes
+        unit = math.gcd(row_nbytes, _PAGE)
+        if np.any((known - lo) % unit):
+            return  # not page-congruent: the gather goes chunk by chunk
+        raw = (ctypes.c_uint8 * (hi - lo)).from_address(lo)
+        region = np.frombuffer(raw, dtype=np.uint8)
+        region.flags.writeable = False
+        self.lo, self.unit = lo, unit
+        self.region = region[: (hi - lo) // unit * unit].reshape(-1, unit)
+
+
 class ChunkIndex:
-    """Addresses of one (table, version, layer)'s chunks inside a snapshot, and a row view over them."""
+    """Chunk addresses of one (table, version, layer) inside a snapshot, resolved lazily."""
 
     def __init__(self, snapshot: "Snapshot", meta: TableMeta, version: int, layer: int):
         self.snapshot = snapshot
@@ -86,77 +113,60 @@ class ChunkIndex:
         self.row_nbytes = meta.row_nbytes
         self.chunk_nbytes = meta.chunk_rows * meta.row_nbytes
         num_chunks = meta.num_chunks(layer)
-        self.addr = np.full(num_chunks, -1, dtype=np.int64)
-        self.missing = np.zeros(num_chunks, dtype=bool)  # chunk absent in this version: rows read as zeros
-        self.any_missing = False
-        self.buffers: dict[int, memoryview] = {}
-        self.lo = self.hi = 0
-        self.unit = 0  # bytes per gathered item; 0 = addresses not aligned, use the per-chunk path
-        self.region = None  # [n_units, unit] uint8 view of [lo, hi)
+        self.buffers: dict[int, memoryview] = {}  # keeps the zero-copy values referenced
+        self.view = RowView(np.full(num_chunks, -1, dtype=np.int64), np.zeros(num_chunks, dtype=bool),
+                            self.chunk_nbytes, self.row_nbytes)
 
-    def resolve(self, chunks: np.ndarray) -> None:
-        """Look up the addresses of chunks not resolved yet (one LMDB get per chunk)."""
-        need = chunks[(self.addr[chunks] < 0) & ~self.missing[chunks]]
-        if need.size == 0:
-            return
-        txn = self.snapshot.txn
+    def resolve(self, chunks: np.ndarray) -> RowView:
+        """A view in which every given chunk is resolved (one LMDB get per newly seen chunk)."""
+        view = self.view
+        if not np.any((view.addr[chunks] < 0) & ~view.missing[chunks]):
+            return view
         with self.snapshot.lock:
+            view = self.view
+            need = chunks[(view.addr[chunks] < 0) & ~view.missing[chunks]]
+            if need.size == 0:
+                return view
+            addr, missing = view.addr.copy(), view.missing.copy()
+            txn = self.snapshot.txn
             for chunk in need.tolist():
-                if self.addr[chunk] >= 0 or self.missing[chunk]:
-                    continue
                 buf = txn.get(chunk_key(_ROWS, self.meta.table_id, self.version, self.layer, chunk), db=self.snapshot.rows_db)
                 if buf is None:
-                    self.missing[chunk] = True
-                    self.any_missing = True
+                    missing[chunk] = True
                     continue
                 if len(buf) != self.chunk_nbytes:
                     raise FailedPrecondition(f"chunk {chunk} of {self.meta.name} v{self.version} layer {self.layer} is "
                                              f"{len(buf)} bytes, expected {self.chunk_nbytes}: the store is damaged")
                 self.buffers[chunk] = buf
-                self.addr[chunk] = _address(buf)
-            self._rebuild_region()
-
-    def _rebuild_region(self) -> None:
-        known = self.addr[self.addr >= 0]
-        if known.size == 0:
-            self.region = None
-            return
-        lo, hi = int(known.min()), int(known.max()) + self.chunk_nbytes
-        unit = math.gcd(self.row_nbytes, _PAGE)
-        if np.any((known - lo) % unit):
-            self.unit, self.region = 0, None  # not page-congruent: gather chunk by chunk
-            return
-        raw = (ctypes.c_uint8 * (hi - lo)).from_address(lo)
-        region = np.frombuffer(raw, dtype=np.uint8)
-        region.flags.writeable = False
-        self.lo, self.hi, self.unit = lo, hi, unit
-        self.region = region[: (hi - lo) // unit * unit].reshape(-1, unit)
+                addr[chunk] = _address(buf)
+            self.view = RowView(addr, missing, self.chunk_nbytes, self.row_nbytes)
+            return self.view
 
     def gather(self, ids: np.ndarray, out: np.ndarray) -> None:
         """out[i] = row ids[i]; ids int64 [N] in range, out [N, head_dim] in the table dtype."""
         if ids.size == 0:
             return
         chunks = ids // self.chunk_rows
-        touched = np.zeros(self.addr.shape[0], dtype=bool)
+        touched = np.zeros(self.view.addr.shape[0], dtype=bool)
         touched[chunks] = True
-        self.resolve(np.flatnonzero(touched))
+        view = self.resolve(np.flatnonzero(touched))
         out_bytes = out.view(np.uint8).reshape(ids.size, self.row_nbytes)
-        if self.region is not None and self.unit:
-            base = self.addr[chunks]  # [N] chunk addresses (-1 for missing chunks)
-            units_per_row = self.row_nbytes // self.unit
-            first = (base - self.lo) // self.unit + (ids - chunks * self.chunk_rows) * units_per_row  # [N]
+        if view.region is not None:
+            base = view.addr[chunks]  # [N] chunk addresses (-1 for absent chunks; zeroed below)
+            units_per_row = self.row_nbytes // view.unit
+            first = (base - view.lo) // view.unit + (ids - chunks * self.chunk_rows) * units_per_row  # [N]
             if units_per_row == 1:
-                np.take(self.region, first, axis=0, out=out_bytes, mode="clip")
+                np.take(view.region, first, axis=0, out=out_bytes, mode="clip")
             else:
                 index = first[:, None] + np.arange(units_per_row)[None, :]  # [N, k]
-                np.take(self.region, index.reshape(-1), axis=0, out=out_bytes.reshape(-1, self.unit), mode="clip")
+                np.take(view.region, index.reshape(-1), axis=0, out=out_bytes.reshape(-1, view.unit), mode="clip")
         else:
             for chunk, pos, offsets in group_by_chunk(ids, self.chunk_rows):
-                if not self.missing[chunk]:
+                if not view.missing[chunk]:
                     rows = np.frombuffer(self.buffers[chunk], dtype=np.uint8).reshape(self.chunk_rows, self.row_nbytes)
                     out_bytes[pos] = rows[offsets]
-        if self.any_missing:
-            out_bytes[self.missing[chunks]] = 0
+        if view.any_missing:
+            out_bytes[view.missing[chunks]] = 0
 
 
 class Snapshot:
@@ -467,13 +477,20 @@ class TableStore:
         return meta.layer_rows[layer]
 
     def lookup(self, name: str, layer: int, row_ids, version: int = 0, fingerprint: str | None = None,
-               out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-        """Rows [N, head_dim] (table dtype) for int64 ids [N], and the version they came from."""
+               out: np.ndarray | None = None, max_bytes: int | None = None) -> tuple[np.ndarray, int]:
+        """Rows [N, head_dim] (table dtype) for int64 ids [N], and the version they came from.
+
+        max_bytes: refuse (RESOURCE_EXHAUSTED) a response larger than this.
+        """
         snap = self._acquire()
         try:
             meta = snap.meta(name)
             num_rows = self._check(meta, layer, fingerprint)
             ids = check_row_ids(row_ids, num_rows, layer)
+            if max_bytes is not None and ids.size * meta.row_nbytes > max_bytes:
+                raise ResourceExhausted(
+                    f"lookup response of {ids.size} rows is {ids.size * meta.row_nbytes / 2**20:.1f} MiB, over the "
+                    f"{max_bytes / 2**20:.1f} MiB limit: split it into batches of at most {max_bytes // meta.row_nbytes} rows")
             try:
                 v = meta.resolve_version(version)
             except KeyError as e:

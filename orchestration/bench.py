@@ -94,7 +94,7 @@ def _start_server(path: str, token: str | None = None):
 def zipf_ids(num_rows: int, size: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
     """Zipf-distributed row ids: rank r has weight r^-exponent; ranks are scattered over the table."""
     ranks = (rng.zipf(exponent, size=size) - 1) % num_rows
-    return (ranks * 0x9E3779B97F4A7C15 % (2**61 - 1)) % num_rows  # a fixed scatter of ranks to rows
+    return rng.permutation(num_rows)[ranks]  # hot rows scattered over the table, not clustered at its start
 
 
 def bench_lookup(num_rows: int = 1 << 24, dim: int = 64, dtype: str = "float16", batch: int = 262144,
