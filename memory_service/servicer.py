@@ -21,7 +21,7 @@ from memory_service.hashing import NgramHasher
 from memory_service.store import TableStore
 from memory_service.table_meta import TableMeta
 from memory_service.wire import (MAX_PAYLOAD_BYTES, RawLookup, decode_array, dtype_enum, encode_ids,
-                                 encode_lookup_response, enum_dtype)
+                                 encode_lookup_response, enum_dtype, lookup_reply)
 from protos import engram_pb2 as pb
 from protos import engram_pb2_grpc as pb_grpc
 
@@ -107,9 +107,16 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
     def Lookup(self, request, context):
         self._check_epoch(request.shard_epoch)
         ids = decode_array(request.row_ids, "<i8", "row_ids")
-        rows, version = self.store.lookup(request.table, request.layer, ids, request.version,
-                                          self._fingerprint(request.spec_fingerprint), max_bytes=self.max_payload_bytes)
-        return RawLookup(rows, rows.shape, dtype_enum(rows.dtype), version)  # encoded by encode_lookup_response
+        reply = []
+
+        def into_reply(num_rows, head_dim, dtype, version):
+            message, rows = lookup_reply(num_rows, head_dim, dtype, version)
+            reply.append(message)
+            return rows
+
+        self.store.lookup(request.table, request.layer, ids, request.version, self._fingerprint(request.spec_fingerprint),
+                          out=into_reply, max_bytes=self.max_payload_bytes)
+        return reply[0]  # complete wire bytes: rows were gathered straight into the message
 
     def _hasher(self, meta: TableMeta):
         key = f"{meta.name}:{meta.spec.fingerprint()}"

@@ -477,10 +477,12 @@ class TableStore:
         return meta.layer_rows[layer]
 
     def lookup(self, name: str, layer: int, row_ids, version: int = 0, fingerprint: str | None = None,
-               out: np.ndarray | None = None, max_bytes: int | None = None) -> tuple[np.ndarray, int]:
+               out=None, max_bytes: int | None = None) -> tuple[np.ndarray, int]:
         """Rows [N, head_dim] (table dtype) for int64 ids [N], and the version they came from.
 
-        max_bytes: refuse (RESOURCE_EXHAUSTED) a response larger than this.
+        out: an array to fill, or a callable (num_rows, head_dim, dtype, version) -> array
+        (the server gathers straight into its reply message). max_bytes: refuse
+        (RESOURCE_EXHAUSTED) a response larger than this.
         """
         snap = self._acquire()
         try:
@@ -495,6 +497,8 @@ class TableStore:
                 v = meta.resolve_version(version)
             except KeyError as e:
                 raise NotFound(str(e.args[0])) from None
+            if callable(out):
+                out = out(ids.size, meta.head_dim, meta.dtype, v)
             if out is None or out.shape != (ids.size, meta.head_dim) or out.dtype != meta.dtype:
                 out = np.empty((ids.size, meta.head_dim), dtype=meta.dtype)
             snap.index(meta, v, layer).gather(ids, out)

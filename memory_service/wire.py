@@ -84,7 +84,9 @@ class RawLookup:
 
 
 def encode_lookup_response(message) -> bytes:
-    """Wire bytes of a LookupResponse (a protobuf message or a RawLookup holding a numpy array)."""
+    """Wire bytes of a LookupResponse (ready bytes, a protobuf message, or a RawLookup holding a numpy array)."""
+    if isinstance(message, bytes):
+        return message
     if isinstance(message, pb.LookupResponse):
         return message.SerializeToString()
     rows = np.ascontiguousarray(message.rows)
@@ -130,3 +132,34 @@ def decode_lookup_response(data: bytes) -> RawLookup:
         else:
             raise InvalidArgument(f"malformed LookupResponse (wire type {wire_type})")
     return RawLookup(rows, shape, dtype, version)
+
+
+# A bytes object filled in place: PyBytes_FromStringAndSize(NULL, n) is the C API's way to build a
+# bytes object before anyone else sees it, which saves one full copy of the rows per reply.
+import ctypes as _ctypes
+
+_new_bytes = _ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype = _ctypes.py_object
+_new_bytes.argtypes = (_ctypes.c_void_p, _ctypes.c_ssize_t)
+_bytes_address = _ctypes.pythonapi.PyBytes_AsString
+_bytes_address.restype = _ctypes.c_void_p
+_bytes_address.argtypes = (_ctypes.py_object,)
+
+
+def lookup_reply(num_rows: int, head_dim: int, dtype, version: int) -> tuple[bytes, np.ndarray]:
+    """(complete LookupResponse wire bytes, writable [num_rows, head_dim] view of its rows field).
+
+    Fields go in the order version, dtype, shape, rows (protobuf parsers accept any
+    order), so the rows are the tail of the message and can be gathered straight into it.
+    """
+    dtype = np.dtype(dtype).newbyteorder("<")
+    nbytes = num_rows * head_dim * dtype.itemsize
+    packed = _varint(num_rows) + _varint(head_dim)
+    prefix = ((b"\x20" + _varint(version)) if version else b"") + b"\x18" + _varint(dtype_enum(dtype)) \
+        + b"\x12" + _varint(len(packed)) + packed + b"\x0a" + _varint(nbytes)
+    message = _new_bytes(None, len(prefix) + nbytes)
+    buffer = (_ctypes.c_uint8 * (len(prefix) + nbytes)).from_address(_bytes_address(message))
+    raw = np.frombuffer(buffer, dtype=np.uint8)
+    raw[:len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+    rows = raw[len(prefix):].view(dtype).reshape(num_rows, head_dim)
+    return message, rows

@@ -17,6 +17,7 @@ import torch
 
 from memory_service.backend import TableBackend
 from memory_service.compression import CompressedTokenizer
+from memory_service.dedup import dedup_ids
 from memory_service.hashing import NgramHasher
 
 
@@ -104,7 +105,8 @@ class EngramRowFetcher:
         """Fetch the rows of raw tokens [B, T] for all Engram layers (one lookup of unique ids per layer)."""
         layers = {}
         for layer_id, ids in self.row_ids(tokens, context).items():
-            unique, inverse = np.unique(ids.reshape(-1), return_inverse=True)
+            batch = dedup_ids(ids.reshape(-1))
+            unique, inverse = batch.unique, batch.inverse()
             rows = self.backend.lookup(layer_id, unique)  # [U, hd] float32
             leaf = torch.from_numpy(np.ascontiguousarray(rows)).to(self.device).requires_grad_(requires_grad)
             inv = torch.from_numpy(inverse.astype(np.int64)).to(self.device)
