@@ -14,6 +14,7 @@ import time
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from memory_service.compression import CompressedTokenizer
 from memory_service.errors import EngramError, FailedPrecondition, InvalidArgument, ResourceExhausted
@@ -263,6 +264,18 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
         return pb.DropTableResponse()
 
 
+def _parsing(handler, request_cls):
+    """Parse the request inside the handler, so malformed bytes get INVALID_ARGUMENT (not INTERNAL)."""
+
+    def parse_then_handle(raw: bytes, context):
+        try:
+            request = request_cls.FromString(raw)
+        except DecodeError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {request_cls.__name__}: {e}")
+        return handler(request, context)
+    return parse_then_handle
+
+
 def add_servicer_to_server(servicer: EngramMemoryServicer, server: grpc.Server) -> None:
     """Register every engram.v1 method; LookupResponse replies use the one-copy encoder."""
     service = pb.DESCRIPTOR.services_by_name["EngramMemory"]
@@ -272,5 +285,5 @@ def add_servicer_to_server(servicer: EngramMemoryServicer, server: grpc.Server) 
         response_cls = getattr(pb, method.output_type.name)
         serializer = encode_lookup_response if response_cls is pb.LookupResponse else response_cls.SerializeToString
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name), request_deserializer=request_cls.FromString, response_serializer=serializer)
+            _parsing(getattr(servicer, method.name), request_cls), response_serializer=serializer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

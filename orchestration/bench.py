@@ -72,25 +72,6 @@ def bench_hash(num_tokens: int = 262144, repeats: int = 5) -> dict:
 
 
 # ---------------------------------------------------------------------- lookup
-def _start_server(path: str, token: str | None = None):
-    """`engram serve` on a free port in a child process; returns (process, address)."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, MALLOC_ARENA_MAX="1", MALLOC_MMAP_THRESHOLD_="1073741824", MALLOC_TRIM_THRESHOLD_="4294967296")
-    cmd = [sys.executable, "-m", "orchestration.cli", "serve", "--path", path, "--port", "0"]
-    if token:
-        cmd += ["--token", token]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    line = proc.stdout.readline()
-    if " on " not in line:
-        proc.kill()
-        raise RuntimeError(f"server did not start: {line}{proc.stderr.read()}")
-    address = line.split(" on ", 1)[1].split()[0]
-    return proc, address
-
-
 def zipf_ids(num_rows: int, size: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
     """Zipf-distributed row ids: rank r has weight r^-exponent; ranks are scattered over the table."""
     ranks = (rng.zipf(exponent, size=size) - 1) % num_rows
@@ -105,6 +86,7 @@ def bench_lookup(num_rows: int = 1 << 24, dim: int = 64, dtype: str = "float16",
 
     from memory_service.client import MemoryClient
     from memory_service.row_init import init_rows
+    from orchestration.local_server import start_server
     from memory_service.spec import EngramSpec
     from memory_service.store import TableStore
     from memory_service.table_meta import layer_rows_for_spec
@@ -123,7 +105,7 @@ def bench_lookup(num_rows: int = 1 << 24, dim: int = 64, dtype: str = "float16",
         store.create_table(name, spec, init_std=1.0, init_seed=0)
     store.close()
     table = init_rows(rows_in_table, dim, 0, 0, rows_in_table, 1.0, 0, dtype)  # (a)'s in-RAM copy, same values
-    proc, address = _start_server(path)
+    proc, address = start_server(path)
     try:
         client = MemoryClient(address, name, deadline_s=120)
         rng = np.random.default_rng(0)

@@ -1,0 +1,23 @@
+"""Start `engram serve` in a child process (benchmarks, tests, local demos)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+# glibc settings that keep big reply buffers mapped (see memory_service/malloc_tuning.py)
+SERVER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+
+
+def start_server(path: str, token: str | None = None, port: int = 0, timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
+    """Run `engram serve --path PATH` on a free port; returns (process, 'host:port') once it listens."""
+    cmd = [sys.executable, "-m", "orchestration.cli", "serve", "--path", str(path), "--port", str(port)]
+    if token:
+        cmd += ["--token", token]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **SERVER_ENV})
+    line = proc.stdout.readline()
+    if " on " not in line:
+        proc.kill()
+        raise RuntimeError(f"engram serve did not start: {line}{proc.stderr.read()}")
+    return proc, line.split(" on ", 1)[1].split()[0]

@@ -1,0 +1,44 @@
+"""Acknowledged writes survive SIGKILL of the server process; the store reopens cleanly."""
+
+import os
+import signal
+
+import numpy as np
+
+from memory_service.client import AdminClient, MemoryClient
+from memory_service.spec import EngramSpec
+from orchestration.local_server import start_server
+
+SPEC = EngramSpec(engram_vocab_size=[2003, 2003], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1])
+
+
+def test_acknowledged_writes_survive_sigkill(tmp_path):
+    path = tmp_path / "store"
+    proc, address = start_server(path, token="t")
+    try:
+        AdminClient(address, "tbl", token="t").create_table(SPEC, init_std=1.0)
+        client = MemoryClient(address, "tbl", token="t")
+        ids = np.arange(100, 140)
+        client.write_rows(1, ids, np.full((ids.size, SPEC.head_dim), 3.25, np.float32))
+        grads = np.ones((5, SPEC.head_dim), np.float32)
+        client.apply_gradients(1, np.arange(5), grads, lr=0.5)
+        after_adam = client.lookup(1, np.arange(5)).copy()
+        v2 = client.create_version(copy_of=1)
+        client.swap(v2)
+        os.kill(proc.pid, signal.SIGKILL)  # right after the acknowledgements, no shutdown
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    proc, address = start_server(path, token="t")
+    try:
+        client = MemoryClient(address, "tbl", token="t")
+        rows, version = client.lookup_raw(1, ids)
+        assert version == v2
+        np.testing.assert_array_equal(rows, 3.25)
+        np.testing.assert_array_equal(client.lookup(1, np.arange(5)), after_adam)
+        np.testing.assert_array_equal(client.read_layer(1, version=1)[100:140], 3.25)
+        client.apply_gradients(1, np.arange(5), grads, lr=0.5)  # and it takes writes again
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0  # graceful shutdown on SIGTERM

@@ -1,0 +1,174 @@
+"""The LMDB table store on real LMDB files: rows, Adam, versions, errors, concurrency, persistence."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from memory_service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from memory_service.local_table import LocalTable
+from memory_service.spec import EngramSpec
+from memory_service.store import TableStore
+from memory_service.table_meta import layer_rows_for_spec
+
+SPEC = EngramSpec(engram_vocab_size=[3001, 3001], n_embed_per_ngram=32, n_head_per_ngram=2, layer_ids=[1, 3])
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = TableStore(tmp_path / "store", chunk_rows=512)
+    yield s
+    s.close()
+
+
+def test_initial_rows_equal_the_in_process_table(store):
+    store.create_table("t", SPEC, init_std=0.5, init_seed=3)
+    local = LocalTable(SPEC, layer_rows_for_spec(SPEC), init_std=0.5, init_seed=3)
+    for layer in SPEC.layer_ids:
+        ids = np.random.default_rng(layer).integers(0, local.num_rows(layer), 5000)
+        rows, version = store.lookup("t", layer, ids)
+        assert version == 1 and rows.dtype == np.float32
+        np.testing.assert_array_equal(rows, local.lookup(layer, ids))
+
+
+def test_adam_updates_equal_the_in_process_table(store):
+    store.create_table("t", SPEC)
+    local = LocalTable(SPEC, layer_rows_for_spec(SPEC))
+    rng = np.random.default_rng(0)
+    for step in range(5):
+        ids = np.unique(rng.integers(0, local.num_rows(1), 700))
+        grads = rng.standard_normal((ids.size, SPEC.head_dim)).astype(np.float32)
+        store.apply_gradients("t", 1, ids, grads, lr=0.01 * (step + 1))
+        local.apply_gradients(1, ids, grads, lr=0.01 * (step + 1))
+    all_ids = np.arange(local.num_rows(1))
+    np.testing.assert_array_equal(store.lookup("t", 1, all_ids)[0], local.table(1))
+    state = store.optimizer_state("t", 1, all_ids)
+    np.testing.assert_array_equal(state["step"], local._steps[1])
+    np.testing.assert_array_equal(state["m"], local._m[1])
+
+
+@pytest.mark.parametrize("dtype, head_dim", [("float16", 64), ("float32", 24), ("float16", 3)])
+def test_row_widths_that_do_not_divide_a_page(tmp_path, dtype, head_dim):
+    """128-byte rows gather in one take; 96- and 6-byte rows use the multi-unit path; all exact."""
+    spec = EngramSpec(engram_vocab_size=[5003], max_ngram_size=2, n_embed_per_ngram=head_dim, n_head_per_ngram=1,
+                      layer_ids=[0], dtype=dtype)
+    store = TableStore(tmp_path / "s", chunk_rows=2048)
+    store.create_table("t", spec, init_std=1.0)
+    local = LocalTable(spec, layer_rows_for_spec(spec))
+    ids = np.random.default_rng(1).integers(0, local.num_rows(0), 20000)
+    rows, _ = store.lookup("t", 0, ids)
+    assert rows.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(rows.astype(np.float32), local.lookup(0, ids))
+    store.close()
+
+
+def test_versions_swap_rollback_drop(store):
+    store.create_table("t", SPEC)
+    ids = np.arange(10)
+    v1_rows = store.lookup("t", 1, ids)[0].copy()
+    v2 = store.create_version("t", copy_of=1)
+    v3 = store.create_version("t", init_std=0.0)
+    assert (v2, v3) == (2, 3)
+    store.write_rows("t", 1, ids, np.full((10, SPEC.head_dim), 7.0, np.float32), version=v2)
+    # readers of the active version are not disturbed
+    np.testing.assert_array_equal(store.lookup("t", 1, ids)[0], v1_rows)
+    np.testing.assert_array_equal(store.lookup("t", 1, ids, version=v2)[0], 7.0)
+    np.testing.assert_array_equal(store.lookup("t", 1, ids, version=v3)[0], 0.0)
+    assert store.swap("t", v2) == (2, 1)
+    rows, version = store.lookup("t", 1, ids)
+    assert version == 2 and np.all(rows == 7.0)
+    np.testing.assert_array_equal(store.lookup("t", 1, np.arange(10, 20))[0], store.lookup("t", 1, np.arange(10, 20), version=1)[0])
+    assert store.rollback("t") == (1, 2)
+    np.testing.assert_array_equal(store.lookup("t", 1, ids)[0], v1_rows)
+    with pytest.raises(FailedPrecondition, match="no earlier active version"):
+        store.rollback("t")
+    with pytest.raises(FailedPrecondition, match="is active"):
+        store.drop_version("t", 1)
+    store.drop_version("t", v2)
+    with pytest.raises(NotFound, match="no version 2"):
+        store.lookup("t", 1, ids, version=v2)
+    assert sorted(store.table_info("t").versions) == [1, 3]
+    store.drop_table("t")
+    with pytest.raises(NotFound, match="no table named 't'"):
+        store.lookup("t", 1, ids)
+
+
+def test_retried_request_is_applied_once(store):
+    store.create_table("t", SPEC)
+    ids, grads = np.array([5, 9]), np.ones((2, SPEC.head_dim), np.float32)
+    store.apply_gradients("t", 1, ids, grads, 0.1, request_id="abc")
+    once = store.lookup("t", 1, ids)[0].copy()
+    store.apply_gradients("t", 1, ids, grads, 0.1, request_id="abc")
+    np.testing.assert_array_equal(store.lookup("t", 1, ids)[0], once)
+    assert store.optimizer_state("t", 1, ids)["step"].tolist() == [1, 1]
+    store.apply_gradients("t", 1, ids, grads, 0.1, request_id="def")
+    assert store.optimizer_state("t", 1, ids)["step"].tolist() == [2, 2]
+
+
+def test_bad_requests_change_nothing(store):
+    store.create_table("t", SPEC)
+    n = store.table_info("t").layer_rows[1]
+    before = store.lookup("t", 1, np.arange(n))[0].copy()
+    head = SPEC.head_dim
+    cases = [
+        (InvalidArgument, "out of range", lambda: store.lookup("t", 1, np.array([n]))),
+        (InvalidArgument, "no layer 2", lambda: store.lookup("t", 2, np.array([0]))),
+        (NotFound, "no table named 'x'", lambda: store.lookup("x", 1, np.array([0]))),
+        (NotFound, "no version 9", lambda: store.lookup("t", 1, np.array([0]), version=9)),
+        (FailedPrecondition, "fingerprint", lambda: store.lookup("t", 1, np.array([0]), fingerprint="bad")),
+        (ResourceExhausted, "split it", lambda: store.lookup("t", 1, np.arange(100), max_bytes=1000)),
+        (InvalidArgument, "float32", lambda: store.write_rows("t", 1, np.array([0]), np.zeros((1, head), np.float16))),
+        (InvalidArgument, "rows must be", lambda: store.write_rows("t", 1, np.array([0, 1]), np.zeros((1, head), np.float32))),
+        (InvalidArgument, "unique", lambda: store.write_rows("t", 1, np.array([1, 1]), np.zeros((2, head), np.float32))),
+        (InvalidArgument, "unique", lambda: store.apply_gradients("t", 1, np.array([1, 1]), np.zeros((2, head)), 0.1)),
+        (InvalidArgument, "gradients must be", lambda: store.apply_gradients("t", 1, np.array([1]), np.zeros((1, 3)), 0.1)),
+        (InvalidArgument, "NaN", lambda: store.apply_gradients("t", 1, np.array([1]), np.full((1, head), np.inf), 0.1)),
+        (InvalidArgument, "learning rate", lambda: store.apply_gradients("t", 1, np.array([1]), np.zeros((1, head)), -1.0)),
+        (AlreadyExists, "already exists", lambda: store.create_table("t", SPEC)),
+        (ValueError, "invalid table name", lambda: store.create_table("../etc", SPEC)),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
+    np.testing.assert_array_equal(store.lookup("t", 1, np.arange(n))[0], before)
+
+
+def test_concurrent_lookups_during_writes_see_whole_writes(store):
+    """Many threads look rows up while writes land: every reply is one write's rows, never a mix or a stale view."""
+    store.create_table("t", SPEC, init_std=0.0)
+    n = store.table_info("t").layer_rows[1]
+    ids = np.arange(0, n, 3)
+    errors, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            rows, _ = store.lookup("t", 1, ids)
+            values = np.unique(rows)
+            if values.size != 1:
+                errors.append(values[:5])
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for value in range(1, 30):
+        store.write_rows("t", 1, ids, np.full((ids.size, SPEC.head_dim), value, np.float32))
+        rows, _ = store.lookup("t", 1, ids)
+        assert np.all(rows == value)  # a lookup after an acknowledged write sees it
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_reopen_keeps_everything(tmp_path):
+    store = TableStore(tmp_path / "s")
+    store.create_table("t", SPEC)
+    store.write_rows("t", 3, np.array([4]), np.full((1, SPEC.head_dim), 2.5, np.float32))
+    v2 = store.create_version("t", copy_of=1)
+    store.swap("t", v2)
+    store.close()
+    again = TableStore(tmp_path / "s")
+    info = again.table_info("t")
+    assert info.active == 2 and info.history == [1]
+    np.testing.assert_array_equal(again.lookup("t", 3, np.array([4]))[0], 2.5)
+    again.close()
