@@ -44,6 +44,7 @@ def _service_args(p, table: bool = True, table_required: bool = True) -> None:
     p.add_argument("--address", default="127.0.0.1:50051", help="memory service HOST:PORT (or grpc://HOST:PORT)")
     p.add_argument("--token", help="token for writes and admin calls (default $ENGRAM_TOKEN)")
     p.add_argument("--deadline", type=float, default=60.0, help="seconds per call")
+    p.add_argument("--tls-ca", help="PEM root certificate: connect with TLS")
     if table:
         p.add_argument("--table", required=table_required, help="table name")
     p.add_argument("--json", action="store_true", help="print JSON")

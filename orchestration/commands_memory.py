@@ -28,9 +28,9 @@ def _client(args, table: str | None = None, connect: bool = True):
     from memory_service.client import AdminClient, MemoryClient
 
     name = table if table is not None else args.table
-    if connect:
-        return MemoryClient(args.address, name, token=token_from(args), deadline_s=args.deadline)
-    return AdminClient(args.address, name, token=token_from(args), deadline_s=args.deadline)
+    tls = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    cls = MemoryClient if connect else AdminClient
+    return cls(args.address, name, token=token_from(args), deadline_s=args.deadline, tls_root_cert=tls)
 
 
 def _info_dict(info) -> dict:

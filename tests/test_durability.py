@@ -42,3 +42,28 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0  # graceful shutdown on SIGTERM
+
+
+def test_client_retries_while_the_server_restarts(tmp_path):
+    import threading
+    import time
+
+    path = tmp_path / "store"
+    proc, address = start_server(path, token="t")
+    port = int(address.rsplit(":", 1)[1])
+    AdminClient(address, "tbl", token="t").create_table(SPEC, init_std=1.0)
+    client = MemoryClient(address, "tbl", retry_budget_s=60, deadline_s=5)
+    expected = client.lookup(1, np.arange(50)).copy()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    result = {}
+    caller = threading.Thread(target=lambda: result.update(rows=client.lookup(1, np.arange(50))))
+    caller.start()  # the lookup starts while nothing listens
+    time.sleep(1.0)
+    proc, _ = start_server(path, token="t", port=port)
+    try:
+        caller.join(timeout=60)
+        np.testing.assert_array_equal(result["rows"], expected)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

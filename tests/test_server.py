@@ -194,3 +194,65 @@ def test_swap_under_concurrent_lookups(service, tmp_path):
     assert not failures and not mixed
     assert len(set(served)) >= 2 and len(served) > 10
     admin.swap(1)
+
+
+def test_tls(tmp_path):
+    import shutil
+    import subprocess
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    store = TableStore(tmp_path / "s")
+    server, port, _ = build_server(store, token=TOKEN, tls_cert=str(cert), tls_key=str(key))
+    server.start()
+    try:
+        spec = EngramSpec(engram_vocab_size=[1009], max_ngram_size=2, n_embed_per_ngram=8, n_head_per_ngram=1, layer_ids=[0])
+        AdminClient(f"127.0.0.1:{port}", "t", token=TOKEN, tls_root_cert=cert.read_bytes()).create_table(spec)
+        client = MemoryClient(f"127.0.0.1:{port}", "t", tls_root_cert=cert.read_bytes())
+        np.testing.assert_array_equal(client.lookup(0, np.array([1, 2])), store.lookup("t", 0, np.array([1, 2]))[0])
+        plain = grpc.insecure_channel(f"127.0.0.1:{port}")
+        with pytest.raises(grpc.RpcError):  # a plaintext client cannot talk to a TLS server
+            pb_grpc.EngramMemoryStub(plain).ListTables(pb.ListTablesRequest(), timeout=3)
+    finally:
+        server.stop(0)
+        store.close()
+
+
+def test_two_shards_split_batches_and_updates(tmp_path):
+    from memory_service.client import ShardMap
+    from memory_service.local_table import LocalTable
+    from memory_service.table_meta import layer_rows_for_spec
+
+    spec = EngramSpec(engram_vocab_size=[3001, 3001], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1, 2])
+    servers, addresses, stores = [], [], []
+    for i in range(2):
+        store = TableStore(tmp_path / f"s{i}", chunk_rows=256)
+        server, port, _ = build_server(store)
+        server.start()
+        store.create_table("t", spec)
+        servers.append(server), stores.append(store), addresses.append(f"127.0.0.1:{port}")
+    try:
+        shard_map = ShardMap.even(addresses, layer_rows_for_spec(spec), chunk_rows=256, epoch=1)
+        client = MemoryClient(shard_map, "t", max_payload_bytes=4096)
+        local = LocalTable(spec, layer_rows_for_spec(spec))
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            ids = np.unique(rng.integers(0, local.num_rows(2), 2000))
+            grads = rng.standard_normal((ids.size, spec.head_dim)).astype(np.float32)
+            client.apply_gradients(2, ids, grads, 0.05)
+            local.apply_gradients(2, ids, grads, 0.05)
+        batch = rng.integers(0, local.num_rows(2), 6000)
+        np.testing.assert_array_equal(client.lookup(2, batch), local.lookup(2, batch))
+        served = [s.counters["rows_served"] for s in stores]
+        assert all(n > 0 for n in served)  # both shards answered parts of the batch
+        cut = shard_map.bounds[2][1]
+        updated = [s.optimizer_state("t", 2, np.arange(local.num_rows(2)))["step"] for s in stores]
+        assert updated[0][cut:].sum() == 0 and updated[1][:cut].sum() == 0  # each shard updated only its range
+    finally:
+        for server, store in zip(servers, stores):
+            server.stop(0)
+            store.close()
