@@ -247,15 +247,17 @@ class MemoryClient(TableBackend):
             versions.append(reply.version)
         return versions
 
-    def lookup_batch(self, layer_id: int, row_ids, version: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    def lookup_batch(self, layer_id: int, row_ids, version: int = 0, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
         """(rows of the unique ids [U, head_dim], inverse [N], version): rows[inverse] is the batch.
 
         What a prefetcher hands the model: the expansion to batch order is the model's own
-        embedding gather (on the device), not a host copy.
+        embedding gather (on the device), not a host copy. `out` may be any buffer with at
+        least U rows of the table dtype (reused across calls); the rows are its first U.
         """
         ids = check_row_ids(row_ids, self.num_rows(layer_id), layer_id)
         batch = dedup_ids(ids)
-        rows, served = self.lookup_unique(layer_id, batch.unique, version)
+        target = out[:batch.unique.size] if out is not None and out.shape[0] >= batch.unique.size else None
+        rows, served = self.lookup_unique(layer_id, batch.unique, version, target)
         return rows, batch.inverse(), served
 
     def lookup(self, layer_id: int, row_ids: np.ndarray) -> np.ndarray:
