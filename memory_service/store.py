@@ -539,6 +539,14 @@ class TableStore:
             raise NotFound(str(e.args[0])) from None
         return meta, num_rows, v
 
+    @staticmethod
+    def _read_chunk(txn, db, key: bytes, dtype, shape: tuple) -> np.ndarray:
+        """A writable copy of a chunk, or zeros when the chunk does not exist yet."""
+        current = txn.get(key, db=db)
+        if current is None:
+            return np.zeros(shape, dtype=dtype)
+        return np.frombuffer(current, dtype=dtype).reshape(shape).copy()
+
     def _seen_request(self, txn, request_id: str | None) -> int | None:
         """Version recorded for an already-applied request id, else None."""
         if not request_id:
@@ -580,9 +588,7 @@ class TableStore:
                     raise InvalidArgument("row ids of a write must be unique")
                 for chunk, pos, offsets in group_by_chunk(ids, meta.chunk_rows):
                     key = chunk_key(_ROWS, meta.table_id, v, layer, chunk)
-                    current = txn.get(key, db=self.rows_db)
-                    block = (np.frombuffer(current, dtype=meta.dtype).reshape(meta.chunk_rows, meta.head_dim).copy()
-                             if current is not None else np.zeros((meta.chunk_rows, meta.head_dim), dtype=meta.dtype))
+                    block = self._read_chunk(txn, self.rows_db, key, meta.dtype, (meta.chunk_rows, meta.head_dim))
                     block[offsets] = values[pos]
                     txn.put(key, block.tobytes(), db=self.rows_db)
                 self._record_request(txn, request_id, v)
@@ -608,12 +614,8 @@ class TableStore:
                 for chunk, pos, offsets in group_by_chunk(ids, meta.chunk_rows):
                     row_key = chunk_key(_ROWS, meta.table_id, v, layer, chunk)
                     opt_key = chunk_key(_OPT, meta.table_id, v, layer, chunk)
-                    current = txn.get(row_key, db=self.rows_db)
-                    block = (np.frombuffer(current, dtype=meta.dtype).reshape(meta.chunk_rows, meta.head_dim).copy()
-                             if current is not None else np.zeros((meta.chunk_rows, meta.head_dim), dtype=meta.dtype))
-                    current_opt = txn.get(opt_key, db=self.opt_db)
-                    state = (np.frombuffer(current_opt, dtype=record).copy() if current_opt is not None
-                             else np.zeros(meta.chunk_rows, dtype=record))
+                    block = self._read_chunk(txn, self.rows_db, row_key, meta.dtype, (meta.chunk_rows, meta.head_dim))
+                    state = self._read_chunk(txn, self.opt_db, opt_key, record, (meta.chunk_rows,))
                     sel = state[offsets]
                     new_rows, new_m, new_v, new_steps = row_adam_update(
                         block[offsets], sel["m"], sel["v"], sel["step"], g[pos], lr, self.optimizer)
