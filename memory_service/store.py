@@ -81,12 +81,13 @@ class RowView:
     took a RowView computes addresses and reads rows from the same picture.
     """
 
-    __slots__ = ("addr", "missing", "any_missing", "lo", "unit", "region")
+    __slots__ = ("addr", "missing", "any_missing", "complete", "lo", "unit", "region", "chunk_base")
 
     def __init__(self, addr: np.ndarray, missing: np.ndarray, chunk_nbytes: int, row_nbytes: int):
         self.addr, self.missing = addr, missing
         self.any_missing = bool(missing.any())
-        self.lo, self.unit, self.region = 0, 0, None
+        self.complete = bool(np.all((addr >= 0) | missing))  # nothing left to resolve
+        self.lo, self.unit, self.region, self.chunk_base = 0, 0, None, None
         known = addr[addr >= 0]
         if known.size == 0:
             return
@@ -99,6 +100,10 @@ class RowView:
         region.flags.writeable = False
         self.lo, self.unit = lo, unit
         self.region = region[: (hi - lo) // unit * unit].reshape(-1, unit)
+        rows_per_chunk = chunk_nbytes // row_nbytes
+        units_per_row = row_nbytes // unit
+        # item index of row r = chunk_base[r // rows_per_chunk] + r * units_per_row
+        self.chunk_base = (addr - lo) // unit - np.arange(addr.size, dtype=np.int64) * rows_per_chunk * units_per_row
 
 
 class ChunkIndex:
@@ -112,6 +117,7 @@ class ChunkIndex:
         self.chunk_rows = meta.chunk_rows
         self.row_nbytes = meta.row_nbytes
         self.chunk_nbytes = meta.chunk_rows * meta.row_nbytes
+        self.chunk_shift = meta.chunk_rows.bit_length() - 1 if meta.chunk_rows & (meta.chunk_rows - 1) == 0 else 0
         num_chunks = meta.num_chunks(layer)
         self.buffers: dict[int, memoryview] = {}  # keeps the zero-copy values referenced
         self.view = RowView(np.full(num_chunks, -1, dtype=np.int64), np.zeros(num_chunks, dtype=bool),
@@ -146,15 +152,17 @@ class ChunkIndex:
         """out[i] = row ids[i]; ids int64 [N] in range, out [N, head_dim] in the table dtype."""
         if ids.size == 0:
             return
-        chunks = ids // self.chunk_rows
-        touched = np.zeros(self.view.addr.shape[0], dtype=bool)
-        touched[chunks] = True
-        view = self.resolve(np.flatnonzero(touched))
+        chunks = ids >> self.chunk_shift if self.chunk_shift else ids // self.chunk_rows
+        view = self.view
+        if not view.complete:
+            touched = np.zeros(view.addr.shape[0], dtype=bool)
+            touched[chunks] = True
+            view = self.resolve(np.flatnonzero(touched))
         out_bytes = out.view(np.uint8).reshape(ids.size, self.row_nbytes)
         if view.region is not None:
-            base = view.addr[chunks]  # [N] chunk addresses (-1 for absent chunks; zeroed below)
             units_per_row = self.row_nbytes // view.unit
-            first = (base - view.lo) // view.unit + (ids - chunks * self.chunk_rows) * units_per_row  # [N]
+            first = view.chunk_base[chunks]  # [N]; absent chunks give garbage indices (clipped, zeroed below)
+            first += ids if units_per_row == 1 else ids * units_per_row
             if units_per_row == 1:
                 np.take(view.region, first, axis=0, out=out_bytes, mode="clip")
             else:
