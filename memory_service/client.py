@@ -159,9 +159,12 @@ class MemoryClient(TableBackend):
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def _call_all(self, calls: list[tuple[int, str, object]]) -> list:
-        """Send several calls at once (futures); a failed one is retried alone; results in order."""
-        futures = [getattr(self._stubs[s], m).future(r, timeout=self.deadline_s, metadata=self._metadata()) for s, m, r in calls]
+    def _send(self, calls: list[tuple[int, str, object]]) -> list:
+        """Start several calls at once; returns their futures."""
+        return [getattr(self._stubs[s], m).future(r, timeout=self.deadline_s, metadata=self._metadata()) for s, m, r in calls]
+
+    def _collect(self, calls: list[tuple[int, str, object]], futures: list) -> list:
+        """Results of started calls in order; a failed one is retried alone."""
         results = []
         for (shard, method, request), future in zip(calls, futures):
             try:
@@ -171,6 +174,10 @@ class MemoryClient(TableBackend):
                     raise error_from_rpc(e, f"{method} on {self.shard_map.addresses[shard]}: ") from e
                 results.append(self._call(shard, method, request))
         return results
+
+    def _call_all(self, calls: list[tuple[int, str, object]]) -> list:
+        """Send several calls at once (futures); a failed one is retried alone; results in order."""
+        return self._collect(calls, self._send(calls))
 
     def _plan(self, layer: int, sorted_ids: np.ndarray, row_nbytes: int) -> list[tuple[int, int, int]]:
         """(shard, start, stop) contiguous parts of sorted ids, each under the payload limit."""
@@ -209,18 +216,17 @@ class MemoryClient(TableBackend):
         Every part (per shard, under the payload limit) is in flight at once; each reply
         lands in its contiguous slice of `out`, which may be reused across calls.
         """
+        return self.lookup_unique_async(layer_id, unique_ids, version, out).result()
+
+    def lookup_unique_async(self, layer_id: int, unique_ids: np.ndarray, version: int = 0,
+                            out: np.ndarray | None = None) -> "PendingLookup":
+        """Send every part of a lookup now; `.result()` collects (rows, version) later (prefetch)."""
         head_dim = self.spec.head_dim
         if out is None or out.shape != (unique_ids.size, head_dim) or out.dtype != self.dtype:
             out = np.empty((unique_ids.size, head_dim), dtype=self.dtype)
-        if unique_ids.size == 0:
-            return out, version
-        parts = self._plan(layer_id, unique_ids, head_dim * self.dtype.itemsize)
-        served = self._fetch_parts(layer_id, unique_ids, parts, out, version)
-        target = version or max(served)
-        stale = [part for part, v in zip(parts, served) if v != target]
-        if stale:  # a swap landed between parts: fetch those again from the newer version
-            self._fetch_parts(layer_id, unique_ids, stale, out, target)
-        return out, target
+        parts = self._plan(layer_id, unique_ids, head_dim * self.dtype.itemsize) if unique_ids.size else []
+        calls = self._lookup_calls(layer_id, unique_ids, parts, version)
+        return PendingLookup(self, layer_id, unique_ids, parts, calls, self._send(calls), out, version)
 
     def lookup_raw(self, layer_id: int, row_ids, version: int = 0, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
         """Rows [N, head_dim] (table dtype) in batch order, and the one version they all came from."""
@@ -234,12 +240,18 @@ class MemoryClient(TableBackend):
         np.take(rows, batch.inverse(), axis=0, out=out)
         return out, served
 
-    def _fetch_parts(self, layer_id: int, unique: np.ndarray, parts, out: np.ndarray, version: int) -> list[int]:
-        calls = [(shard, "Lookup", pb.LookupRequest(
+    def _lookup_calls(self, layer_id: int, unique: np.ndarray, parts, version: int) -> list:
+        return [(shard, "Lookup", pb.LookupRequest(
             table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, row_ids=encode_ids(unique[start:stop]),
             version=version, shard_epoch=self.shard_map.epoch)) for shard, start, stop in parts]
+
+    def _fetch_parts(self, layer_id: int, unique: np.ndarray, parts, out: np.ndarray, version: int) -> list[int]:
+        calls = self._lookup_calls(layer_id, unique, parts, version)
+        return self._store_replies(parts, self._collect(calls, self._send(calls)), out)
+
+    def _store_replies(self, parts, replies, out: np.ndarray) -> list[int]:
         versions = []
-        for (shard, start, stop), reply in zip(parts, self._call_all(calls)):
+        for (shard, start, stop), reply in zip(parts, replies):
             got = decode_array(reply.rows, enum_dtype(reply.dtype), "rows", width=self.spec.head_dim)
             if got.shape[0] != stop - start or got.dtype != out.dtype:
                 raise FailedPrecondition(f"shard {shard} returned {got.shape[0]} {got.dtype} rows for {stop - start} ids")
@@ -391,3 +403,25 @@ class AdminClient(MemoryClient):
 
     def __init__(self, shards, table: str = "", **kwargs):
         super().__init__(shards, table, connect=False, **kwargs)
+
+
+class PendingLookup:
+    """A lookup whose parts are in flight; result() waits for them (and re-fetches after a mid-batch swap)."""
+
+    def __init__(self, client: MemoryClient, layer_id: int, unique: np.ndarray, parts, calls, futures, out: np.ndarray, version: int):
+        self._client, self._layer, self._unique = client, layer_id, unique
+        self._parts, self._calls, self._futures = parts, calls, futures
+        self._out, self._version = out, version
+        self._result: tuple[np.ndarray, int] | None = None
+
+    def result(self) -> tuple[np.ndarray, int]:
+        """(rows [U, head_dim], version), waiting for the replies still in flight."""
+        if self._result is None:
+            client = self._client
+            served = client._store_replies(self._parts, client._collect(self._calls, self._futures), self._out)
+            target = self._version or max(served, default=0)
+            stale = [part for part, v in zip(self._parts, served) if v != target]
+            if stale:  # a swap landed between parts: fetch those again from the newer version
+                client._fetch_parts(self._layer, self._unique, stale, self._out, target)
+            self._result = (self._out, target)
+        return self._result

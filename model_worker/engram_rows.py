@@ -9,6 +9,7 @@ gradients to the backend, which applies row-wise Adam.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,16 +24,38 @@ from memory_service.hashing import NgramHasher
 
 @dataclass
 class LayerRows:
-    """One layer's fetched rows: unique ids [U], leaf rows [U, hd], inverse [B*T*H], and the batch shape."""
+    """One layer's rows: unique ids [U], leaf rows [U, hd] (once arrived), inverse [B*T*H], the batch shape.
+
+    With prefetch the lookup is still in flight (`pending`); the first use waits for it,
+    so an Engram layer waits only for its own rows, after the layers before it ran.
+    """
 
     unique_ids: np.ndarray
-    leaf: torch.Tensor
+    leaf: torch.Tensor | None
     inverse: torch.Tensor
     shape: tuple[int, int, int]
+    pending: object | None = None
+    requires_grad: bool = False
+    device: torch.device = torch.device("cpu")
+    wait_seconds: float = 0.0
 
     def gathered(self) -> torch.Tensor:
-        """Rows per token and head, [B, T, heads, head_dim]."""
+        """Rows per token and head, [B, T, heads, head_dim] (waits for a prefetched lookup)."""
+        if self.leaf is None:
+            started = time.perf_counter()
+            rows, _ = self.pending.result()
+            self.wait_seconds = time.perf_counter() - started
+            self.leaf = rows_to_leaf(rows, self.device, self.requires_grad)
+            self.pending = None
         return self.leaf[self.inverse].view(*self.shape, self.leaf.shape[-1])
+
+
+def rows_to_leaf(rows: np.ndarray, device: torch.device, requires_grad: bool) -> torch.Tensor:
+    """float32 leaf tensor of fetched rows on the device (pinned host memory and a non-blocking copy on CUDA)."""
+    host = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True).requires_grad_(requires_grad)
 
 
 class FetchedRows(Mapping):
@@ -60,10 +83,17 @@ class FetchedRows(Mapping):
         """Distinct rows fetched, all layers."""
         return sum(int(r.unique_ids.size) for r in self.layers.values())
 
+    @property
+    def wait_seconds(self) -> float:
+        """Time the forward pass spent waiting for prefetched rows, all layers."""
+        return sum(r.wait_seconds for r in self.layers.values())
+
     def row_gradients(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """{layer_id: (unique ids [U], grads float32 [U, hd])} after backward (zeros where no grad flowed)."""
         out = {}
         for layer_id, rows in self.layers.items():
+            if rows.leaf is None:
+                continue  # never used in a forward pass: no gradient to push
             grad = rows.leaf.grad
             g = np.zeros(rows.leaf.shape, dtype=np.float32) if grad is None else grad.detach().float().cpu().numpy()
             out[layer_id] = (rows.unique_ids, g)
@@ -101,16 +131,23 @@ class EngramRowFetcher:
             history = self.compressor(ctx)
         return self.hasher.row_ids(compressed, history)
 
-    def fetch(self, tokens, context=None, requires_grad: bool = False) -> FetchedRows:
-        """Fetch the rows of raw tokens [B, T] for all Engram layers (one lookup of unique ids per layer)."""
+    def fetch(self, tokens, context=None, requires_grad: bool = False, prefetch: bool = False) -> FetchedRows:
+        """Rows of raw tokens [B, T] for all Engram layers (one lookup of unique ids per layer).
+
+        prefetch=True sends every layer's lookup now and returns at once; each layer's rows
+        are awaited when the model first uses them (backends with lookup_unique_async).
+        """
         layers = {}
+        can_prefetch = prefetch and hasattr(self.backend, "lookup_unique_async")
         for layer_id, ids in self.row_ids(tokens, context).items():
             batch = dedup_ids(ids.reshape(-1))
-            unique, inverse = batch.unique, batch.inverse()
-            rows = self.backend.lookup(layer_id, unique)  # [U, hd] float32
-            leaf = torch.from_numpy(np.ascontiguousarray(rows)).to(self.device).requires_grad_(requires_grad)
-            inv = torch.from_numpy(inverse.astype(np.int64)).to(self.device)
-            layers[layer_id] = LayerRows(unique, leaf, inv, tuple(ids.shape))
+            inverse = torch.from_numpy(batch.inverse()).to(self.device)
+            if can_prefetch:
+                pending = self.backend.lookup_unique_async(layer_id, batch.unique)
+                layers[layer_id] = LayerRows(batch.unique, None, inverse, tuple(ids.shape), pending, requires_grad, self.device)
+            else:
+                rows = self.backend.lookup(layer_id, batch.unique)  # [U, hd] float32
+                layers[layer_id] = LayerRows(batch.unique, rows_to_leaf(rows, self.device, requires_grad), inverse, tuple(ids.shape))
         return FetchedRows(layers)
 
     def push_gradients(self, fetched: FetchedRows, lr: float) -> int:

@@ -78,6 +78,8 @@ class TrainConfig:
     """grpc://HOST:PORT of the memory service holding the tables (default: in-process tables)."""
     table: str | None = None
     """Table name on the memory service (default engram-<preset>)."""
+    prefetch: bool = True
+    """Send all Engram layers' lookups at the start of a step; each layer waits only for its rows."""
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -147,7 +149,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        fetched = self.fetcher.fetch(inputs, requires_grad=True)
+        fetched = self.fetcher.fetch(inputs, requires_grad=True, prefetch=self.config.prefetch)
         x = torch.from_numpy(inputs).to(self.device)
         y = torch.from_numpy(targets).to(self.device)
         with self.autocast():
@@ -159,7 +161,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.fetcher.push_gradients(fetched, lr * self.config.engram_lr_mult)
         self.step += 1
-        return {"loss": float(loss.detach()), "aux": float(aux.detach()), "lr": lr, "ids": fetched.num_ids, "unique": fetched.num_unique}
+        return {"loss": float(loss.detach()), "aux": float(aux.detach()), "lr": lr, "ids": fetched.num_ids,
+                "unique": fetched.num_unique, "wait": fetched.wait_seconds}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -192,7 +195,7 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=last, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         tokens, seconds = 0, 0.0
-        ids_total, unique_total = 0, 0
+        ids_total, unique_total, wait_total, steps_run = 0, 0, 0.0, 0
         while self.step < last:
             inputs, targets = sample_batch(self.corpus.train_ids, config.batch_size, config.seq_len, self.rng)
             started = time.perf_counter()
@@ -201,6 +204,8 @@ class Trainer:
             tokens += inputs.size
             ids_total += stats["ids"]
             unique_total += stats["unique"]
+            wait_total += stats["wait"]
+            steps_run += 1
             self.history["train"].append([self.step, stats["loss"], stats["lr"]])
             if self.step % config.eval_every == 0 or self.step == config.steps:
                 self._record_val(self.evaluate())
@@ -220,6 +225,8 @@ class Trainer:
             "unigram_loss": self.unigram_loss,
             "tokens_per_s": tokens / seconds if seconds else 0.0,
             "unique_id_ratio": unique_total / ids_total if ids_total else 0.0,
+            "step_seconds": seconds / steps_run if steps_run else 0.0,
+            "prefetch_wait_ms_per_step": 1e3 * wait_total / steps_run if steps_run else 0.0,
             "compression_reduction": self.compressor.reduction,
             "parameters": counts,
             "checkpoint": str(self.out_dir / "checkpoint"),

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="memory service token (default $ENGRAM_TOKEN)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
     p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) once this many steps are done")
+    p.add_argument("--no-prefetch", action="store_true", help="fetch each step's rows before the forward pass (for comparison)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_lazy("commands_model", "train"))

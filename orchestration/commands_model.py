@@ -33,7 +33,7 @@ def train(args) -> int:
         values = dict(TRAIN_DEFAULTS[args.preset])
         values.update({k: v for k, v in overrides.items() if v is not None})
         config = TrainConfig(preset=args.preset, out_dir=out_dir, data=args.data, tokenizer=args.tokenizer,
-                             memory=args.memory, table=args.table, **values)
+                             memory=args.memory, table=args.table, prefetch=not args.no_prefetch, **values)
         if (Path(out_dir) / "metrics.jsonl").exists():
             (Path(out_dir) / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
@@ -47,7 +47,8 @@ def train(args) -> int:
     else:
         print(f"step {summary['step']}: val loss {summary['val_loss_start']:.3f} -> {summary['val_loss']:.3f} "
               f"(unigram baseline {summary['unigram_loss']:.3f}); {summary['tokens_per_s']:.0f} tokens/s; "
-              f"unique row ratio {summary['unique_id_ratio']:.2f}; tables: {summary['tables']}")
+              f"unique row ratio {summary['unique_id_ratio']:.2f}; prefetch wait {summary['prefetch_wait_ms_per_step']:.1f} ms/step; "
+              f"tables: {summary['tables']}")
         print(f"checkpoint: {summary['checkpoint']}   loss curve: {Path(out_dir) / 'loss_curve.png'}")
     return 0
 

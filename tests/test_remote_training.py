@@ -33,7 +33,12 @@ def test_sync_training_through_the_service_equals_in_process(tmp_path, server, s
     assert a.shape == b.shape == (50, 3)
     np.testing.assert_allclose(b[:, 1], a[:, 1], rtol=0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(remote.history["val"]), np.asarray(local.history["val"]), atol=1e-5)
-    assert summary["tables"].endswith("/eq")
+    assert summary["tables"].endswith("/eq") and summary["prefetch_wait_ms_per_step"] > 0
+    # without prefetch (rows fetched before the forward pass) the run is the same
+    blocking = Trainer(TrainConfig(out_dir=str(tmp_path / "blocking"), memory=server, table="eq2", prefetch=False, **common),
+                       progress=False, log=lambda *a: None, token="tok")
+    blocking.run(stop_after=10)
+    np.testing.assert_allclose(np.asarray(blocking.history["train"])[:, 1], a[:10, 1], rtol=0, atol=1e-5)
     # the service's rows are the in-process table's rows
     for layer in local.model_config.engram.layer_ids:
         np.testing.assert_allclose(remote.backend.read_layer(layer), local.backend.table(layer), atol=1e-6)
