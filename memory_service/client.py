@@ -77,6 +77,10 @@ class ShardMap:
             bounds[layer] = cuts + [rows]
         return cls(list(addresses), bounds, epoch)
 
+    def owned(self, shard: int) -> dict[int, tuple[int, int]]:
+        """Rows [lo, hi) of each layer that one shard holds."""
+        return {layer: (b[shard], b[shard + 1]) for layer, b in self.bounds.items()}
+
     def cuts(self, layer: int, sorted_ids: np.ndarray) -> np.ndarray:
         """Positions splitting sorted ids by shard, int64 [num_shards + 1]."""
         if self.num_shards == 1:

@@ -35,12 +35,12 @@ def channel_options() -> list[tuple[str, int]]:
 
 
 def build_server(store: TableStore, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None, max_workers: int = DEFAULT_WORKERS,
-                 shard_epoch: int = 0) -> tuple[grpc.Server, int, EngramMemoryServicer]:
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 max_workers: int = DEFAULT_WORKERS) -> tuple[grpc.Server, int, EngramMemoryServicer]:
     """A started-ready (not yet started) server for a store; returns (server, bound port, servicer)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="engram-rpc"),
                          options=channel_options())
-    servicer = EngramMemoryServicer(store, token=token, shard_epoch=shard_epoch)
+    servicer = EngramMemoryServicer(store, token=token)
     add_servicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -17,7 +17,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from memory_service.compression import CompressedTokenizer
-from memory_service.errors import EngramError, FailedPrecondition, InvalidArgument, ResourceExhausted
+from memory_service.errors import EngramError, FailedPrecondition, InvalidArgument, ResourceExhausted, ShardUnavailable
 from memory_service.hashing import NgramHasher
 from memory_service.store import TableStore
 from memory_service.table_meta import TableMeta
@@ -66,11 +66,9 @@ def table_info_message(meta: TableMeta) -> pb.TableInfo:
 class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
     """Serves one TableStore."""
 
-    def __init__(self, store: TableStore, token: str | None = None, shard_epoch: int = 0,
-                 max_payload_bytes: int = MAX_PAYLOAD_BYTES):
+    def __init__(self, store: TableStore, token: str | None = None, max_payload_bytes: int = MAX_PAYLOAD_BYTES):
         self.store = store
         self.token = token
-        self.shard_epoch = shard_epoch
         self.max_payload_bytes = max_payload_bytes
         self.errors = 0
         self.seconds: dict[str, float] = {}
@@ -89,8 +87,11 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "the bearer token is not valid for this server")
 
     def _check_epoch(self, epoch: int) -> None:
-        if epoch and self.shard_epoch and epoch != self.shard_epoch:
-            raise FailedPrecondition(f"stale shard map: request epoch {epoch}, server epoch {self.shard_epoch}; refresh the map")
+        current = self.store.shard_state["epoch"]
+        if epoch and current and epoch < current:
+            raise FailedPrecondition(f"stale shard map: request epoch {epoch}, shard epoch {current}; refresh the map")
+        if epoch and epoch > current:
+            raise ShardUnavailable(f"shard is at map epoch {current}, behind the request's {epoch}: being updated, retry")
 
     def _check_size(self, num_rows: int, row_nbytes: int, what: str) -> None:
         size = num_rows * row_nbytes
@@ -108,6 +109,7 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
     def Lookup(self, request, context):
         self._check_epoch(request.shard_epoch)
         ids = decode_array(request.row_ids, "<i8", "row_ids")
+        self.store.check_owned(request.table, request.layer, ids)
         reply = []
 
         def into_reply(num_rows, head_dim, dtype, version):
@@ -175,7 +177,7 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
     def Stats(self, request, context):
         counters = self.store.stats()
         counters["errors"] = float(self.errors)
-        counters["shard_epoch"] = float(self.shard_epoch)
+        counters["shard_epoch"] = float(self.store.shard_state["epoch"])
         counters.update({f"seconds.{k}": v for k, v in self.seconds.items()})
         return pb.StatsResponse(counters=counters)
 
@@ -196,6 +198,7 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
         if dtype != meta.dtype:
             raise InvalidArgument(f"rows are {dtype.name} but table {meta.name!r} stores {meta.dtype.name}")
         rows = decode_array(request.rows, dtype, "rows", width=meta.head_dim)
+        self.store.check_owned(request.table, request.layer, ids, write=True)
         if rows.shape[0] != ids.size:
             raise InvalidArgument(f"{ids.size} row ids but {rows.shape[0]} rows of width {meta.head_dim}")
         self._check_size(ids.size, meta.row_nbytes, "write")
@@ -209,6 +212,7 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
         meta = self.store.table_info(request.table)
         ids = decode_array(request.row_ids, "<i8", "row_ids")
         grads = decode_array(request.gradients, "<f4", "gradients", width=meta.head_dim)
+        self.store.check_owned(request.table, request.layer, ids, write=True)
         if grads.shape[0] != ids.size:
             raise InvalidArgument(f"{ids.size} row ids but {grads.shape[0]} gradient rows of width {meta.head_dim}")
         self._check_size(ids.size, meta.head_dim * 4, "gradient push")

@@ -23,6 +23,7 @@ atomic for readers too.
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 import struct
 import threading
@@ -33,7 +34,8 @@ import lmdb
 import numpy as np
 
 from memory_service.backend import check_gradients, check_row_ids
-from memory_service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from memory_service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
+                                   ShardUnavailable as ShardBusy)
 from memory_service.row_init import init_rows
 from memory_service.row_optim import RowAdamConfig, row_adam_update
 from memory_service.spec import EngramSpec
@@ -239,6 +241,43 @@ class TableStore:
         self._snapshot: Snapshot | None = None
         self._generation = 0
         self.counters = {"lookups": 0, "rows_served": 0, "writes": 0, "rows_written": 0, "gradient_pushes": 0, "rows_updated": 0}
+        self.shard_state = self._load_shard_state()
+        self.frozen: dict[str, dict[int, tuple[int, int]]] = {}  # rows being moved to another shard: no writes
+
+    # ------------------------------------------------------------------ shard ownership
+    def _load_shard_state(self) -> dict:
+        with self.env.begin() as txn:
+            blob = txn.get(b"shard_state", db=self.meta_db)
+        return json.loads(bytes(blob)) if blob is not None else {"epoch": 0, "owned": {}}
+
+    def set_shard_state(self, epoch: int, owned: dict[str, dict[int, tuple[int, int]]]) -> None:
+        """Record (durably) the shard map epoch and the row range this shard owns per table and layer."""
+        state = {"epoch": int(epoch), "owned": {t: {str(l): [int(a), int(b)] for l, (a, b) in layers.items()} for t, layers in owned.items()}}
+        with self._write_lock, self.env.begin(write=True) as txn:
+            txn.put(b"shard_state", json.dumps(state).encode(), db=self.meta_db)
+        self.shard_state = state
+        self._committed()
+
+    def owned_range(self, name: str, layer: int) -> tuple[int, int] | None:
+        """Rows [lo, hi) of a layer this shard owns, or None when the store is not a shard of a pool."""
+        layers = self.shard_state["owned"].get(name)
+        if layers is None:
+            return None
+        lo_hi = layers.get(str(layer))
+        return (0, 0) if lo_hi is None else tuple(lo_hi)
+
+    def check_owned(self, name: str, layer: int, ids: np.ndarray, write: bool = False) -> None:
+        """FAILED_PRECONDITION when ids are not this shard's (stale map); UNAVAILABLE for writes to rows being moved."""
+        if ids.size == 0:
+            return
+        low, high = int(ids.min()), int(ids.max())
+        owned = self.owned_range(name, layer)
+        if owned is not None and not (owned[0] <= low and high < owned[1]):
+            raise FailedPrecondition(f"stale shard map: rows [{low}, {high}] of {name!r} layer {layer} are not on this shard "
+                                     f"(it holds [{owned[0]}, {owned[1]}) at epoch {self.shard_state['epoch']}); refresh the map")
+        moving = self.frozen.get(name, {}).get(layer)
+        if write and moving is not None and low < moving[1] and high >= moving[0]:
+            raise ShardBusy(f"rows [{moving[0]}, {moving[1]}) of {name!r} layer {layer} are moving to another shard; retry")
 
     # ------------------------------------------------------------------ snapshots
     def _acquire(self) -> Snapshot:
@@ -300,7 +339,10 @@ class TableStore:
     # ------------------------------------------------------------------ tables and versions
     def create_table(self, name: str, spec: EngramSpec, compression_map: np.ndarray | None = None,
                      init_std: float = 1.0, init_seed: int = 0, chunk_rows: int | None = None) -> TableMeta:
-        """Create a table set whose version 1 holds seeded N(0, init_std^2) rows (zeros if init_std == 0); active."""
+        """Create a table set whose version 1 holds seeded N(0, init_std^2) rows (zeros if init_std == 0); active.
+
+        A shard of a pool materializes only the chunks of the rows it owns (set_shard_state first).
+        """
         check_table_name(name)
         chunk_rows = int(chunk_rows or self.default_chunk_rows)
         if chunk_rows < 64 or chunk_rows * spec.row_nbytes < _PAGE:
@@ -337,7 +379,9 @@ class TableStore:
         txn = self.env.begin(write=True)
         try:
             for layer, num_rows in meta.layer_rows.items():
-                for chunk in range(meta.num_chunks(layer)):
+                owned = self.owned_range(meta.name, layer) or (0, num_rows)
+                first_chunk, end_chunk = owned[0] // meta.chunk_rows, -(-owned[1] // meta.chunk_rows)
+                for chunk in range(first_chunk, end_chunk):
                     start = chunk * meta.chunk_rows
                     stop = min(num_rows, start + meta.chunk_rows)
                     rows = np.zeros((meta.chunk_rows, spec.head_dim), dtype=meta.dtype)
@@ -636,6 +680,51 @@ class TableStore:
             self.counters["gradient_pushes"] += 1
             self.counters["rows_updated"] += ids.size
             return v
+
+    # ------------------------------------------------------------------ moving rows between shards
+    def export_chunks(self, name: str, layer: int, start_row: int, stop_row: int) -> list[tuple[bytes, bytes]]:
+        """Every version's chunks (rows and Adam state) covering rows [start, stop): [(key suffix, value)]."""
+        meta = self.table_info(name)
+        first, end = start_row // meta.chunk_rows, -(-stop_row // meta.chunk_rows)
+        out = []
+        with self.env.begin() as txn:
+            for version in meta.versions:
+                for kind, db in ((_ROWS, self.rows_db), (_OPT, self.opt_db)):
+                    for chunk in range(first, end):
+                        value = txn.get(chunk_key(kind, meta.table_id, version, layer, chunk), db=db)
+                        if value is not None:
+                            out.append((struct.pack(">BIII", kind, version, layer, chunk), bytes(value)))
+        return out
+
+    def import_chunks(self, name: str, chunks: list[tuple[bytes, bytes]]) -> int:
+        """Store chunks exported by another shard for this table (same version numbers); returns how many."""
+        meta = self.table_info(name)
+        with self._write_lock, self.env.begin(write=True) as txn:
+            for suffix, value in chunks:
+                kind, version, layer, chunk = struct.unpack(">BIII", suffix)
+                if version not in meta.versions:
+                    raise FailedPrecondition(f"version {version} of {name!r} does not exist on this shard")
+                txn.put(chunk_key(kind, meta.table_id, version, layer, chunk), value, db=self.rows_db if kind == _ROWS else self.opt_db)
+        self._committed()
+        return len(chunks)
+
+    def drop_unowned_chunks(self, name: str) -> int:
+        """Delete chunks of rows this shard no longer owns (after a move); returns how many."""
+        meta = self.table_info(name)
+        dropped = 0
+        for layer, num_rows in meta.layer_rows.items():
+            owned = self.owned_range(name, layer)
+            if owned is None:
+                continue
+            keep = range(owned[0] // meta.chunk_rows, -(-owned[1] // meta.chunk_rows))
+            with self._write_lock, self.env.begin(write=True) as txn:
+                for version in meta.versions:
+                    for kind, db in ((_ROWS, self.rows_db), (_OPT, self.opt_db)):
+                        for chunk in range(meta.num_chunks(layer)):
+                            if chunk not in keep and txn.delete(chunk_key(kind, meta.table_id, version, layer, chunk), db=db):
+                                dropped += 1
+        self._committed()
+        return dropped
 
     # ------------------------------------------------------------------ housekeeping
     def warm(self, name: str, version: int = 0) -> int:

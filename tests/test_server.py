@@ -233,10 +233,12 @@ def test_two_shards_split_batches_and_updates(tmp_path):
         store = TableStore(tmp_path / f"s{i}", chunk_rows=256)
         server, port, _ = build_server(store)
         server.start()
-        store.create_table("t", spec)
         servers.append(server), stores.append(store), addresses.append(f"127.0.0.1:{port}")
+    shard_map = ShardMap.even(addresses, layer_rows_for_spec(spec), chunk_rows=256, epoch=1)
+    for i, store in enumerate(stores):  # what a pool does: ownership first, then only owned chunks exist
+        store.set_shard_state(1, {"t": shard_map.owned(i)})
+        store.create_table("t", spec)
     try:
-        shard_map = ShardMap.even(addresses, layer_rows_for_spec(spec), chunk_rows=256, epoch=1)
         client = MemoryClient(shard_map, "t", max_payload_bytes=4096)
         local = LocalTable(spec, layer_rows_for_spec(spec))
         rng = np.random.default_rng(0)
@@ -252,6 +254,16 @@ def test_two_shards_split_batches_and_updates(tmp_path):
         cut = shard_map.bounds[2][1]
         updated = [s.optimizer_state("t", 2, np.arange(local.num_rows(2)))["step"] for s in stores]
         assert updated[0][cut:].sum() == 0 and updated[1][:cut].sum() == 0  # each shard updated only its range
+        # a client whose map sends rows to the wrong shard is told its map is stale
+        from memory_service.errors import FailedPrecondition
+
+        wrong = MemoryClient(ShardMap(addresses[::-1], shard_map.bounds, epoch=1), "t")
+        with pytest.raises(FailedPrecondition, match="stale shard map"):
+            wrong.lookup(2, np.array([0, local.num_rows(2) - 1]))
+        for i, store in enumerate(stores):
+            store.set_shard_state(2, {"t": shard_map.owned(i)})
+        with pytest.raises(FailedPrecondition, match="request epoch 1, shard epoch 2"):
+            client.lookup(2, np.array([5]))
     finally:
         for server, store in zip(servers, stores):
             server.stop(0)
