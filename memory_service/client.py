@@ -20,7 +20,7 @@ import numpy as np
 
 from memory_service.backend import TableBackend, check_gradients, check_row_ids
 from memory_service.dedup import Dedup, dedup_ids
-from memory_service.errors import BY_CODE, EngramError, FailedPrecondition, InvalidArgument, ShardUnavailable
+from memory_service.errors import BY_CODE, EngramError, FailedPrecondition, InvalidArgument, ShardUnavailable, StaleShardMap
 from memory_service.server import channel_options
 from memory_service.spec import EngramSpec
 from memory_service.wire import MAX_PAYLOAD_BYTES, decode_array, decode_lookup_response, dtype_enum, encode_ids, enum_dtype
@@ -43,6 +43,8 @@ def error_from_rpc(e: grpc.RpcError, where: str = "") -> EngramError:
     """Our exception for a gRPC error (status code -> class, details kept)."""
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     cls = BY_CODE.get(code.name, EngramError)
+    if cls is FailedPrecondition and "stale shard map" in (e.details() or ""):
+        cls = StaleShardMap
     err = cls(f"{where}{e.details() if hasattr(e, 'details') else e}")
     if cls is EngramError:
         err.code = code.name
@@ -102,12 +104,16 @@ class MemoryClient(TableBackend):
 
     def __init__(self, shards: ShardMap | str | list[str], table: str, token: str | None = None,
                  deadline_s: float = 30.0, retry_budget_s: float = 30.0, tls_root_cert: bytes | None = None,
-                 max_payload_bytes: int = MAX_PAYLOAD_BYTES, spec: EngramSpec | None = None, connect: bool = True):
+                 max_payload_bytes: int = MAX_PAYLOAD_BYTES, spec: EngramSpec | None = None, connect: bool = True,
+                 map_provider=None):
+        """`map_provider()` -> (ShardMap, active version) re-reads the map after a stale-map refusal (a pool's directory)."""
         if isinstance(shards, str):
             shards = ShardMap([parse_address(shards)])
         elif isinstance(shards, list):
             shards = ShardMap([parse_address(a) for a in shards])
         self.shard_map = shards
+        self.map_provider = map_provider
+        self.version_pin = 0  # with a pool: the directory's active version, sent explicitly in every part
         self.table = table
         self.token = token
         self.deadline_s = deadline_s
@@ -117,6 +123,8 @@ class MemoryClient(TableBackend):
         self._channels: list[grpc.Channel] = []
         self._stubs: list[pb_grpc.EngramMemoryStub] = []
         self._open_channels()
+        if map_provider is not None:
+            self.refresh_map()
         self.spec: EngramSpec | None = None
         self.fingerprint = ""
         self.layer_rows: dict[int, int] = {}
@@ -141,8 +149,31 @@ class MemoryClient(TableBackend):
 
     def set_shard_map(self, shard_map: ShardMap) -> None:
         """Switch to another shard map (after FAILED_PRECONDITION: stale map)."""
+        if shard_map.addresses != self.shard_map.addresses:
+            self.shard_map = shard_map
+            self._open_channels()
         self.shard_map = shard_map
-        self._open_channels()
+
+    def refresh_map(self) -> None:
+        """Re-read the shard map and active version from the map provider."""
+        if self.map_provider is None:
+            raise StaleShardMap("the shard map is stale and this client has no map provider to refresh it")
+        shard_map, version = self.map_provider()
+        self.set_shard_map(shard_map)
+        self.version_pin = version
+
+    def _with_fresh_map(self, operation, attempts: int = 20):
+        """Run operation(); after a stale-map refusal, refresh the map and run it again."""
+        delay = 0.05
+        for attempt in range(attempts):
+            try:
+                return operation()
+            except StaleShardMap:
+                if self.map_provider is None or attempt == attempts - 1:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                self.refresh_map()
 
     def _metadata(self):
         return (("authorization", f"Bearer {self.token}"),) if self.token else None
@@ -225,6 +256,7 @@ class MemoryClient(TableBackend):
     def lookup_unique_async(self, layer_id: int, unique_ids: np.ndarray, version: int = 0,
                             out: np.ndarray | None = None) -> "PendingLookup":
         """Send every part of a lookup now; `.result()` collects (rows, version) later (prefetch)."""
+        version = version or self.version_pin
         head_dim = self.spec.head_dim
         if out is None or out.shape != (unique_ids.size, head_dim) or out.dtype != self.dtype:
             out = np.empty((unique_ids.size, head_dim), dtype=self.dtype)
@@ -291,16 +323,38 @@ class MemoryClient(TableBackend):
         return rows
 
     def apply_gradients(self, layer_id: int, row_ids: np.ndarray, grads: np.ndarray, lr: float, version: int = 0, step: int = 0) -> None:
-        """Row-wise Adam on unique rows, each shard's part committed before return (TableBackend)."""
+        """Row-wise Adam on unique rows, each shard's part committed before return (TableBackend).
+
+        Parts refused for a stale map are re-planned under the refreshed map and sent
+        again; parts already applied are not re-sent, so no update is applied twice.
+        """
         ids = check_row_ids(row_ids, self.num_rows(layer_id), layer_id)
         g = check_gradients(ids, grads, self.spec.head_dim)
         ids, g = self._sorted(ids, g)
-        calls = [(shard, "ApplyGradients", pb.ApplyGradientsRequest(
-            table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, row_ids=encode_ids(ids[a:b]),
-            gradients=np.ascontiguousarray(g[a:b], dtype="<f4").tobytes(), learning_rate=lr, step=step,
-            version=version, shard_epoch=self.shard_map.epoch, request_id=uuid.uuid4().hex))
-            for shard, a, b in self._plan(layer_id, ids, self.spec.head_dim * 4)]
-        self._call_all(calls)
+        pending = np.ones(ids.size, dtype=bool)
+        for attempt in range(20):
+            todo = np.flatnonzero(pending)
+            sub_ids, sub_g = ids[todo], g[todo]
+            parts = self._plan(layer_id, sub_ids, self.spec.head_dim * 4)
+            calls = [(shard, "ApplyGradients", pb.ApplyGradientsRequest(
+                table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, row_ids=encode_ids(sub_ids[a:b]),
+                gradients=np.ascontiguousarray(sub_g[a:b], dtype="<f4").tobytes(), learning_rate=lr, step=step,
+                version=version or self.version_pin, shard_epoch=self.shard_map.epoch, request_id=uuid.uuid4().hex))
+                for shard, a, b in parts]
+            stale = False
+            for (shard, a, b), call, future in zip(parts, calls, self._send(calls)):
+                try:
+                    self._collect([call], [future])
+                    pending[todo[a:b]] = False
+                except StaleShardMap:
+                    if self.map_provider is None:
+                        raise
+                    stale = True
+            if not stale:
+                return
+            time.sleep(min(1.0, 0.05 * 2 ** attempt))
+            self.refresh_map()
+        raise StaleShardMap(f"gradient push for layer {layer_id} kept meeting a stale shard map")
 
     @staticmethod
     def _sorted(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -422,7 +476,15 @@ class PendingLookup:
         """(rows [U, head_dim], version), waiting for the replies still in flight."""
         if self._result is None:
             client = self._client
-            served = client._store_replies(self._parts, client._collect(self._calls, self._futures), self._out)
+            try:
+                replies = client._collect(self._calls, self._futures)
+            except StaleShardMap:
+                if client.map_provider is None:
+                    raise
+                client.refresh_map()  # the map moved on (rescale, swap): ask again under the new one
+                self._result = client._with_fresh_map(lambda: client.lookup_unique(self._layer, self._unique, 0, self._out))
+                return self._result
+            served = client._store_replies(self._parts, replies, self._out)
             target = self._version or max(served, default=0)
             stale = [part for part, v in zip(self._parts, served) if v != target]
             if stale:  # a swap landed between parts: fetch those again from the newer version

@@ -38,6 +38,10 @@ class FailedPrecondition(EngramError):
     code = "FAILED_PRECONDITION"
 
 
+class StaleShardMap(FailedPrecondition):
+    """The request used an old shard map (epoch) or sent rows to a shard that does not hold them."""
+
+
 class ResourceExhausted(EngramError):
     """Request or response above the size limit."""
 

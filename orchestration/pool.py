@@ -1,0 +1,217 @@
+"""The memory pool: shard actors on memory nodes, the directory, and the operations across them.
+
+Driver-side API used by the CLI, the demo and the tests:
+
+    pool = MemoryPool(PoolConfig(num_shards=2)).start()
+    pool.create_table("engram-small", spec, compression_map)
+    client = pool.client("engram-small")        # a MemoryClient that follows the directory
+    pool.swap("engram-small", 2)                # every shard, one epoch
+
+Shards run only on nodes offering the memory resource (a custom Ray resource, default
+`engram_memory`), each pinned to its node (its LMDB files live there) and restarted by
+Ray when it dies. All shards of a table hold the same version numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from memory_service.client import MemoryClient, ShardMap
+from memory_service.spec import EngramSpec
+from memory_service.table_meta import layer_rows_for_spec
+from orchestration.directory import Directory
+from orchestration.shard import ShardServer
+
+NAMESPACE = "engram"
+DIRECTORY_NAME = "engram-directory"
+RAY_TIMEOUT_S = 300
+
+
+class PoolError(RuntimeError):
+    """The pool could not be started or changed."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    """Shape and placement of a memory pool."""
+
+    num_shards: int = 2
+    """Shard actors (one LMDB store and gRPC server each)."""
+    base_dir: str = ""
+    """Directory on each memory node for the shards' stores (default ~/.cache/engram/pool)."""
+    memory_resource: str = "engram_memory"
+    """Custom Ray resource that marks memory nodes; each shard takes one unit."""
+    host: str = "127.0.0.1"
+    """Address shards bind and advertise (a node's own address on a real multi-machine cluster)."""
+    token: str | None = None
+    """Token for writes and admin calls."""
+    detached: bool = False
+    """Keep shards and the directory alive after this driver exits (engram cluster up, --keep-serving)."""
+
+    def resolved_base_dir(self) -> str:
+        """base_dir, or the default under the user's cache."""
+        return self.base_dir or str(Path.home() / ".cache" / "engram" / "pool")
+
+
+def _ray():
+    import ray
+
+    if not ray.is_initialized():
+        raise PoolError("Ray is not initialised: call ray.init() (or engram cluster up) first")
+    return ray
+
+
+def memory_nodes(resource: str) -> list[dict]:
+    """Alive Ray nodes offering the memory resource."""
+    ray = _ray()
+    return [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(resource, 0) > 0]
+
+
+class MemoryPool:
+    """Shard actors + directory actor, and the cross-shard operations."""
+
+    def __init__(self, config: PoolConfig | None = None):
+        self.config = config or PoolConfig()
+        self.directory = None
+        self.shards: list = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "MemoryPool":
+        """Create (or attach to) the directory and the shard actors; returns self."""
+        ray = _ray()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        cfg = self.config
+        lifetime = {"lifetime": "detached"} if cfg.detached else {}
+        self.directory = ray.remote(Directory).options(
+            name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True, num_cpus=0, **lifetime).remote()
+        nodes = memory_nodes(cfg.memory_resource)
+        if not nodes:
+            raise PoolError(f"no Ray node offers the {cfg.memory_resource!r} resource: start memory nodes with "
+                            f"--resources '{{\"{cfg.memory_resource}\": 4}}' (engram cluster up does this locally)")
+        self.shards = []
+        for shard in range(cfg.num_shards):
+            node = nodes[shard % len(nodes)]["NodeID"]
+            actor = ray.remote(ShardServer).options(
+                name=f"engram-shard-{shard}", namespace=NAMESPACE, get_if_exists=True, num_cpus=0,
+                resources={cfg.memory_resource: 1}, max_restarts=-1, max_task_retries=-1,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False), **lifetime,
+            ).remote(shard, cfg.resolved_base_dir(), cfg.host, cfg.token)
+            self.shards.append(actor)
+        addresses = ray.get([s.address.remote() for s in self.shards], timeout=RAY_TIMEOUT_S)
+        state = ray.get(self.directory.state.remote(), timeout=RAY_TIMEOUT_S)
+        if state["addresses"] != addresses:
+            ray.get(self.directory.set_shards.remote(addresses), timeout=RAY_TIMEOUT_S)
+            self._push_ownership()
+        return self
+
+    @classmethod
+    def attach(cls) -> "MemoryPool":
+        """The pool already running in this Ray cluster (started detached by another driver)."""
+        ray = _ray()
+        pool = cls()
+        try:
+            pool.directory = ray.get_actor(DIRECTORY_NAME, namespace=NAMESPACE)
+        except ValueError:
+            raise PoolError("no memory pool runs in this Ray cluster: engram cluster up first") from None
+        addresses = ray.get(pool.directory.state.remote(), timeout=RAY_TIMEOUT_S)["addresses"]
+        pool.shards = [ray.get_actor(f"engram-shard-{i}", namespace=NAMESPACE) for i in range(len(addresses))]
+        pool.config = dataclasses.replace(pool.config, num_shards=len(addresses))
+        return pool
+
+    def shutdown(self) -> None:
+        """Kill the shard and directory actors (their stores stay on disk)."""
+        ray = _ray()
+        for actor in self.shards + ([self.directory] if self.directory is not None else []):
+            ray.kill(actor, no_restart=True)
+        self.shards, self.directory = [], None
+
+    # ------------------------------------------------------------------ maps
+    def state(self) -> dict:
+        """The directory's state plus each shard's description."""
+        ray = _ray()
+        state = ray.get(self.directory.state.remote(), timeout=RAY_TIMEOUT_S)
+        state["shards"] = ray.get([s.describe.remote() for s in self.shards], timeout=RAY_TIMEOUT_S)
+        return state
+
+    def shard_map(self, name: str) -> tuple[ShardMap, int]:
+        """(ShardMap, active version) of a table, from the directory."""
+        ray = _ray()
+        m = ray.get(self.directory.shard_map.remote(name), timeout=RAY_TIMEOUT_S)
+        return ShardMap(m["addresses"], {int(k): v for k, v in m["bounds"].items()}, m["epoch"]), m["active"]
+
+    def _push_ownership(self) -> int:
+        """Tell every shard the current epoch and the rows it owns in every table."""
+        ray = _ray()
+        state = ray.get(self.directory.state.remote(), timeout=RAY_TIMEOUT_S)
+        calls = []
+        for shard, actor in enumerate(self.shards):
+            owned = {name: {int(l): (b[shard], b[shard + 1]) for l, b in t["bounds"].items()} for name, t in state["tables"].items()}
+            calls.append(actor.set_owned.remote(state["epoch"], owned))
+        ray.get(calls, timeout=RAY_TIMEOUT_S)
+        return state["epoch"]
+
+    def client(self, name: str, **kwargs) -> MemoryClient:
+        """A MemoryClient for a table that re-reads the directory when its map goes stale."""
+        directory = self.directory
+
+        def provider():
+            ray = _ray()
+            m = ray.get(directory.shard_map.remote(name), timeout=RAY_TIMEOUT_S)
+            return ShardMap(m["addresses"], {int(k): v for k, v in m["bounds"].items()}, m["epoch"]), m["active"]
+
+        shard_map, _ = provider()
+        kwargs.setdefault("token", self.config.token)
+        return MemoryClient(shard_map, name, map_provider=provider, **kwargs)
+
+    # ------------------------------------------------------------------ tables
+    def create_table(self, name: str, spec: EngramSpec, compression_map: np.ndarray | None = None,
+                     init_std: float = 1.0, init_seed: int = 0, chunk_rows: int = 4096) -> ShardMap:
+        """Create a table split into equal row ranges over the shards (each shard materializes only its rows)."""
+        ray = _ray()
+        layer_rows = layer_rows_for_spec(spec)
+        addresses = ray.get(self.directory.state.remote(), timeout=RAY_TIMEOUT_S)["addresses"]
+        bounds = ShardMap.even(addresses, layer_rows, chunk_rows).bounds
+        ray.get(self.directory.set_table.remote(name, bounds, 1, layer_rows, chunk_rows), timeout=RAY_TIMEOUT_S)
+        self._push_ownership()
+        cmap = None if compression_map is None else np.ascontiguousarray(compression_map, dtype="<i8").tobytes()
+        ray.get([s.create_table.remote(name, spec.to_json(), cmap, init_std, init_seed, chunk_rows) for s in self.shards],
+                timeout=RAY_TIMEOUT_S)
+        return self.shard_map(name)[0]
+
+    def tables(self) -> list[str]:
+        """Names of the pool's tables."""
+        return sorted(_ray().get(self.directory.state.remote(), timeout=RAY_TIMEOUT_S)["tables"])
+
+    def create_version(self, name: str, copy_of: int | None = None, init_std: float | None = None, init_seed: int = 0) -> int:
+        """A new (inactive) version on every shard; returns its number."""
+        ray = _ray()
+        versions = set(ray.get([s.create_version.remote(name, copy_of, init_std, init_seed) for s in self.shards],
+                               timeout=RAY_TIMEOUT_S))
+        if len(versions) != 1:
+            raise PoolError(f"shards disagree on the new version of {name!r}: {sorted(versions)}")
+        return versions.pop()
+
+    def swap(self, name: str, version: int) -> int:
+        """Make `version` active on every shard as one step (the directory's epoch); returns the new epoch."""
+        ray = _ray()
+        for shard, versions in enumerate(ray.get([s.versions.remote(name) for s in self.shards], timeout=RAY_TIMEOUT_S)):
+            if version not in versions:
+                raise PoolError(f"shard {shard} has no version {version} of {name!r} (it has {versions})")
+        ray.get([s.swap.remote(name, version) for s in self.shards], timeout=RAY_TIMEOUT_S)
+        ray.get(self.directory.set_active.remote(name, version), timeout=RAY_TIMEOUT_S)
+        return self._push_ownership()
+
+    def kill_shard(self, shard: int) -> None:
+        """Kill a shard's process (Ray restarts it; for tests and chaos drills)."""
+        _ray().kill(self.shards[shard], no_restart=False)
+
+
+def default_base_dir() -> str:
+    """Where local pools keep their stores."""
+    return os.environ.get("ENGRAM_POOL_DIR", str(Path.home() / ".cache" / "engram" / "pool"))

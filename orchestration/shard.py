@@ -1,0 +1,101 @@
+"""A memory shard: one LMDB store served by the gRPC memory service, inside a Ray actor.
+
+`ShardServer` is a plain class (unit-testable without Ray); the pool runs it as an
+actor pinned to a memory node, with unlimited restarts. A restarted actor reopens the
+same store directory and binds the same port (saved beside the store), so clients
+that retried through the outage find it where it was, with every acknowledged write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from memory_service.server import build_server
+from memory_service.spec import EngramSpec
+from memory_service.store import TableStore
+
+SHARD_FILE = "shard.json"
+
+
+class ShardServer:
+    """Store + gRPC server of shard `shard_id` under `base_dir/shard-<id>`."""
+
+    def __init__(self, shard_id: int, base_dir: str, host: str = "127.0.0.1", token: str | None = None):
+        self.shard_id = shard_id
+        self.path = Path(base_dir) / f"shard-{shard_id}"
+        self.path.mkdir(parents=True, exist_ok=True)
+        saved = self.path / SHARD_FILE
+        port = json.loads(saved.read_text())["port"] if saved.exists() else 0
+        self.store = TableStore(self.path / "lmdb")
+        self.server, self.port, self.servicer = build_server(self.store, host, port, token)
+        self.server.start()
+        self.host = host
+        saved.write_text(json.dumps({"port": self.port, "host": host}))
+
+    def address(self) -> str:
+        """host:port clients connect to."""
+        return f"{self.host}:{self.port}"
+
+    def describe(self) -> dict:
+        """Address, process, node and store size of this shard."""
+        node = None
+        try:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+        except Exception:  # noqa: BLE001 - outside Ray there is no node id
+            pass
+        return {"shard": self.shard_id, "address": self.address(), "pid": os.getpid(), "node_id": node,
+                "path": str(self.path), "epoch": self.store.shard_state["epoch"], **self.store.stats()}
+
+    def set_owned(self, epoch: int, owned: dict[str, dict[int, tuple[int, int]]]) -> None:
+        """Adopt a shard map: its epoch and this shard's row ranges per table and layer."""
+        self.store.set_shard_state(epoch, owned)
+
+    def create_table(self, name: str, spec_json: str, compression_map: bytes | None, init_std: float,
+                     init_seed: int, chunk_rows: int) -> dict:
+        """Create a table holding only this shard's rows; returns its info."""
+        cmap = np.frombuffer(compression_map, dtype="<i8") if compression_map else None
+        meta = self.store.create_table(name, EngramSpec.from_json(spec_json), cmap, init_std, init_seed, chunk_rows)
+        return {"layer_rows": meta.layer_rows, "chunk_rows": meta.chunk_rows, "active": meta.active}
+
+    def create_version(self, name: str, copy_of: int | None = None, init_std: float | None = None, init_seed: int = 0) -> int:
+        """A new version of this shard's rows."""
+        return self.store.create_version(name, copy_of=copy_of, init_std=init_std, init_seed=init_seed)
+
+    def swap(self, name: str, version: int) -> None:
+        """Make a version this shard's active one (the directory's active version decides for clients)."""
+        self.store.swap(name, version)
+
+    def versions(self, name: str) -> list[int]:
+        """Version numbers of a table on this shard."""
+        return sorted(self.store.table_info(name).versions)
+
+    def freeze(self, name: str, layer: int, start: int, stop: int) -> None:
+        """Refuse writes (UNAVAILABLE, retried by clients) to rows [start, stop) while they move."""
+        self.store.frozen.setdefault(name, {})[layer] = (start, stop)
+
+    def unfreeze(self, name: str) -> None:
+        """Accept writes to all owned rows again."""
+        self.store.frozen.pop(name, None)
+
+    def export_chunks(self, name: str, layer: int, start: int, stop: int) -> list[tuple[bytes, bytes]]:
+        """Raw chunks (every version, rows and Adam state) covering rows [start, stop)."""
+        return self.store.export_chunks(name, layer, start, stop)
+
+    def import_chunks(self, name: str, chunks: list[tuple[bytes, bytes]]) -> int:
+        """Store chunks moved from another shard."""
+        return self.store.import_chunks(name, chunks)
+
+    def drop_unowned(self, name: str) -> int:
+        """Delete chunks this shard no longer owns."""
+        return self.store.drop_unowned_chunks(name)
+
+    def stop(self) -> None:
+        """Stop serving and close the store."""
+        self.server.stop(grace=2).wait()
+        self.store.close()
