@@ -38,12 +38,13 @@ class LayerRows:
     requires_grad: bool = False
     device: torch.device = torch.device("cpu")
     wait_seconds: float = 0.0
+    version: int = 0  # table version the rows came from (0: in-process table)
 
     def gathered(self) -> torch.Tensor:
         """Rows per token and head, [B, T, heads, head_dim] (waits for a prefetched lookup)."""
         if self.leaf is None:
             started = time.perf_counter()
-            rows, _ = self.pending.result()
+            rows, self.version = self.pending.result()
             self.wait_seconds = time.perf_counter() - started
             self.leaf = rows_to_leaf(rows, self.device, self.requires_grad)
             self.pending = None
@@ -82,6 +83,11 @@ class FetchedRows(Mapping):
     def num_unique(self) -> int:
         """Distinct rows fetched, all layers."""
         return sum(int(r.unique_ids.size) for r in self.layers.values())
+
+    @property
+    def versions(self) -> list[int]:
+        """Table versions the step's rows came from (one, unless something is wrong)."""
+        return sorted({r.version for r in self.layers.values()})
 
     @property
     def wait_seconds(self) -> float:

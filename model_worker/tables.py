@@ -16,9 +16,20 @@ from memory_service.local_table import LocalTable
 def open_tables(hasher: NgramHasher, compressor: CompressedTokenizer, memory: str | None = None,
                 table: str | None = None, token: str | None = None, init_std: float = 1.0, init_seed: int = 0,
                 create: bool = True, log=print) -> TableBackend:
-    """A backend holding the spec's tables: LocalTable, or the named table on the memory service."""
+    """A backend holding the spec's tables: LocalTable, the named table on one memory service
+    (grpc://HOST:PORT), or on the cluster's Ray memory pool ("pool")."""
     if not memory:
         return LocalTable.for_hasher(hasher, init_std=init_std, init_seed=init_seed)
+    if memory == "pool" or memory.startswith("pool:"):  # a Ray memory pool of the cluster this process runs in
+        from orchestration.pool import MemoryPool
+
+        pool = MemoryPool.attach(memory.partition(":")[2] or "default")
+        if table not in pool.tables():
+            if not create:
+                raise ValueError(f"the memory pool has no table {table!r}")
+            log(f"creating table {table!r} on the memory pool (seeded init, std {init_std}, seed {init_seed})")
+            pool.create_table(table, hasher.spec, compressor.lookup_table, init_std=init_std, init_seed=init_seed)
+        return pool.client(table, token=token)
     from memory_service.client import AdminClient, MemoryClient
     from memory_service.errors import NotFound
 

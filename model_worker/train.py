@@ -75,7 +75,7 @@ class TrainConfig:
     row_init_std: float = 1.0
     """Std of initial Engram rows (the reference's nn.Embedding default)."""
     memory: str | None = None
-    """grpc://HOST:PORT of the memory service holding the tables (default: in-process tables)."""
+    """Where the tables live: None (in-process), grpc://HOST:PORT (one service) or pool[:NAME] (a Ray memory pool)."""
     table: str | None = None
     """Table name on the memory service (default engram-<preset>)."""
     prefetch: bool = True
@@ -134,7 +134,7 @@ class Trainer:
         )
         self.rng = np.random.default_rng(config.seed)
         self.step = 0
-        self.history: dict[str, list] = {"train": [], "val": []}
+        self.history: dict[str, list] = {"train": [], "val": [], "versions": []}
         self.eval_set = eval_batches(self.corpus.val_ids, config.batch_size, config.seq_len, config.eval_batches)
         self.unigram_loss = unigram_cross_entropy(self.corpus.train_ids, self.corpus.val_ids, self.corpus.vocab_size)
 
@@ -162,7 +162,7 @@ class Trainer:
         self.fetcher.push_gradients(fetched, lr * self.config.engram_lr_mult)
         self.step += 1
         return {"loss": float(loss.detach()), "aux": float(aux.detach()), "lr": lr, "ids": fetched.num_ids,
-                "unique": fetched.num_unique, "wait": fetched.wait_seconds}
+                "unique": fetched.num_unique, "wait": fetched.wait_seconds, "versions": fetched.versions}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -207,6 +207,7 @@ class Trainer:
             wait_total += stats["wait"]
             steps_run += 1
             self.history["train"].append([self.step, stats["loss"], stats["lr"]])
+            self.history.setdefault("versions", []).append(stats["versions"])
             if self.step % config.eval_every == 0 or self.step == config.steps:
                 self._record_val(self.evaluate())
             if self.step % config.ckpt_every == 0 or self.step == last:

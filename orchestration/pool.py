@@ -28,8 +28,17 @@ from orchestration.directory import Directory
 from orchestration.shard import ShardServer
 
 NAMESPACE = "engram"
-DIRECTORY_NAME = "engram-directory"
 RAY_TIMEOUT_S = 300
+
+
+def directory_name(pool: str) -> str:
+    """Ray actor name of a pool's directory."""
+    return f"engram-{pool}-directory"
+
+
+def shard_name(pool: str, shard: int) -> str:
+    """Ray actor name of a pool's shard."""
+    return f"engram-{pool}-shard-{shard}"
 
 
 class PoolError(RuntimeError):
@@ -40,6 +49,8 @@ class PoolError(RuntimeError):
 class PoolConfig:
     """Shape and placement of a memory pool."""
 
+    name: str = "default"
+    """Pool name (actor names and `--memory pool:NAME`); several pools can share a cluster."""
     num_shards: int = 2
     """Shard actors (one LMDB store and gRPC server each)."""
     base_dir: str = ""
@@ -89,7 +100,7 @@ class MemoryPool:
         cfg = self.config
         lifetime = {"lifetime": "detached"} if cfg.detached else {}
         self.directory = ray.remote(Directory).options(
-            name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True, num_cpus=0, **lifetime).remote()
+            name=directory_name(cfg.name), namespace=NAMESPACE, get_if_exists=True, num_cpus=0, **lifetime).remote()
         nodes = memory_nodes(cfg.memory_resource)
         if not nodes:
             raise PoolError(f"no Ray node offers the {cfg.memory_resource!r} resource: start memory nodes with "
@@ -98,10 +109,10 @@ class MemoryPool:
         for shard in range(cfg.num_shards):
             node = nodes[shard % len(nodes)]["NodeID"]
             actor = ray.remote(ShardServer).options(
-                name=f"engram-shard-{shard}", namespace=NAMESPACE, get_if_exists=True, num_cpus=0,
+                name=shard_name(cfg.name, shard), namespace=NAMESPACE, get_if_exists=True, num_cpus=0,
                 resources={cfg.memory_resource: 1}, max_restarts=-1, max_task_retries=-1,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False), **lifetime,
-            ).remote(shard, cfg.resolved_base_dir(), cfg.host, cfg.token)
+            ).remote(shard, str(Path(cfg.resolved_base_dir()) / cfg.name), cfg.host, cfg.token)
             self.shards.append(actor)
         addresses = ray.get([s.address.remote() for s in self.shards], timeout=RAY_TIMEOUT_S)
         state = ray.get(self.directory.state.remote(), timeout=RAY_TIMEOUT_S)
@@ -111,16 +122,16 @@ class MemoryPool:
         return self
 
     @classmethod
-    def attach(cls) -> "MemoryPool":
-        """The pool already running in this Ray cluster (started detached by another driver)."""
+    def attach(cls, name: str = "default") -> "MemoryPool":
+        """The pool `name` already running in this Ray cluster (started by another driver or actor)."""
         ray = _ray()
-        pool = cls()
+        pool = cls(PoolConfig(name=name))
         try:
-            pool.directory = ray.get_actor(DIRECTORY_NAME, namespace=NAMESPACE)
+            pool.directory = ray.get_actor(directory_name(name), namespace=NAMESPACE)
         except ValueError:
-            raise PoolError("no memory pool runs in this Ray cluster: engram cluster up first") from None
+            raise PoolError(f"no memory pool named {name!r} runs in this Ray cluster: start one (engram cluster up)") from None
         addresses = ray.get(pool.directory.state.remote(), timeout=RAY_TIMEOUT_S)["addresses"]
-        pool.shards = [ray.get_actor(f"engram-shard-{i}", namespace=NAMESPACE) for i in range(len(addresses))]
+        pool.shards = [ray.get_actor(shard_name(name, i), namespace=NAMESPACE) for i in range(len(addresses))]
         pool.config = dataclasses.replace(pool.config, num_shards=len(addresses))
         return pool
 

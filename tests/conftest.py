@@ -1,8 +1,13 @@
 """Shared fixtures: reference vectors, a small real-text corpus and tokenizer (trained once per session)."""
 
 import json
+import os
 import shutil
 from pathlib import Path
+
+# Ray resolves "this node" to the machine's network address unless told it is a one-machine
+# cluster; tests keep every connection on loopback. (Read when ray is first imported.)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest
 
@@ -43,3 +48,19 @@ def small_tokenizer(small_corpus, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     train_tokenizer(train, 1024, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A multi-node Ray cluster on this machine: a head, two memory nodes and a node declaring a GPU."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
+    memory_nodes = [cluster.add_node(num_cpus=1, resources={"engram_memory": 3}) for _ in range(2)]
+    gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    cluster.wait_for_nodes()
+    yield {"cluster": cluster, "memory_nodes": [n.node_id for n in memory_nodes], "gpu_node": gpu_node.node_id}
+    ray.shutdown()
+    cluster.shutdown()
