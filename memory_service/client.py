@@ -162,6 +162,16 @@ class MemoryClient(TableBackend):
         self.set_shard_map(shard_map)
         self.version_pin = version
 
+    def _map_moved(self) -> bool:
+        """Whether the directory has a newer map than this client (only with a map provider)."""
+        if self.map_provider is None:
+            return False
+        try:
+            shard_map, _ = self.map_provider()
+        except Exception:  # noqa: BLE001 - the directory itself unreachable: keep retrying the shard
+            return False
+        return shard_map.epoch != self.shard_map.epoch
+
     def _with_fresh_map(self, operation, attempts: int = 20):
         """Run operation(); after a stale-map refusal, refresh the map and run it again."""
         delay = 0.05
@@ -186,6 +196,9 @@ class MemoryClient(TableBackend):
             try:
                 return getattr(self._stubs[shard], method)(request, timeout=self.deadline_s, metadata=self._metadata())
             except grpc.RpcError as e:
+                if e.code() in RETRYABLE and self._map_moved():
+                    raise StaleShardMap(f"{method}: shard {self.shard_map.addresses[shard]} unavailable and the shard map "
+                                        "has changed; refresh it") from e
                 if not retry or e.code() not in RETRYABLE or time.monotonic() + delay > deadline:
                     if e.code() in RETRYABLE:
                         raise ShardUnavailable(f"shard {shard} ({self.shard_map.addresses[shard]}) {method}: "

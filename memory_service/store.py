@@ -242,7 +242,7 @@ class TableStore:
         self._generation = 0
         self.counters = {"lookups": 0, "rows_served": 0, "writes": 0, "rows_written": 0, "gradient_pushes": 0, "rows_updated": 0}
         self.shard_state = self._load_shard_state()
-        self.frozen: dict[str, dict[int, tuple[int, int]]] = {}  # rows being moved to another shard: no writes
+        self.frozen: dict[str, dict[int, list[tuple[int, int]]]] = {}  # rows being moved to another shard: no writes
 
     # ------------------------------------------------------------------ shard ownership
     def _load_shard_state(self) -> dict:
@@ -275,9 +275,23 @@ class TableStore:
         if owned is not None and not (owned[0] <= low and high < owned[1]):
             raise FailedPrecondition(f"stale shard map: rows [{low}, {high}] of {name!r} layer {layer} are not on this shard "
                                      f"(it holds [{owned[0]}, {owned[1]}) at epoch {self.shard_state['epoch']}); refresh the map")
-        moving = self.frozen.get(name, {}).get(layer)
-        if write and moving is not None and low < moving[1] and high >= moving[0]:
-            raise ShardBusy(f"rows [{moving[0]}, {moving[1]}) of {name!r} layer {layer} are moving to another shard; retry")
+        if write:
+            self._check_not_moving(name, layer, low, high)
+
+    def _check_not_moving(self, name: str, layer: int, low: int, high: int) -> None:
+        for start, stop in self.frozen.get(name, {}).get(layer, []):
+            if low < stop and high >= start:
+                raise ShardBusy(f"rows [{start}, {stop}) of {name!r} layer {layer} are moving to another shard; retry")
+
+    def freeze(self, name: str, layer: int, start: int, stop: int) -> None:
+        """Refuse writes to rows [start, stop) from now on; returns once writes in progress have committed."""
+        with self._write_lock:  # a write either committed before this, or will see the freeze
+            self.frozen.setdefault(name, {}).setdefault(layer, []).append((start, stop))
+
+    def unfreeze(self, name: str) -> None:
+        """Accept writes to every owned row of a table again."""
+        with self._write_lock:
+            self.frozen.pop(name, None)
 
     # ------------------------------------------------------------------ snapshots
     def _acquire(self) -> Snapshot:
@@ -631,6 +645,8 @@ class TableStore:
                 if done is not None:
                     return done
                 ids = check_row_ids(row_ids, num_rows, layer)
+                if ids.size:
+                    self._check_not_moving(name, layer, int(ids.min()), int(ids.max()))
                 values = np.asarray(rows)
                 if values.shape != (ids.size, meta.head_dim):
                     raise InvalidArgument(f"rows must be [{ids.size}, {meta.head_dim}] for {ids.size} ids, got {list(values.shape)}")
@@ -658,6 +674,8 @@ class TableStore:
             with self.env.begin(write=True) as txn:
                 meta, num_rows, v = self._write_target(txn, name, layer, version, fingerprint)
                 ids = check_row_ids(row_ids, num_rows, layer)
+                if ids.size:
+                    self._check_not_moving(name, layer, int(ids.min()), int(ids.max()))
                 g = check_gradients(ids, grads, meta.head_dim)
                 done = self._seen_request(txn, request_id)
                 if done is not None:
@@ -682,6 +700,27 @@ class TableStore:
             return v
 
     # ------------------------------------------------------------------ moving rows between shards
+    def blueprint(self, name: str) -> dict:
+        """What another shard needs to hold this table: spec, compression map, chunking, versions, active."""
+        meta = self.table_info(name)
+        cmap = self.compression_map(name)
+        return {"spec_json": meta.spec.to_json(), "compression_map": None if cmap is None else cmap.tobytes(),
+                "chunk_rows": meta.chunk_rows, "versions": sorted(meta.versions), "active": meta.active}
+
+    def adopt_table(self, name: str, blueprint: dict) -> None:
+        """Create a table with another shard's spec and version numbers but no rows (rows arrive by import_chunks)."""
+        spec = EngramSpec.from_json(blueprint["spec_json"])
+        cmap = None if blueprint["compression_map"] is None else np.frombuffer(blueprint["compression_map"], dtype="<i8")
+        if name not in {m.name for m in self.list_tables()}:
+            self.create_table(name, spec, cmap, init_std=0.0, chunk_rows=blueprint["chunk_rows"])
+        wanted = set(blueprint["versions"])
+        while max(self.table_info(name).versions) < max(wanted):
+            self.create_version(name, init_std=0.0)
+        if self.table_info(name).active != blueprint["active"]:
+            self.swap(name, blueprint["active"])
+        for version in sorted(set(self.table_info(name).versions) - wanted):
+            self.drop_version(name, version)
+
     def export_chunks(self, name: str, layer: int, start_row: int, stop_row: int) -> list[tuple[bytes, bytes]]:
         """Every version's chunks (rows and Adam state) covering rows [start, stop): [(key suffix, value)]."""
         meta = self.table_info(name)

@@ -105,21 +105,26 @@ class MemoryPool:
         if not nodes:
             raise PoolError(f"no Ray node offers the {cfg.memory_resource!r} resource: start memory nodes with "
                             f"--resources '{{\"{cfg.memory_resource}\": 4}}' (engram cluster up does this locally)")
-        self.shards = []
-        for shard in range(cfg.num_shards):
-            node = nodes[shard % len(nodes)]["NodeID"]
-            actor = ray.remote(ShardServer).options(
-                name=shard_name(cfg.name, shard), namespace=NAMESPACE, get_if_exists=True, num_cpus=0,
-                resources={cfg.memory_resource: 1}, max_restarts=-1, max_task_retries=-1,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False), **lifetime,
-            ).remote(shard, str(Path(cfg.resolved_base_dir()) / cfg.name), cfg.host, cfg.token)
-            self.shards.append(actor)
+        self.shards = [self._start_shard(shard, nodes[shard % len(nodes)]["NodeID"]) for shard in range(cfg.num_shards)]
         addresses = ray.get([s.address.remote() for s in self.shards], timeout=RAY_TIMEOUT_S)
         state = ray.get(self.directory.state.remote(), timeout=RAY_TIMEOUT_S)
         if state["addresses"] != addresses:
             ray.get(self.directory.set_shards.remote(addresses), timeout=RAY_TIMEOUT_S)
             self._push_ownership()
         return self
+
+    def _start_shard(self, shard: int, node_id: str):
+        """A shard actor pinned to a memory node (its store lives there), restarted by Ray when it dies."""
+        ray = _ray()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        cfg = self.config
+        lifetime = {"lifetime": "detached"} if cfg.detached else {}
+        return ray.remote(ShardServer).options(
+            name=shard_name(cfg.name, shard), namespace=NAMESPACE, get_if_exists=True, num_cpus=0,
+            resources={cfg.memory_resource: 1}, max_restarts=-1, max_task_retries=-1,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False), **lifetime,
+        ).remote(shard, str(Path(cfg.resolved_base_dir()) / cfg.name), cfg.host, cfg.token)
 
     @classmethod
     def attach(cls, name: str = "default") -> "MemoryPool":
@@ -161,8 +166,9 @@ class MemoryPool:
         ray = _ray()
         state = ray.get(self.directory.state.remote(), timeout=RAY_TIMEOUT_S)
         calls = []
-        for shard, actor in enumerate(self.shards):
-            owned = {name: {int(l): (b[shard], b[shard + 1]) for l, b in t["bounds"].items()} for name, t in state["tables"].items()}
+        for shard, actor in enumerate(self.shards):  # shards past the map's end own nothing (being removed)
+            owned = {name: {int(l): (b[shard], b[shard + 1]) if shard + 1 < len(b) else (0, 0) for l, b in t["bounds"].items()}
+                     for name, t in state["tables"].items()}
             calls.append(actor.set_owned.remote(state["epoch"], owned))
         ray.get(calls, timeout=RAY_TIMEOUT_S)
         return state["epoch"]
@@ -217,6 +223,66 @@ class MemoryPool:
         ray.get([s.swap.remote(name, version) for s in self.shards], timeout=RAY_TIMEOUT_S)
         ray.get(self.directory.set_active.remote(name, version), timeout=RAY_TIMEOUT_S)
         return self._push_ownership()
+
+    def scale(self, num_shards: int, log=lambda *a: None) -> dict:
+        """Change the number of shards while lookups and gradient pushes continue.
+
+        New shards start empty; every row range that changes owner is frozen for writes
+        on its old shard (writers get UNAVAILABLE and retry), copied with all versions and
+        Adam state, then the directory flips the map (one epoch) and the shards adopt it.
+        Clients holding the old map are refused (stale) and re-read the directory, so no
+        request fails for good and no acknowledged update is lost.
+        """
+        ray = _ray()
+        if num_shards < 1:
+            raise ValueError(f"a pool needs at least one shard, got {num_shards}")
+        old = len(self.shards)
+        state = ray.get(self.directory.state.remote(), timeout=RAY_TIMEOUT_S)
+        if num_shards > old:
+            nodes = memory_nodes(self.config.memory_resource)
+            if not nodes:
+                raise PoolError(f"no Ray node offers the {self.config.memory_resource!r} resource")
+            epoch = state["epoch"]
+            for shard in range(old, num_shards):
+                actor = self._start_shard(shard, nodes[shard % len(nodes)]["NodeID"])
+                ray.get(actor.set_owned.remote(epoch, {t: {int(l): (0, 0) for l in v["bounds"]} for t, v in state["tables"].items()}),
+                        timeout=RAY_TIMEOUT_S)
+                for name in state["tables"]:
+                    ray.get(actor.adopt_table.remote(name, self.shards[0].blueprint.remote(name)), timeout=RAY_TIMEOUT_S)
+                self.shards.append(actor)
+        addresses = ray.get([s.address.remote() for s in self.shards[:num_shards]], timeout=RAY_TIMEOUT_S)
+        moves, new_bounds = [], {}
+        for name, table in state["tables"].items():
+            layer_rows = {int(k): v for k, v in table["layer_rows"].items()}
+            new_bounds[name] = ShardMap.even(addresses, layer_rows, table["chunk_rows"]).bounds
+            for layer, old_b in table["bounds"].items():
+                new_b = new_bounds[name][int(layer)]
+                for dst in range(num_shards):
+                    for src in range(old):
+                        lo, hi = max(new_b[dst], old_b[src]), min(new_b[dst + 1], old_b[src + 1])
+                        if lo < hi and src != dst:
+                            moves.append((name, int(layer), src, dst, lo, hi))
+        ray.get([self.shards[src].freeze.remote(name, layer, lo, hi) for name, layer, src, dst, lo, hi in moves], timeout=RAY_TIMEOUT_S)
+        moved = 0
+        for name, layer, src, dst, lo, hi in moves:
+            moved += ray.get(self.shards[dst].import_chunks.remote(name, self.shards[src].export_chunks.remote(name, layer, lo, hi)),
+                             timeout=RAY_TIMEOUT_S)
+            log(f"moved rows [{lo}, {hi}) of {name} layer {layer}: shard {src} -> {dst}")
+        ray.get(self.directory.set_shards.remote(addresses), timeout=RAY_TIMEOUT_S)
+        for name, table in state["tables"].items():
+            ray.get(self.directory.set_table.remote(name, new_bounds[name], table["active"], table["layer_rows"], table["chunk_rows"]),
+                    timeout=RAY_TIMEOUT_S)
+        epoch = self._push_ownership()
+        ray.get([s.unfreeze.remote(name) for s in self.shards for name in state["tables"]], timeout=RAY_TIMEOUT_S)
+        ray.get([s.drop_unowned.remote(name) for s in self.shards[:num_shards] for name in state["tables"]], timeout=RAY_TIMEOUT_S)
+        removed = self.shards[num_shards:]
+        if removed:
+            ray.get([s.destroy.remote() for s in removed], timeout=RAY_TIMEOUT_S)
+            for actor in removed:
+                ray.kill(actor, no_restart=True)
+        self.shards = self.shards[:num_shards]
+        self.config = dataclasses.replace(self.config, num_shards=num_shards)
+        return {"shards": num_shards, "epoch": epoch, "moves": len(moves), "chunks_moved": moved}
 
     def kill_shard(self, shard: int) -> None:
         """Kill a shard's process (Ray restarts it; for tests and chaos drills)."""

@@ -77,11 +77,19 @@ class ShardServer:
 
     def freeze(self, name: str, layer: int, start: int, stop: int) -> None:
         """Refuse writes (UNAVAILABLE, retried by clients) to rows [start, stop) while they move."""
-        self.store.frozen.setdefault(name, {})[layer] = (start, stop)
+        self.store.freeze(name, layer, start, stop)
 
     def unfreeze(self, name: str) -> None:
         """Accept writes to all owned rows again."""
-        self.store.frozen.pop(name, None)
+        self.store.unfreeze(name)
+
+    def blueprint(self, name: str) -> dict:
+        """Spec, compression map, chunking and version numbers of a table here."""
+        return self.store.blueprint(name)
+
+    def adopt_table(self, name: str, blueprint: dict) -> None:
+        """Hold a table (no rows yet) with the same spec and version numbers as the other shards."""
+        self.store.adopt_table(name, blueprint)
 
     def export_chunks(self, name: str, layer: int, start: int, stop: int) -> list[tuple[bytes, bytes]]:
         """Raw chunks (every version, rows and Adam state) covering rows [start, stop)."""
@@ -94,6 +102,13 @@ class ShardServer:
     def drop_unowned(self, name: str) -> int:
         """Delete chunks this shard no longer owns."""
         return self.store.drop_unowned_chunks(name)
+
+    def destroy(self) -> None:
+        """Stop and delete this shard's store (its rows live on other shards after a scale-down)."""
+        import shutil
+
+        self.stop()
+        shutil.rmtree(self.path, ignore_errors=True)
 
     def stop(self) -> None:
         """Stop serving and close the store."""

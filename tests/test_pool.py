@@ -94,3 +94,56 @@ def test_hot_swap_during_training(pool, tmp_path, small_corpus, small_tokenizer)
     versions = remote["history"]["versions"]
     assert all(len(v) == 1 for v in versions)  # every batch saw one version
     assert versions[0] == [1] and versions[-1] == [v2]
+
+
+def test_scale_2_3_1_while_lookups_and_pushes_continue(ray_cluster, tmp_path):
+    """Zero failed lookups; the final table equals a single store's replay of the acknowledged updates."""
+    import threading
+
+    from memory_service.local_table import LocalTable
+    from memory_service.spec import EngramSpec
+    from memory_service.table_meta import layer_rows_for_spec
+
+    spec = EngramSpec(engram_vocab_size=[20011, 20011], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1, 3])
+    pool = MemoryPool(PoolConfig(name="scaling", num_shards=2, base_dir=str(tmp_path / "pool"), token="tok")).start()
+    try:
+        pool.create_table("s", spec, init_std=1.0, chunk_rows=1024)
+        client = pool.client("s", retry_budget_s=120)
+        sizes = dict(client.layer_rows)
+        acked, failures, lookups = [], [], [0]
+        stop = threading.Event()
+
+        def traffic():
+            rng = np.random.default_rng(7)
+            while not stop.is_set():
+                layer = int(rng.choice([1, 3]))
+                try:
+                    client.lookup(layer, rng.integers(0, sizes[layer], 3000))
+                    lookups[0] += 1
+                    ids = np.unique(rng.integers(0, sizes[layer], 500))
+                    grads = rng.standard_normal((ids.size, spec.head_dim)).astype(np.float32)
+                    client.apply_gradients(layer, ids, grads, lr=0.01)
+                    acked.append((layer, ids, grads))
+                except Exception as e:  # noqa: BLE001 - any failure counts
+                    failures.append(repr(e))
+
+        thread = threading.Thread(target=traffic)
+        thread.start()
+        time.sleep(1.0)
+        grown = pool.scale(3)
+        time.sleep(1.0)
+        shrunk = pool.scale(1)
+        time.sleep(1.0)
+        stop.set()
+        thread.join(timeout=120)
+        assert not failures, failures[:3]
+        assert grown["moves"] > 0 and shrunk["moves"] > 0 and lookups[0] > 10 and len(acked) > 10
+        replay = LocalTable(spec, layer_rows_for_spec(spec))
+        for layer, ids, grads in acked:
+            replay.apply_gradients(layer, ids, grads, lr=0.01)
+        final = pool.client("s")
+        assert final.shard_map.num_shards == 1
+        for layer in spec.layer_ids:
+            np.testing.assert_allclose(final.read_layer(layer), replay.table(layer), atol=1e-6)
+    finally:
+        pool.shutdown()
