@@ -21,8 +21,10 @@ def open_tables(hasher: NgramHasher, compressor: CompressedTokenizer, memory: st
     if not memory:
         return LocalTable.for_hasher(hasher, init_std=init_std, init_seed=init_seed)
     if memory == "pool" or memory.startswith("pool:"):  # a Ray memory pool of the cluster this process runs in
+        from orchestration.commands_cluster import connect_ray
         from orchestration.pool import MemoryPool
 
+        connect_ray(None)  # a CLI process joins the cluster (RAY_ADDRESS or engram cluster up's); no-op inside Ray
         pool = MemoryPool.attach(memory.partition(":")[2] or "default")
         if table not in pool.tables():
             if not create:

@@ -47,6 +47,8 @@ def _service_args(p, table: bool = True, table_required: bool = True) -> None:
     p.add_argument("--tls-ca", help="PEM root certificate: connect with TLS")
     if table:
         p.add_argument("--table", required=table_required, help="table name")
+    p.add_argument("--ray", help="Ray cluster address: act on the memory pool's tables through its directory")
+    p.add_argument("--pool", default="default", help="pool name (with --ray)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -170,6 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-serving", action="store_true", help="leave the pool up after the run")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_lazy("demo", "run_demo"))
+
+    p = sub.add_parser("cluster", help="start, inspect or stop the memory pool on a Ray cluster")
+    p.add_argument("action", choices=["up", "status", "down"])
+    p.add_argument("--address", help="Ray cluster address (up without it starts a local head on loopback)")
+    p.add_argument("--pool", default="default", help="pool name")
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--memory-resource", default="engram_memory", help="Ray resource that marks memory nodes")
+    p.add_argument("--pool-dir", help="shard store directory on each memory node")
+    p.add_argument("--ray-port", type=int, default=6380, help="port of a local head started by up")
+    p.add_argument("--token", help="token the shards require for writes and admin calls")
+    p.add_argument("--stop-ray", action="store_true", help="down: also stop the local Ray head")
+    p.set_defaults(func=_lazy("commands_cluster", "cluster"))
+
+    p = sub.add_parser("shards", help="change the number of memory shards while traffic continues")
+    p.add_argument("action", choices=["scale"])
+    p.add_argument("num_shards", type=int)
+    p.add_argument("--address", help="Ray cluster address")
+    p.add_argument("--pool", default="default")
+    p.set_defaults(func=_lazy("commands_cluster", "shards"))
 
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)")
     p.add_argument("what", choices=["hash", "lookup"])

@@ -79,8 +79,16 @@ def _spec_for_create(args):
 
 
 def table(args) -> int:
-    """engram table create|import|export|info|list|swap|rollback|drop."""
+    """engram table create|import|export|info|list|swap|rollback|drop (--ray: through a pool's directory)."""
     action = args.action
+    if getattr(args, "ray", None):
+        if action not in ("info", "list", "swap", "rollback"):
+            raise ValueError(f"engram table {action} --ray is not available yet: use info, list, swap or rollback "
+                             "(or --address of a single shard)")
+        from orchestration.commands_cluster import pool_table
+
+        args.address = args.ray
+        return pool_table(args)
     if action == "list":
         tables = _client(args, "", connect=False).list_tables()
         out = [_info_dict(t) for t in tables]

@@ -25,16 +25,32 @@ class Directory:
 
     def set_table(self, name: str, bounds: dict[int, list[int]], active: int, layer_rows: dict[int, int], chunk_rows: int) -> int:
         """Record a table's row ranges per shard and its active version; bumps the epoch."""
+        history = self.tables.get(name, {}).get("history", [])
         self.tables[name] = {"bounds": {int(k): list(v) for k, v in bounds.items()}, "active": active,
-                             "layer_rows": {int(k): v for k, v in layer_rows.items()}, "chunk_rows": chunk_rows}
+                             "layer_rows": {int(k): v for k, v in layer_rows.items()}, "chunk_rows": chunk_rows,
+                             "history": history}
         self.epoch += 1
         return self.epoch
 
-    def set_active(self, name: str, version: int) -> int:
+    def set_active(self, name: str, version: int, remember: bool = True) -> int:
         """Flip a table's active version for every shard at once; bumps the epoch."""
-        self.tables[name]["active"] = version
+        table = self.tables[name]
+        if remember and table["active"] != version:
+            table.setdefault("history", []).append(table["active"])
+        table["active"] = version
         self.epoch += 1
         return self.epoch
+
+    def previous_active(self, name: str) -> int | None:
+        """The version active before the last swap (None if there is none)."""
+        history = self.tables[name].get("history", [])
+        return history[-1] if history else None
+
+    def forget_previous(self, name: str) -> None:
+        """Drop the newest history entry (after a rollback to it)."""
+        history = self.tables[name].get("history", [])
+        if history:
+            history.pop()
 
     def drop_table(self, name: str) -> None:
         """Forget a table."""

@@ -130,7 +130,7 @@ class MemoryPool:
     def attach(cls, name: str = "default") -> "MemoryPool":
         """The pool `name` already running in this Ray cluster (started by another driver or actor)."""
         ray = _ray()
-        pool = cls(PoolConfig(name=name))
+        pool = cls(PoolConfig(name=name, detached=True))  # a pool found in the cluster outlives this driver
         try:
             pool.directory = ray.get_actor(directory_name(name), namespace=NAMESPACE)
         except ValueError:
@@ -214,14 +214,24 @@ class MemoryPool:
             raise PoolError(f"shards disagree on the new version of {name!r}: {sorted(versions)}")
         return versions.pop()
 
-    def swap(self, name: str, version: int) -> int:
+    def rollback(self, name: str) -> tuple[int, int]:
+        """Re-activate the version active before the last swap, on every shard; returns (version, epoch)."""
+        ray = _ray()
+        previous = ray.get(self.directory.previous_active.remote(name), timeout=RAY_TIMEOUT_S)
+        if previous is None:
+            raise PoolError(f"table {name!r} has no earlier active version to roll back to")
+        epoch = self.swap(name, previous, remember=False)
+        ray.get(self.directory.forget_previous.remote(name), timeout=RAY_TIMEOUT_S)
+        return previous, epoch
+
+    def swap(self, name: str, version: int, remember: bool = True) -> int:
         """Make `version` active on every shard as one step (the directory's epoch); returns the new epoch."""
         ray = _ray()
         for shard, versions in enumerate(ray.get([s.versions.remote(name) for s in self.shards], timeout=RAY_TIMEOUT_S)):
             if version not in versions:
                 raise PoolError(f"shard {shard} has no version {version} of {name!r} (it has {versions})")
         ray.get([s.swap.remote(name, version) for s in self.shards], timeout=RAY_TIMEOUT_S)
-        ray.get(self.directory.set_active.remote(name, version), timeout=RAY_TIMEOUT_S)
+        ray.get(self.directory.set_active.remote(name, version, remember), timeout=RAY_TIMEOUT_S)
         return self._push_ownership()
 
     def scale(self, num_shards: int, log=lambda *a: None) -> dict:
