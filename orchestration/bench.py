@@ -174,3 +174,52 @@ def bench_lookup(num_rows: int = 1 << 24, dim: int = 64, dtype: str = "float16",
     lines.append(f"  zipf vs uniform (ours): {results['zipf']['rows_per_s']['c_ours'] / results['uniform']['rows_per_s']['c_ours']:.2f}x")
     return {"table_rows": rows_in_table, "dim": dim, "dtype": dtype, "batch": batch, "results": results,
             "server_rows_served": stats.get("rows_served", 0.0), "lines": lines}
+
+
+# ---------------------------------------------------------------------- training step
+def bench_step(preset: str = "small", steps: int = 12, warmup: int = 3, batch_size: int = 8, seq_len: int = 128,
+               log=print) -> dict:
+    """Mean train-step time: in-process tables vs the memory service with and without prefetch (server in its own process)."""
+    import shutil
+    import tempfile
+
+    from model_worker.train import Trainer, TrainConfig
+    from orchestration.local_server import start_server
+
+    path = tempfile.mkdtemp(prefix="engram-bench-step-")
+    proc, address = start_server(path, token="bench")
+    results = {}
+    try:
+        common = dict(preset=preset, steps=warmup + steps, batch_size=batch_size, seq_len=seq_len, eval_every=10_000,
+                      ckpt_every=10_000, eval_batches=1)
+        modes = {"in_process": {}, "service_prefetch": {"memory": f"grpc://{address}", "table": "p", "prefetch": True},
+                 "service_no_prefetch": {"memory": f"grpc://{address}", "table": "q", "prefetch": False}}
+        trainers = {}
+        for mode, extra in modes.items():
+            config = TrainConfig(out_dir=tempfile.mkdtemp(prefix=f"engram-{mode}-"), **common, **extra)
+            trainer = Trainer(config, progress=False, log=lambda *a: None, token="bench")
+            trainers[mode] = trainer
+        times = {mode: [] for mode in modes}
+        waits = {mode: [] for mode in modes}
+        from model_worker.data import sample_batch
+
+        for step in range(warmup + steps):  # round-robin: the three modes share the machine's drift
+            for mode, trainer in trainers.items():
+                inputs, targets = sample_batch(trainer.corpus.train_ids, batch_size, seq_len, trainer.rng)
+                started = time.perf_counter()
+                stats = trainer.train_step(inputs, targets)
+                if step >= warmup:
+                    times[mode].append(time.perf_counter() - started)
+                    waits[mode].append(stats["wait"])
+        for mode in modes:
+            results[mode] = {"step_ms": 1e3 * float(np.median(times[mode])), "prefetch_wait_ms": 1e3 * float(np.median(waits[mode]))}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        shutil.rmtree(path, ignore_errors=True)
+    base = results["in_process"]["step_ms"]
+    lines = [f"train step ({preset}, batch {batch_size} x {seq_len}, median of {steps} steps after {warmup} warm-up, round-robin)"]
+    for mode, r in results.items():
+        lines.append(f"  {mode:20s} {r['step_ms']:8.1f} ms/step   x{r['step_ms'] / base:5.2f} of in-process   "
+                     f"prefetch wait {r['prefetch_wait_ms']:6.1f} ms")
+    return {"preset": preset, "results": results, "lines": lines}

@@ -23,6 +23,8 @@ def _bench(args) -> int:
     log = (lambda *a: print(*a, file=sys.stderr))
     if args.what == "hash":
         result = bench.bench_hash(args.tokens, args.repeats)
+    elif args.what == "step":
+        result = bench.bench_step(args.preset, args.steps)
     else:
         result = bench.bench_lookup(args.rows, args.dim, args.dtype, args.batch, args.repeats, args.path, log=log)
     if args.json:
@@ -193,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lazy("commands_cluster", "shards"))
 
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)")
-    p.add_argument("what", choices=["hash", "lookup"])
+    p.add_argument("what", choices=["hash", "lookup", "step"])
+    p.add_argument("--preset", default="small", help="step: model preset")
+    p.add_argument("--steps", type=int, default=12, help="step: timed steps per mode")
     p.add_argument("--tokens", type=int, default=262144, help="hash: tokens")
     p.add_argument("--rows", type=int, default=1 << 24, help="lookup: table rows")
     p.add_argument("--dim", type=int, default=64, help="lookup: row width")

@@ -48,3 +48,12 @@ def test_compress_and_hash_bench(data_dir):
     assert bench.returncode == 0, bench.stderr
     figures = json.loads(bench.stdout)
     assert figures["identical"] and figures["ours_tokens_per_s"] > 0 and figures["speedup_vs_baseline"] > 0
+
+
+@pytest.mark.slow
+def test_step_bench_runs():
+    result = engram("bench", "step", "--preset", "tiny", "--steps", 2, "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)["results"]
+    assert set(figures) == {"in_process", "service_prefetch", "service_no_prefetch"}
+    assert all(r["step_ms"] > 0 for r in figures.values())
