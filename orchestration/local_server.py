@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 # glibc settings that keep big reply buffers mapped (see memory_service/malloc_tuning.py)
-SERVER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+SERVER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 
 
 def start_server(path: str, token: str | None = None, port: int = 0, timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
