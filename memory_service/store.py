@@ -439,7 +439,7 @@ class TableStore:
         cursor = txn.cursor(db=db)
         if cursor.set_range(prefix):
             for key, value in cursor:
-                if not key.startswith(prefix):
+                if bytes(key[:len(prefix)]) != prefix:  # keys are memoryviews in buffers=True transactions
                     break
                 yield key, value
 
@@ -773,7 +773,8 @@ class TableStore:
         total = 0
         with self.env.begin(buffers=True) as txn:
             for _, value in self._prefix_items(txn, self.rows_db, _ROWS, meta.table_id, v):
-                total += int(np.frombuffer(value, dtype=np.uint8)[::_PAGE].sum() >= 0) * len(value)
+                np.frombuffer(value, dtype=np.uint8)[::_PAGE].sum()  # reads one byte per page: faults it in
+                total += len(value)
         return total
 
     def stats(self) -> dict[str, float]:

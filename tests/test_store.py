@@ -172,3 +172,10 @@ def test_reopen_keeps_everything(tmp_path):
     assert info.active == 2 and info.history == [1]
     np.testing.assert_array_equal(again.lookup("t", 3, np.array([4]))[0], 2.5)
     again.close()
+
+
+def test_warm_reads_every_chunk_of_a_version(store):
+    meta = store.create_table("t", SPEC)
+    expected = sum(meta.num_chunks(layer) for layer in SPEC.layer_ids) * meta.chunk_rows * meta.row_nbytes
+    assert store.warm("t") == expected
+    assert store.warm("t", version=1) == expected
