@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 
 from memory_service.backend import TableBackend, check_gradients, check_row_ids
-from memory_service.dedup import Dedup, dedup_ids
+from memory_service.dedup import dedup_ids
 from memory_service.errors import BY_CODE, EngramError, FailedPrecondition, InvalidArgument, ShardUnavailable, StaleShardMap
 from memory_service.server import channel_options
 from memory_service.spec import EngramSpec

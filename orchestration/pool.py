@@ -30,20 +30,16 @@ from orchestration.shard import ShardServer
 NAMESPACE = "engram"
 RAY_TIMEOUT_S = 300
 
-
 def directory_name(pool: str) -> str:
     """Ray actor name of a pool's directory."""
     return f"engram-{pool}-directory"
-
 
 def shard_name(pool: str, shard: int) -> str:
     """Ray actor name of a pool's shard."""
     return f"engram-{pool}-shard-{shard}"
 
-
 class PoolError(RuntimeError):
     """The pool could not be started or changed."""
-
 
 @dataclass(frozen=True, kw_only=True)
 class PoolConfig:
@@ -68,7 +64,6 @@ class PoolConfig:
         """base_dir, or the default under the user's cache."""
         return self.base_dir or str(Path.home() / ".cache" / "engram" / "pool")
 
-
 def _ray():
     import ray
 
@@ -76,12 +71,10 @@ def _ray():
         raise PoolError("Ray is not initialised: call ray.init() (or engram cluster up) first")
     return ray
 
-
 def memory_nodes(resource: str) -> list[dict]:
     """Alive Ray nodes offering the memory resource."""
     ray = _ray()
     return [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(resource, 0) > 0]
-
 
 class MemoryPool:
     """Shard actors + directory actor, and the cross-shard operations."""
@@ -95,7 +88,6 @@ class MemoryPool:
     def start(self) -> "MemoryPool":
         """Create (or attach to) the directory and the shard actors; returns self."""
         ray = _ray()
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         cfg = self.config
         lifetime = {"lifetime": "detached"} if cfg.detached else {}
@@ -297,7 +289,6 @@ class MemoryPool:
     def kill_shard(self, shard: int) -> None:
         """Kill a shard's process (Ray restarts it; for tests and chaos drills)."""
         _ray().kill(self.shards[shard], no_restart=False)
-
 
 def default_base_dir() -> str:
     """Where local pools keep their stores."""

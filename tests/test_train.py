@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from model_worker.generate import Generator
 from model_worker.train import Trainer, TrainConfig, lr_at
