@@ -158,8 +158,13 @@ class EngramRowFetcher:
 
     def push_gradients(self, fetched: FetchedRows, lr: float) -> int:
         """Send each layer's unique-row gradients to the backend (row-wise Adam); returns rows pushed."""
+        return self.push_row_gradients(fetched.row_gradients(), lr)
+
+    def push_row_gradients(self, gradients: dict[int, tuple[np.ndarray, np.ndarray]], lr: float) -> int:
+        """Apply {layer_id: (ids [U], grads [U, hd])} on the backend; returns rows pushed."""
         pushed = 0
-        for layer_id, (ids, grads) in fetched.row_gradients().items():
-            self.backend.apply_gradients(layer_id, ids, grads, lr)
+        for layer_id, (ids, grads) in gradients.items():
+            if ids.size:
+                self.backend.apply_gradients(layer_id, ids, grads, lr)
             pushed += ids.size
         return pushed

@@ -193,6 +193,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList([SwiGLU(hidden_size, config.expert_hidden_size) for _ in range(config.num_routed_experts)])
         self.shared = (SwiGLU(hidden_size, config.expert_hidden_size * config.num_shared_experts)
                        if config.num_shared_experts else None)
+        self.count_reducer = None  # data parallel: sums tokens-per-expert across ranks (a global balance loss)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, T, D] -> (y [B, T, D], aux loss scalar)."""
@@ -218,7 +219,10 @@ class MoE(nn.Module):
             start += count
         if self.shared is not None:
             out = out + self.shared(flat)
-        fraction = torch.tensor(counts, dtype=torch.float32, device=x.device) / max(1, flat_experts.numel())  # f_e
+        per_expert = torch.tensor(counts, dtype=torch.float32, device=x.device)  # [E] token slots per expert
+        if self.count_reducer is not None:
+            per_expert = self.count_reducer(per_expert)  # the whole data-parallel batch's counts
+        fraction = per_expert / per_expert.sum().clamp(min=1.0)  # f_e
         aux = num_experts * (fraction * probs.mean(dim=0)).sum() * self.config.aux_loss_coef
         return out.view(shape), aux
 
@@ -308,6 +312,12 @@ class EngramMoEModel(nn.Module):
         if cache is not None:
             cache.length = end
         return self.lm_head(self.norm(h)), aux_total
+
+    def set_count_reducer(self, reducer) -> None:
+        """Make every MoE layer's balance loss use expert counts summed by reducer ([E] -> [E]; None: local)."""
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.count_reducer = reducer
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache on this model's device and dtype."""

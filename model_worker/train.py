@@ -25,6 +25,7 @@ from memory_service.compression import CompressedTokenizer
 from memory_service.hashing import NgramHasher
 from memory_service.local_table import LocalTable
 from model_worker import checkpoint as ckpt
+from model_worker.data_parallel import DataParallel
 from model_worker.data import Corpus, eval_batches, load_corpus, sample_batch, unigram_cross_entropy
 from model_worker.engram_rows import EngramRowFetcher
 from model_worker.model import EngramMoEModel, ModelConfig
@@ -41,7 +42,7 @@ class TrainConfig:
     steps: int = 300
     """Optimizer steps in the whole run (the LR schedule spans them)."""
     batch_size: int = 16
-    """Sequences per step."""
+    """Sequences per step (the global batch: data-parallel workers each take an equal slice)."""
     seq_len: int = 128
     """Tokens per sequence."""
     lr: float = 3e-3
@@ -80,6 +81,13 @@ class TrainConfig:
     """Table name on the memory service (default engram-<preset>)."""
     prefetch: bool = True
     """Send all Engram layers' lookups at the start of a step; each layer waits only for its rows."""
+    mode: str = "sync"
+    """sync: a step's lookups see every earlier update. async: a step's row-gradient push runs while the
+    next step fetches and computes (rows may miss the previous step's update: staleness at most 1)."""
+
+    def __post_init__(self):
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"mode must be 'sync' or 'async', got {self.mode!r}")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -105,8 +113,10 @@ class Trainer:
     """Owns the model, optimizer, table backend and data of one run."""
 
     def __init__(self, config: TrainConfig, backend: TableBackend | None = None, log=print, progress: bool = True,
-                 token: str | None = None):
+                 token: str | None = None, parallel: DataParallel | None = None):
         self.config = config
+        self.parallel = parallel or DataParallel()
+        self.parallel.local_slice(config.batch_size)  # the batch must split evenly over the workers
         self.log = log
         self.progress = progress
         self.out_dir = Path(config.out_dir)
@@ -122,9 +132,14 @@ class Trainer:
         self.hasher = NgramHasher.from_compressor(spec, self.compressor)
         torch.manual_seed(config.seed)
         self.model = EngramMoEModel(self.model_config).to(self.device)
+        self.parallel.broadcast_parameters(self.model)
         self.table_name = config.table or f"engram-{config.preset}"
+        if not self.is_leader:
+            self.parallel.barrier()  # the leader opens (and if need be creates) the tables first
         self.backend = backend or open_tables(self.hasher, self.compressor, config.memory, self.table_name, token,
                                               config.row_init_std, config.seed, log=log)
+        if self.is_leader:
+            self.parallel.barrier()
         self.fetcher = EngramRowFetcher(self.backend, self.compressor, self.hasher, self.device)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "embed" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
@@ -134,6 +149,9 @@ class Trainer:
         )
         self.rng = np.random.default_rng(config.seed)
         self.step = 0
+        self._push = None  # async mode: the previous step's row-gradient push, still in flight
+        self._pusher = None
+        self.overlapped_fetches = 0  # async mode: steps whose lookups went out while the previous push was in flight
         self.history: dict[str, list] = {"train": [], "val": [], "versions": []}
         self.eval_set = eval_batches(self.corpus.val_ids, config.batch_size, config.seq_len, config.eval_batches)
         self.unigram_loss = unigram_cross_entropy(self.corpus.train_ids, self.corpus.val_ids, self.corpus.vocab_size)
@@ -144,42 +162,90 @@ class Trainer:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     def train_step(self, inputs: np.ndarray, targets: np.ndarray) -> dict:
-        """One optimizer step on a batch; returns loss and row statistics."""
+        """One optimizer step on a global batch [B, T] (this worker trains on its slice); returns loss and row statistics."""
         lr = lr_at(self.step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
+        mine = self.parallel.local_slice(inputs.shape[0])
+        inputs, targets = inputs[mine], targets[mine]
+        if self._push is not None and not self._push.done():
+            self.overlapped_fetches += 1
         fetched = self.fetcher.fetch(inputs, requires_grad=True, prefetch=self.config.prefetch)
         x = torch.from_numpy(inputs).to(self.device)
         y = torch.from_numpy(targets).to(self.device)
-        with self.autocast():
-            logits, aux = self.model(x, fetched)
+        self.model.set_count_reducer(self.parallel.sum_ if self.parallel.active else None)
+        try:
+            with self.autocast():
+                logits, aux = self.model(x, fetched)
+        finally:
+            self.model.set_count_reducer(None)
         loss = lm_loss(logits, y)
         (loss + aux).backward()
+        self.parallel.average_gradients(self.model.parameters())
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.fetcher.push_gradients(fetched, lr * self.config.engram_lr_mult)
+        self.push_row_gradients(fetched, lr * self.config.engram_lr_mult)
         self.step += 1
-        return {"loss": float(loss.detach()), "aux": float(aux.detach()), "lr": lr, "ids": fetched.num_ids,
+        loss_value, aux_value = self.parallel.mean(float(loss.detach())), self.parallel.mean(float(aux.detach()))
+        return {"loss": loss_value, "aux": aux_value, "lr": lr, "ids": fetched.num_ids,
                 "unique": fetched.num_unique, "wait": fetched.wait_seconds, "versions": fetched.versions}
+
+    def push_row_gradients(self, fetched, lr: float) -> None:
+        """Send the step's Engram row gradients (combined across data-parallel workers) to the tables.
+
+        sync: returns once every worker's push is acknowledged. async: waits for the previous
+        step's push, then sends this one in the background.
+        """
+        self.wait_for_push()  # async: at most one push in flight, so lookups lag by at most one step
+        shared = not isinstance(self.backend, LocalTable)  # in-process tables are replicas: each takes every row
+        combined = {layer: self.parallel.combine_row_gradients(ids, grads, split=shared)
+                    for layer, (ids, grads) in fetched.row_gradients().items()}
+        if self.config.mode == "async":
+            if self._pusher is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self._pusher = ThreadPoolExecutor(1, thread_name_prefix="engram-push")
+            self._push = self._pusher.submit(self.fetcher.push_row_gradients, combined, lr)
+        else:
+            self.fetcher.push_row_gradients(combined, lr)
+            self.parallel.barrier()  # every worker's update is in before anyone's next lookup
+
+    def wait_for_push(self) -> None:
+        """Block until the in-flight async push (if any) is acknowledged; re-raises its error."""
+        if self._push is not None:
+            push, self._push = self._push, None
+            push.result()
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation cross-entropy over the fixed eval windows."""
+        """Mean validation cross-entropy over the fixed eval windows (split across data-parallel workers)."""
+        self.wait_for_push()
         self.model.eval()
-        total, count = 0.0, 0
-        for inputs, targets in self.eval_set:
+        sums = torch.zeros(2, dtype=torch.float64)  # [loss * sequences, sequences]
+        for i, (inputs, targets) in enumerate(self.eval_set):
+            if i % self.parallel.world_size != self.parallel.rank:
+                continue
             fetched = self.fetcher.fetch(inputs)
             with self.autocast():
                 logits, _ = self.model(torch.from_numpy(inputs).to(self.device), fetched)
-            total += float(lm_loss(logits, torch.from_numpy(targets).to(self.device))) * inputs.shape[0]
-            count += inputs.shape[0]
+            sums[0] += float(lm_loss(logits, torch.from_numpy(targets).to(self.device))) * inputs.shape[0]
+            sums[1] += inputs.shape[0]
+        total, count = self.parallel.sum_(sums).tolist()
         return total / count
 
     # ------------------------------------------------------------------ loop
-    def run(self, stop_after: int | None = None) -> dict:
-        """Train until config.steps (or stop_after steps in total); returns a summary."""
+    @property
+    def is_leader(self) -> bool:
+        """Rank 0: the worker that logs, checkpoints and writes the run's files."""
+        return self.parallel.rank == 0
+
+    def run(self, stop_after: int | None = None, save_at_stop: bool = True) -> dict:
+        """Train until config.steps (or stop_after steps in total); returns a summary.
+
+        save_at_stop=False skips the checkpoint at a stop_after that is not the run's end
+        (a worker group running in segments hands its state over in memory instead).
+        """
         config = self.config
         last = config.steps if stop_after is None else min(config.steps, stop_after)
         counts = count_parameters(self.model_config)
@@ -191,7 +257,7 @@ class Trainer:
         if self.step == 0 and not self.history["val"]:
             self._record_val(self.evaluate())
         bar = None
-        if self.progress:
+        if self.progress and self.is_leader:
             from tqdm import tqdm
             bar = tqdm(total=last, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         tokens, seconds = 0, 0.0
@@ -210,11 +276,12 @@ class Trainer:
             self.history.setdefault("versions", []).append(stats["versions"])
             if self.step % config.eval_every == 0 or self.step == config.steps:
                 self._record_val(self.evaluate())
-            if self.step % config.ckpt_every == 0 or self.step == last:
+            if self.step % config.ckpt_every == 0 or self.step == config.steps or (self.step == last and save_at_stop):
                 self.save()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", val=f"{self.history['val'][-1][1]:.3f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+        self.wait_for_push()
         if bar is not None:
             bar.close()
         self.plot()
@@ -232,22 +299,27 @@ class Trainer:
             "parameters": counts,
             "checkpoint": str(self.out_dir / "checkpoint"),
             "tables": f"{self.config.memory}/{self.table_name}" if self.config.memory else "in-process",
+            "workers": self.parallel.world_size,
+            "mode": config.mode,
+            "overlapped_fetches": self.overlapped_fetches,
         }
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.is_leader:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
     def _record_val(self, loss: float) -> None:
         self.history["val"].append([self.step, loss])
+        if not self.is_leader:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, "val_loss": loss}) + "\n")
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self) -> Path:
-        """Write a complete checkpoint to out_dir/checkpoint (atomically)."""
-        directory = self.out_dir / "checkpoint"
-        tmp = ckpt.begin_write(directory)
-        torch.save({
+    def state(self) -> dict:
+        """Everything a run needs to continue exactly (dense model, optimizer, step, RNGs, history); not the tables."""
+        self.wait_for_push()
+        return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
@@ -256,7 +328,29 @@ class Trainer:
             "history": self.history,
             "train_config": dataclasses.asdict(self.config),
             "model_config": ckpt.model_config_to_dict(self.model_config),
-        }, tmp / ckpt.MODEL_FILE)
+        }
+
+    def load_state(self, state: dict, source: str = "the saved state") -> None:
+        """Continue from state() of a run with the same model config (remote tables keep their current rows)."""
+        saved = ckpt.model_config_from_dict(state["model_config"])
+        if saved != self.model_config:
+            raise ValueError(f"{source} was trained with another model config or tokenizer; "
+                             f"resume with the same preset, data and tokenizer")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        self.history = state["history"]
+
+    def save(self) -> Path | None:
+        """Write a complete checkpoint to out_dir/checkpoint (atomically; the leader only)."""
+        if not self.is_leader:
+            self.wait_for_push()
+            return None
+        directory = self.out_dir / "checkpoint"
+        tmp = ckpt.begin_write(directory)
+        torch.save(self.state(), tmp / ckpt.MODEL_FILE)
         if isinstance(self.backend, LocalTable):
             self.backend.save(tmp / ckpt.TABLES_FILE)
         else:  # the rows stay on the memory service; record where
@@ -272,16 +366,7 @@ class Trainer:
         """Restore the state of a checkpoint written by save() for the same config."""
         directory = ckpt.require_checkpoint(directory)
         state = torch.load(directory / ckpt.MODEL_FILE, map_location=self.device, weights_only=False)
-        saved = ckpt.model_config_from_dict(state["model_config"])
-        if saved != self.model_config:
-            raise ValueError(f"checkpoint {directory} was trained with another model config or tokenizer; "
-                             f"resume with the same preset, data and tokenizer")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = state["step"]
-        self.rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        self.history = state["history"]
+        self.load_state(state, f"checkpoint {directory}")
         if isinstance(self.backend, LocalTable):
             self.backend.load(directory / ckpt.TABLES_FILE)
         # remote tables continue from the service's current rows
@@ -293,7 +378,7 @@ class Trainer:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        if not self.history["train"]:
+        if not self.history["train"] or not self.is_leader:
             return None
         train = np.asarray(self.history["train"])
         val = np.asarray(self.history["val"])

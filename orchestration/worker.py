@@ -2,7 +2,8 @@
 
 The worker's Engram tables are the memory pool's (the directory gives it the shard map);
 its prefetcher sends all Engram layers' lookups at the start of a step and each Engram
-layer waits only for its own rows.
+layer waits only for its own rows. Several workers train data-parallel: `setup` joins
+them into one torch.distributed group (see model_worker/data_parallel.py).
 """
 
 from __future__ import annotations
@@ -13,20 +14,62 @@ from model_worker.train import Trainer, TrainConfig
 
 
 class TrainWorker:
-    """Trains (and generates) with tables on the memory pool."""
+    """Trains (and generates) with tables on the memory pool; one rank of a data-parallel group."""
 
     def __init__(self, config: dict, token: str | None = None):
         self.config = TrainConfig(**config)
-        self.trainer = Trainer(self.config, progress=False, log=lambda *a: None, token=token)
+        self.token = token
+        self._trainer: Trainer | None = None
 
-    def run(self, stop_after: int | None = None) -> dict:
+    def rendezvous(self) -> str:
+        """HOST:PORT on this worker's node where a data-parallel group can meet (ask rank 0)."""
+        import ray
+
+        from model_worker.data_parallel import free_port
+
+        host = ray.util.get_node_ip_address()
+        return f"{host}:{free_port(host)}"
+
+    def setup(self, rank: int = 0, world_size: int = 1, master: str | None = None, state: dict | None = None) -> int:
+        """Join the data-parallel group (every rank at once), build the Trainer, continue from `state`; returns the step."""
+        from model_worker.data_parallel import DataParallel
+        from model_worker.train import pick_device
+
+        parallel = DataParallel.join(master, rank, world_size, pick_device()) if world_size > 1 else None
+        self._trainer = Trainer(self.config, progress=False, log=lambda *a: None, token=self.token, parallel=parallel)
+        if state is not None:
+            self._trainer.load_state(state)
+        return self._trainer.step
+
+    @property
+    def trainer(self) -> Trainer:
+        """The Trainer (a lone worker builds it on first use)."""
+        if self._trainer is None:
+            self.setup()
+        return self._trainer
+
+    def run(self, stop_after: int | None = None, save_at_stop: bool = True) -> dict:
         """Train; returns the summary (with the loss history and where this worker ran)."""
         started = time.perf_counter()
-        summary = self.trainer.run(stop_after=stop_after)
+        summary = self.trainer.run(stop_after=stop_after, save_at_stop=save_at_stop)
         summary["wall_seconds"] = time.perf_counter() - started
         summary["history"] = self.trainer.history
         summary["node_id"] = node_id()
+        summary["rank"] = self.trainer.parallel.rank
         return summary
+
+    def state(self) -> dict:
+        """The run's state (dense model, optimizer, step, RNGs, history) for a re-formed group."""
+        return self.trainer.state()
+
+    def step(self) -> int:
+        """Optimizer steps done."""
+        return self.trainer.step
+
+    def leave(self) -> None:
+        """Leave the data-parallel group (before this actor is killed)."""
+        self.trainer.wait_for_push()
+        self.trainer.parallel.leave()
 
     def generate(self, prompt: str, max_new_tokens: int = 80, temperature: float = 0.8, seed: int = 0) -> str:
         """A completion through the pool (KV cache; each new token fetches only its own rows)."""

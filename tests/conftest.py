@@ -52,13 +52,13 @@ def small_tokenizer(small_corpus, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A multi-node Ray cluster on this machine: a head, two memory nodes and a node declaring a GPU."""
+    """A multi-node Ray cluster on this machine: a head, two memory nodes and a node declaring two GPUs."""
     import ray
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
     memory_nodes = [cluster.add_node(num_cpus=1, resources={"engram_memory": 3}) for _ in range(2)]
-    gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
+    gpu_node = cluster.add_node(num_cpus=1, num_gpus=2)  # room for two data-parallel workers
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     cluster.wait_for_nodes()
     yield {"cluster": cluster, "memory_nodes": [n.node_id for n in memory_nodes], "gpu_node": gpu_node.node_id}

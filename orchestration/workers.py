@@ -1,0 +1,197 @@
+"""Data-parallel model workers that scale on their own: a worker group and the training job that owns it.
+
+A `WorkerGroup` is M TrainWorker actors (GPU nodes, or CPU workers when the cluster has
+no GPUs) forming one torch.distributed group. The global batch stays fixed, so each
+worker trains on batch_size / M sequences and the run's trajectory does not depend on M.
+
+A `TrainingJob` (a named Ray actor, `engram-<pool>-training`) runs the group in segments
+of a few steps. `engram workers scale M` records the wanted size; at the next segment
+boundary the job takes rank 0's state (model, optimizer, step, RNGs) through the object
+store, stops the workers and starts M new ones from that state. The tables stay on the
+memory pool throughout, so nothing else moves.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from orchestration.pool import NAMESPACE, RAY_TIMEOUT_S
+from orchestration.worker import TrainWorker, worker_options
+
+
+def job_name(pool: str) -> str:
+    """Ray actor name of a pool's training job."""
+    return f"engram-{pool}-training"
+
+
+class WorkerGroup:
+    """M TrainWorker actors training data-parallel."""
+
+    def __init__(self, config: dict, token: str | None = None):
+        self.config = config
+        self.token = token
+        self.workers: list = []
+
+    def start(self, num_workers: int, state: dict | None = None) -> int:
+        """Launch num_workers ranks (continuing from `state`, if given); returns the step they start at."""
+        import ray
+
+        if num_workers < 1:
+            raise ValueError(f"a worker group needs at least one worker, got {num_workers}")
+        if self.config["batch_size"] % num_workers:
+            raise ValueError(f"batch size {self.config['batch_size']} does not split evenly over {num_workers} workers")
+        options = worker_options(ray)
+        self.workers = [ray.remote(TrainWorker).options(**options).remote(self.config, self.token)
+                        for _ in range(num_workers)]
+        master = ray.get(self.workers[0].rendezvous.remote(), timeout=RAY_TIMEOUT_S) if num_workers > 1 else None
+        state_ref = ray.put(state) if state is not None else None
+        steps = ray.get([w.setup.remote(rank, num_workers, master, state_ref) for rank, w in enumerate(self.workers)])
+        return steps[0]
+
+    @property
+    def size(self) -> int:
+        """Workers in the group."""
+        return len(self.workers)
+
+    def run(self, stop_after: int | None = None, save_at_stop: bool = True) -> dict:
+        """Train every rank to stop_after (or the end); returns rank 0's summary."""
+        import ray
+
+        summaries = ray.get([w.run.remote(stop_after, save_at_stop) for w in self.workers])
+        summary = summaries[0]
+        summary["worker_nodes"] = [s["node_id"] for s in summaries]
+        return summary
+
+    def state(self) -> dict:
+        """Rank 0's run state (every rank holds the same)."""
+        import ray
+
+        return ray.get(self.workers[0].state.remote(), timeout=RAY_TIMEOUT_S)
+
+    def stop(self) -> None:
+        """Leave the process group and kill every worker."""
+        import ray
+
+        try:
+            ray.get([w.leave.remote() for w in self.workers], timeout=60)
+        except Exception:  # noqa: BLE001 - a dead worker cannot leave; kill anyway
+            pass
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
+
+    def resize(self, num_workers: int) -> int:
+        """Re-form the group with num_workers ranks, continuing from the current state; returns the step."""
+        state = self.state()
+        self.stop()
+        return self.start(num_workers, state)
+
+
+class RunTotals:
+    """Whole-run figures from the segments' summaries."""
+
+    def __init__(self):
+        self.steps = 0
+        self.seconds = 0.0
+        self.wait_ms = 0.0
+        self.unique_weighted = 0.0
+        self.wall_seconds = 0.0
+
+    def add(self, steps: int, summary: dict) -> None:
+        """Fold in a segment of `steps` steps."""
+        self.steps += steps
+        self.seconds += summary["step_seconds"] * steps
+        self.wait_ms += summary["prefetch_wait_ms_per_step"] * steps
+        self.unique_weighted += summary["unique_id_ratio"] * steps
+        self.wall_seconds += summary.get("wall_seconds", 0.0)
+
+    def summary(self, config: dict) -> dict:
+        """step_seconds, tokens_per_s, prefetch wait and unique ratio over every segment."""
+        if not self.steps:
+            return {}
+        step_seconds = self.seconds / self.steps
+        return {"step_seconds": step_seconds, "tokens_per_s": config["batch_size"] * config["seq_len"] / step_seconds,
+                "prefetch_wait_ms_per_step": self.wait_ms / self.steps, "unique_id_ratio": self.unique_weighted / self.steps,
+                "wall_seconds": self.wall_seconds}
+
+
+class TrainingJob:
+    """Runs a worker group to the end of training, re-forming it when asked to scale (a Ray actor)."""
+
+    def __init__(self, config: dict, num_workers: int = 1, token: str | None = None, segment_steps: int = 10):
+        self.group = WorkerGroup(config, token)
+        self.steps = config["steps"]
+        self.segment_steps = max(1, segment_steps)
+        self.wanted = num_workers
+        self.step = 0
+        self.events: list[dict] = []
+        self.lock = threading.Lock()
+        self.group.start(num_workers)
+
+    def run(self) -> dict:
+        """Train to the end; returns rank 0's summary with the scaling events."""
+        summary = None
+        totals = RunTotals()
+        while summary is None or summary["step"] < self.steps:
+            with self.lock:
+                wanted = self.wanted
+            if wanted != self.group.size:
+                before = self.group.size
+                started = time.perf_counter()
+                self.step = self.group.resize(wanted)
+                self.events.append({"step": self.step, "from": before, "to": wanted,
+                                    "seconds": time.perf_counter() - started})
+            stop = min(self.steps, self.step + self.segment_steps)
+            summary = self.group.run(stop_after=stop, save_at_stop=stop == self.steps)
+            totals.add(summary["step"] - self.step, summary)
+            self.step = summary["step"]
+        summary.update(totals.summary(self.group.config))
+        summary["scaling"] = self.events
+        summary["workers"] = self.group.size
+        return summary
+
+    def scale(self, num_workers: int) -> dict:
+        """Ask for num_workers workers (applied at the next segment boundary)."""
+        if num_workers < 1:
+            raise ValueError(f"need at least one worker, got {num_workers}")
+        if self.group.config["batch_size"] % num_workers:
+            raise ValueError(f"batch size {self.group.config['batch_size']} does not split evenly over {num_workers} workers")
+        with self.lock:
+            self.wanted = num_workers
+        return self.status()
+
+    def status(self) -> dict:
+        """Workers now, workers wanted, step, scaling events so far."""
+        return {"workers": self.group.size, "wanted": self.wanted, "step": self.step, "steps": self.steps,
+                "events": list(self.events)}
+
+    def generate(self, prompt: str, max_new_tokens: int = 80, temperature: float = 0.8, seed: int = 0) -> str:
+        """A completion from rank 0 (through the pool)."""
+        import ray
+
+        return ray.get(self.group.workers[0].generate.remote(prompt, max_new_tokens, temperature, seed))
+
+    def stop(self) -> None:
+        """Stop the workers."""
+        self.group.stop()
+
+
+def start_job(config: dict, num_workers: int, pool: str, token: str | None = None, segment_steps: int = 10):
+    """A TrainingJob actor named after the pool (so `engram workers scale` finds it)."""
+    import ray
+
+    return ray.remote(TrainingJob).options(
+        name=job_name(pool), namespace=NAMESPACE, num_cpus=0, max_concurrency=4,
+    ).remote(config, num_workers, token, segment_steps)
+
+
+def attach_job(pool: str):
+    """The running training job of a pool."""
+    import ray
+
+    try:
+        return ray.get_actor(job_name(pool), namespace=NAMESPACE)
+    except ValueError:
+        raise ValueError(f"no training job is running on pool {pool!r} (start one with engram train --memory "
+                         f"pool:{pool} --workers N)") from None
