@@ -284,7 +284,8 @@ class Trainer:
         self.wait_for_push()
         if bar is not None:
             bar.close()
-        self.plot()
+        if save_at_stop or self.step == config.steps:
+            self.plot()
         summary = {
             "step": self.step,
             "val_loss_start": self.history["val"][0][1],

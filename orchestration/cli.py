@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
     p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) once this many steps are done")
     p.add_argument("--no-prefetch", action="store_true", help="fetch each step's rows before the forward pass (for comparison)")
+    p.add_argument("--mode", choices=["sync", "async"], help="sync: lookups see every earlier update; async: the row push "
+                   "overlaps the next step (staleness <= 1)")
+    p.add_argument("--workers", type=int, help="with --memory pool[:NAME]: data-parallel model workers as Ray actors "
+                   "(scale them with engram workers scale)")
+    p.add_argument("--address", help="Ray cluster address for --workers (default $RAY_ADDRESS or engram cluster up's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_lazy("commands_model", "train"))
@@ -171,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="def main():")
     p.add_argument("--max-new-tokens", type=int, default=60)
     p.add_argument("--no-prefetch", action="store_true")
+    p.add_argument("--workers", type=int, default=1, help="data-parallel model workers")
+    p.add_argument("--mode", choices=["sync", "async"], default="sync")
     p.add_argument("--keep-serving", action="store_true", help="leave the pool up after the run")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_lazy("demo", "run_demo"))
@@ -193,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address")
     p.add_argument("--pool", default="default")
     p.set_defaults(func=_lazy("commands_cluster", "shards"))
+
+    p = sub.add_parser("workers", help="change the number of data-parallel model workers of a running training job")
+    p.add_argument("action", choices=["scale", "status"])
+    p.add_argument("num_workers", type=int, nargs="?")
+    p.add_argument("--address", help="Ray cluster address")
+    p.add_argument("--pool", default="default", help="the pool the job trains on")
+    p.set_defaults(func=_lazy("commands_cluster", "workers"))
 
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)")
     p.add_argument("what", choices=["hash", "lookup", "step"])

@@ -10,6 +10,8 @@ import sys
 from orchestration.commands_model import token_from
 
 LOCAL_ADDRESS_FILE = "~/.cache/engram/ray_address"
+LOCAL_HEAD_PID_FILE = "~/.cache/engram/ray_head.pid"
+HEAD_START_TIMEOUT_S = 120
 # A local head started by `engram cluster up` listens on loopback only: Ray resolves its nodes to
 # 127.0.0.1 and skips its own token auth (the memory service's token still guards writes).
 LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
@@ -38,6 +40,63 @@ def _saved_address() -> str | None:
     return open(path).read().strip() if os.path.exists(path) else None
 
 
+def start_local_head(port: int, resources: dict) -> str:
+    """Start a Ray head on loopback in its own process group (so `down --stop-ray` stops only it); returns its address."""
+    import socket
+    import time
+
+    state = os.path.dirname(os.path.expanduser(LOCAL_ADDRESS_FILE))
+    os.makedirs(state, exist_ok=True)
+    env = dict(os.environ, **LOCAL_RAY_ENV)
+    with open(os.path.join(state, "ray_head.log"), "ab") as log:
+        head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                                 "--port", str(port), "--resources", json.dumps(resources),
+                                 "--include-dashboard=false", "--disable-usage-stats"],
+                                env=env, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.time() + HEAD_START_TIMEOUT_S
+    while True:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with status {head.returncode}; see {os.path.join(state, 'ray_head.log')}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if time.time() > deadline:
+                head.kill()
+                raise RuntimeError(f"the Ray head did not listen on 127.0.0.1:{port} within {HEAD_START_TIMEOUT_S} s") from None
+            time.sleep(0.5)
+    address = f"127.0.0.1:{port}"
+    with open(os.path.expanduser(LOCAL_ADDRESS_FILE), "w") as f:
+        f.write(address)
+    with open(os.path.expanduser(LOCAL_HEAD_PID_FILE), "w") as f:
+        f.write(str(head.pid))
+    return address
+
+
+def stop_local_head() -> None:
+    """Stop the head `engram cluster up` started (its whole process group), and forget its address."""
+    import signal
+    import time
+
+    pid_file = os.path.expanduser(LOCAL_HEAD_PID_FILE)
+    if not os.path.exists(pid_file):
+        print("no local Ray head started by engram cluster up; stop other clusters with `ray stop`", file=sys.stderr)
+        return
+    pid = int(open(pid_file).read().strip())
+    for sig, grace_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(pid, sig)
+            deadline = time.time() + grace_s
+            while time.time() < deadline:
+                os.killpg(pid, 0)  # ProcessLookupError once every process of the group is gone
+                time.sleep(0.3)
+        except ProcessLookupError:
+            break
+    for path in (pid_file, os.path.expanduser(LOCAL_ADDRESS_FILE)):
+        if os.path.exists(path):
+            os.remove(path)
+
+
 def cluster(args) -> int:
     """engram cluster up|status|down."""
     from orchestration.pool import MemoryPool, PoolConfig
@@ -45,15 +104,7 @@ def cluster(args) -> int:
     if args.action == "up":
         address = args.address
         if address is None:  # start a local head with the memory resource, on loopback
-            env = dict(os.environ, **LOCAL_RAY_ENV)
-            resources = json.dumps({args.memory_resource: max(args.shards, 1) * 2})
-            subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--port", str(args.ray_port),
-                            "--resources", resources, "--include-dashboard=false", "--disable-usage-stats"],
-                           check=True, env=env, stdout=subprocess.DEVNULL)
-            address = f"127.0.0.1:{args.ray_port}"
-            os.makedirs(os.path.dirname(os.path.expanduser(LOCAL_ADDRESS_FILE)), exist_ok=True)
-            with open(os.path.expanduser(LOCAL_ADDRESS_FILE), "w") as f:
-                f.write(address)
+            address = start_local_head(args.ray_port, {args.memory_resource: max(args.shards, 1) * 2})
         connect_ray(address)
         pool = MemoryPool(PoolConfig(name=args.pool, num_shards=args.shards, base_dir=args.pool_dir or "",
                                      memory_resource=args.memory_resource, token=token_from(args), detached=True)).start()
@@ -67,10 +118,7 @@ def cluster(args) -> int:
         MemoryPool.attach(args.pool).shutdown()
         ray.shutdown()
         if args.stop_ray:
-            subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop"], check=False, stdout=subprocess.DEVNULL)
-            path = os.path.expanduser(LOCAL_ADDRESS_FILE)
-            if os.path.exists(path):
-                os.remove(path)
+            stop_local_head()
         print(f"pool {args.pool!r} stopped")
     return 0
 
@@ -83,6 +131,24 @@ def shards(args) -> int:
     pool = MemoryPool.attach(args.pool)
     result = pool.scale(args.num_shards, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(result))
+    return 0
+
+
+def workers(args) -> int:
+    """engram workers scale M | status: the data-parallel workers of a pool's training job."""
+    from orchestration.workers import attach_job
+
+    ray = connect_ray(args.address)
+    job = attach_job(args.pool)
+    if args.action == "scale":
+        if args.num_workers is None:
+            raise ValueError("engram workers scale needs the number of workers")
+        status = ray.get(job.scale.remote(args.num_workers))
+        print(f"training job on pool {args.pool!r}: {status['workers']} workers now, {args.num_workers} from the next "
+              f"segment (step {status['step']} of {status['steps']})", file=sys.stderr)
+    else:
+        status = ray.get(job.status.remote())
+    print(json.dumps(status))
     return 0
 
 

@@ -33,6 +33,74 @@ def _client(args, table: str | None = None, connect: bool = True):
     return cls(args.address, name, token=token_from(args), deadline_s=args.deadline, tls_root_cert=tls)
 
 
+class ServiceTables:
+    """Table operations on one memory service (--address)."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def client(self):
+        """A MemoryClient for args.table."""
+        return _client(self.args)
+
+    def create(self, spec, compression_map, init_std: float, init_seed: int, chunk_rows: int):
+        """Create args.table; returns a client for it."""
+        admin = _client(self.args, connect=False)
+        admin.create_table(spec, compression_map, init_std=init_std, init_seed=init_seed, chunk_rows=chunk_rows)
+        return admin
+
+    def create_version(self, client) -> int:
+        """A new version copied from the active one."""
+        return client.create_version(copy_of=0)
+
+    def swap(self, client, version: int) -> tuple[int, int]:
+        """Activate a version; (active, previous)."""
+        return client.swap(version)
+
+    def drop_table(self, client) -> None:
+        """Delete the table."""
+        client.drop_table()
+
+
+class PoolTables(ServiceTables):
+    """The same operations on every shard of a Ray memory pool, through its directory (--ray)."""
+
+    def __init__(self, args):
+        from orchestration.commands_cluster import connect_ray
+        from orchestration.pool import MemoryPool
+
+        super().__init__(args)
+        connect_ray(args.ray)
+        self.pool = MemoryPool.attach(args.pool)
+
+    def client(self):
+        if self.args.table not in self.pool.tables():
+            from memory_service.errors import NotFound
+
+            raise NotFound(f"the memory pool {self.args.pool!r} has no table {self.args.table!r}")
+        return self.pool.client(self.args.table, token=token_from(self.args), deadline_s=self.args.deadline)
+
+    def create(self, spec, compression_map, init_std: float, init_seed: int, chunk_rows: int):
+        if self.args.table in self.pool.tables():
+            from memory_service.errors import AlreadyExists
+
+            raise AlreadyExists(f"table {self.args.table!r} already exists on the memory pool {self.args.pool!r}")
+        self.pool.create_table(self.args.table, spec, compression_map, init_std=init_std, init_seed=init_seed,
+                               chunk_rows=chunk_rows or 4096)
+        return self.client()
+
+    def create_version(self, client) -> int:
+        return self.pool.create_version(self.args.table, copy_of=self.pool.shard_map(self.args.table)[1])
+
+    def swap(self, client, version: int) -> tuple[int, int]:
+        previous = self.pool.shard_map(self.args.table)[1]
+        self.pool.swap(self.args.table, version)
+        return version, previous
+
+    def drop_table(self, client) -> None:
+        self.pool.drop_table(self.args.table, token=token_from(self.args))
+
+
 def _info_dict(info) -> dict:
     return {
         "name": info.name, "fingerprint": info.spec_fingerprint, "active_version": info.active_version,
@@ -81,14 +149,12 @@ def _spec_for_create(args):
 def table(args) -> int:
     """engram table create|import|export|info|list|swap|rollback|drop (--ray: through a pool's directory)."""
     action = args.action
-    if getattr(args, "ray", None):
-        if action not in ("info", "list", "swap", "rollback"):
-            raise ValueError(f"engram table {action} --ray is not available yet: use info, list, swap or rollback "
-                             "(or --address of a single shard)")
+    if getattr(args, "ray", None) and action in ("info", "list", "swap", "rollback"):
         from orchestration.commands_cluster import pool_table
 
         args.address = args.ray
         return pool_table(args)
+    target = PoolTables(args) if getattr(args, "ray", None) else ServiceTables(args)
     if action == "list":
         tables = _client(args, "", connect=False).list_tables()
         out = [_info_dict(t) for t in tables]
@@ -103,10 +169,9 @@ def table(args) -> int:
         return 0
     if action == "create":
         spec, compressor = _spec_for_create(args)
-        admin = _client(args, connect=False)
         init_std = 0.0 if args.from_checkpoint else args.init_std
-        info = admin.create_table(spec, compressor.lookup_table if compressor is not None else None,
-                                  init_std=init_std, init_seed=args.seed, chunk_rows=args.chunk_rows)
+        admin = target.create(spec, compressor.lookup_table if compressor is not None else None,
+                              init_std, args.seed, args.chunk_rows)
         if args.from_checkpoint:
             from model_worker import checkpoint as ckpt
 
@@ -117,11 +182,12 @@ def table(args) -> int:
                     for start in range(0, rows.shape[0], IMPORT_BLOCK_ROWS):
                         block = rows[start:start + IMPORT_BLOCK_ROWS]
                         admin.write_rows(layer, np.arange(start, start + block.shape[0]), block, version=1)
-        print(json.dumps(_info_dict(admin.info()), indent=2) if args.json else
+        info = admin.info()
+        print(json.dumps(_info_dict(info), indent=2) if args.json else
               f"created table {info.name!r}: version 1 active, layers {dict(info.layer_rows)}, fingerprint {info.spec_fingerprint}")
         return 0
 
-    client = _client(args)
+    client = target.client()
     if action == "info":
         info = _info_dict(client.info())
         print(json.dumps(info, indent=2))
@@ -136,7 +202,7 @@ def table(args) -> int:
             client.drop_version(args.version)
             print(f"{args.table}: dropped version {args.version}")
         else:
-            client.drop_table()
+            target.drop_table(client)
             print(f"dropped table {args.table!r}")
     elif action == "import":
         from memory_service.table_io import read_table_file
@@ -146,13 +212,13 @@ def table(args) -> int:
         if tuple(rows.shape) != expected:
             raise ValueError(f"{args.file} holds rows {list(rows.shape)}, layer {args.layer} of {args.table!r} needs {list(expected)}")
         # a new version (a copy of the active one, so rows outside this layer stay) unless one is named
-        version = args.version if args.version else client.create_version(copy_of=0)
+        version = args.version if args.version else target.create_version(client)
         for start in range(0, rows.shape[0], IMPORT_BLOCK_ROWS):
             block = np.asarray(rows[start:start + IMPORT_BLOCK_ROWS]).astype(client.dtype)
             client.write_rows(args.layer, np.arange(start, start + block.shape[0]), block, version=version)
         print(f"imported {rows.shape[0]} rows into {args.table!r} layer {args.layer}, version {version}")
         if args.activate:
-            active, previous = client.swap(version)
+            active, previous = target.swap(client, version)
             print(f"{args.table}: active version {active} (was {previous})")
     elif action == "export":
         from memory_service.table_io import write_table_file

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -33,24 +34,69 @@ def train(args) -> int:
         values = dict(TRAIN_DEFAULTS[args.preset])
         values.update({k: v for k, v in overrides.items() if v is not None})
         config = TrainConfig(preset=args.preset, out_dir=out_dir, data=args.data, tokenizer=args.tokenizer,
-                             memory=args.memory, table=args.table, prefetch=not args.no_prefetch, **values)
+                             memory=args.memory, table=args.table, prefetch=not args.no_prefetch,
+                             mode=args.mode or "sync", **values)
         if (Path(out_dir) / "metrics.jsonl").exists():
             (Path(out_dir) / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+    if args.mode and config.mode != args.mode:
+        config = dataclasses.replace(config, mode=args.mode)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    if args.workers is not None:
+        summary = train_on_workers(config, args, log)
+        print_train_summary(summary, out_dir, args.json)
+        return 0
     trainer = Trainer(config, log=log, progress=not args.no_progress, token=token_from(args))
     if args.resume:
         trainer.load(Path(out_dir) / "checkpoint")
         log(f"resumed {out_dir} at step {trainer.step}")
     summary = trainer.run(stop_after=args.stop_after)
-    if args.json:
-        print(json.dumps(summary, indent=2))
+    print_train_summary(summary, out_dir, args.json)
+    return 0
+
+
+def train_on_workers(config, args, log) -> dict:
+    """Train with --workers data-parallel Ray actors on the memory pool (a training job `engram workers` can scale)."""
+    from model_worker import checkpoint as ckpt
+    from model_worker.data import load_corpus
+    from orchestration.commands_cluster import connect_ray
+    from orchestration.workers import start_job
+
+    if not config.memory or not (config.memory == "pool" or config.memory.startswith("pool:")):
+        raise ValueError("--workers trains on a Ray memory pool: pass --memory pool[:NAME]")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if config.batch_size % args.workers:
+        raise ValueError(f"batch size {config.batch_size} does not split evenly over {args.workers} workers")
+    if config.tokenizer is None:  # every worker uses the tokenizer this driver trained or found in the cache
+        config = dataclasses.replace(config, tokenizer=str(load_corpus(config.data, None, config.vocab_size, log=log).tokenizer_path))
+    state = None
+    if args.resume:
+        import torch
+
+        state = torch.load(ckpt.require_checkpoint(Path(config.out_dir) / "checkpoint") / ckpt.MODEL_FILE,
+                           map_location="cpu", weights_only=False)
+    ray = connect_ray(args.address)
+    pool = config.memory.partition(":")[2] or "default"
+    steps = config.steps if args.stop_after is None else min(config.steps, args.stop_after)
+    job = start_job(dataclasses.asdict(config), args.workers, pool, token_from(args), state=state, stop_after=steps)
+    log(f"training on {args.workers} data-parallel workers (pool {pool!r}; scale with: engram workers scale N --pool {pool})")
+    try:
+        return ray.get(job.run.remote())
+    finally:
+        ray.get(job.stop.remote())
+        ray.kill(job)
+
+
+def print_train_summary(summary: dict, out_dir: str, as_json: bool) -> None:
+    """The end-of-training report."""
+    if as_json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
     else:
         print(f"step {summary['step']}: val loss {summary['val_loss_start']:.3f} -> {summary['val_loss']:.3f} "
               f"(unigram baseline {summary['unigram_loss']:.3f}); {summary['tokens_per_s']:.0f} tokens/s; "
               f"unique row ratio {summary['unique_id_ratio']:.2f}; prefetch wait {summary['prefetch_wait_ms_per_step']:.1f} ms/step; "
               f"tables: {summary['tables']}")
         print(f"checkpoint: {summary['checkpoint']}   loss curve: {Path(out_dir) / 'loss_curve.png'}")
-    return 0
 
 
 def generate(args) -> int:

@@ -31,18 +31,18 @@ def run_demo(args) -> int:
     import ray
 
     from orchestration.pool import MemoryPool, PoolConfig
-    from orchestration.worker import TrainWorker, worker_options
+    from orchestration.workers import start_job
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     started = time.perf_counter()
     own_cluster = args.address is None
     if own_cluster:
-        ray.init(num_cpus=max(2, args.shards + 1), resources={"engram_memory": args.shards}, include_dashboard=False,
+        ray.init(num_cpus=max(2, args.shards + 1, args.workers + 1), resources={"engram_memory": args.shards}, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
     else:
         ray.init(address=args.address, log_to_driver=False, configure_logging=False)
     base_dir = args.pool_dir or tempfile.mkdtemp(prefix="engram-demo-")
-    pool = None
+    pool = job = None
     try:
         log(f"[demo] memory pool: {args.shards} shards (stores under {base_dir})")
         pool = MemoryPool(PoolConfig(num_shards=args.shards, base_dir=base_dir, token=args.token,
@@ -52,7 +52,7 @@ def run_demo(args) -> int:
         compressor = CompressedTokenizer.from_tokenizer_file(corpus.tokenizer_path)
         config = dict(DEMO_DEFAULTS, preset=args.preset, steps=args.steps, seed=args.seed,
                       out_dir=args.out or "runs/demo", memory="pool", table=args.table, prefetch=not args.no_prefetch,
-                      tokenizer=str(corpus.tokenizer_path))
+                      tokenizer=str(corpus.tokenizer_path), mode=args.mode)
         spec = build_preset(args.preset, corpus.vocab_size, corpus.pad_id).engram.with_compression(
             compressor.lookup_table, len(compressor))
         if args.table in pool.tables():
@@ -61,16 +61,19 @@ def run_demo(args) -> int:
             pool.create_table(args.table, spec, compressor.lookup_table, init_std=1.0, init_seed=args.seed)
         shard_map, version = pool.shard_map(args.table)
         log(f"[demo] table {args.table!r}: version {version}, epoch {shard_map.epoch}, shards {shard_map.addresses}")
-        worker = ray.remote(TrainWorker).options(**worker_options(ray)).remote(config, args.token)
-        log(f"[demo] training {args.preset} for {args.steps} steps through the pool (prefetch {'off' if args.no_prefetch else 'on'}) ...")
-        summary = ray.get(worker.run.remote())
-        text = ray.get(worker.generate.remote(args.prompt, args.max_new_tokens, 0.8, args.seed))
+        if config["batch_size"] % args.workers:
+            raise ValueError(f"batch size {config['batch_size']} does not split evenly over {args.workers} workers")
+        job = start_job(config, args.workers, pool.config.name, args.token)
+        log(f"[demo] training {args.preset} for {args.steps} steps through the pool on {args.workers} worker(s), "
+            f"{args.mode} mode, prefetch {'off' if args.no_prefetch else 'on'} ...")
+        summary = ray.get(job.run.remote())
+        text = ray.get(job.generate.remote(args.prompt, args.max_new_tokens, 0.8, args.seed))
         state = pool.state()
         served = sum(s["rows_served"] for s in state["shards"])
         lookup_seconds = sum(s.get("seconds.Lookup", 0.0) for s in state["shards"])
         result = {
             "val_loss_start": summary["val_loss_start"], "val_loss": summary["val_loss"], "unigram_loss": summary["unigram_loss"],
-            "steps": summary["step"], "tokens_per_s": summary["tokens_per_s"], "step_seconds": summary["step_seconds"],
+            "steps": summary["step"], "workers": summary["workers"], "mode": args.mode, "tokens_per_s": summary["tokens_per_s"], "step_seconds": summary["step_seconds"],
             "prefetch_wait_ms_per_step": summary["prefetch_wait_ms_per_step"], "unique_id_ratio": summary["unique_id_ratio"],
             "rows_served": served, "lookup_rows_per_s": served / summary["wall_seconds"] if summary["wall_seconds"] else 0.0,
             "shard_lookup_handler_seconds": lookup_seconds,
@@ -93,6 +96,9 @@ def run_demo(args) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        if job is not None:
+            ray.get(job.stop.remote())
+            ray.kill(job)
         if pool is not None and not (args.keep_serving and not own_cluster):
             pool.shutdown()
         ray.shutdown()
@@ -104,7 +110,8 @@ def print_summary(r: dict) -> None:
     """Human-readable demo summary."""
     print("=" * 72)
     print(f"val loss            {r['val_loss_start']:.3f} -> {r['val_loss']:.3f}   (unigram baseline {r['unigram_loss']:.3f})")
-    print(f"training            {r['steps']} steps, {r['tokens_per_s']:.0f} tokens/s, {r['step_seconds'] * 1e3:.0f} ms/step")
+    print(f"training            {r['steps']} steps on {r['workers']} worker(s), {r['mode']} mode, "
+          f"{r['tokens_per_s']:.0f} tokens/s, {r['step_seconds'] * 1e3:.0f} ms/step")
     print(f"prefetch wait       {r['prefetch_wait_ms_per_step']:.1f} ms/step   unique-id ratio {r['unique_id_ratio']:.2f}")
     print(f"lookups             {r['rows_served']:,.0f} rows served, {r['lookup_rows_per_s']:,.0f} rows/s over the run")
     print(f"table               {r['table']!r} version {r['table_version']} (directory epoch {r['epoch']})")

@@ -193,6 +193,12 @@ class MemoryPool:
                 timeout=RAY_TIMEOUT_S)
         return self.shard_map(name)[0]
 
+    def drop_table(self, name: str, token: str | None = None) -> None:
+        """Delete a table from every shard and from the directory."""
+        ray = _ray()
+        self.client(name, token=token or self.config.token).drop_table()
+        ray.get(self.directory.drop_table.remote(name), timeout=RAY_TIMEOUT_S)
+
     def tables(self) -> list[str]:
         """Names of the pool's tables."""
         return sorted(_ray().get(self.directory.state.remote(), timeout=RAY_TIMEOUT_S)["tables"])

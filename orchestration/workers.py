@@ -119,15 +119,16 @@ class RunTotals:
 class TrainingJob:
     """Runs a worker group to the end of training, re-forming it when asked to scale (a Ray actor)."""
 
-    def __init__(self, config: dict, num_workers: int = 1, token: str | None = None, segment_steps: int = 10):
+    def __init__(self, config: dict, num_workers: int = 1, token: str | None = None, segment_steps: int = 10,
+                 state: dict | None = None, stop_after: int | None = None):
         self.group = WorkerGroup(config, token)
-        self.steps = config["steps"]
+        self.steps = config["steps"] if stop_after is None else min(config["steps"], stop_after)
         self.segment_steps = max(1, segment_steps)
         self.wanted = num_workers
         self.step = 0
         self.events: list[dict] = []
         self.lock = threading.Lock()
-        self.group.start(num_workers)
+        self.step = self.group.start(num_workers, state)
 
     def run(self) -> dict:
         """Train to the end; returns rank 0's summary with the scaling events."""
@@ -143,7 +144,7 @@ class TrainingJob:
                 self.events.append({"step": self.step, "from": before, "to": wanted,
                                     "seconds": time.perf_counter() - started})
             stop = min(self.steps, self.step + self.segment_steps)
-            summary = self.group.run(stop_after=stop, save_at_stop=stop == self.steps)
+            summary = self.group.run(stop_after=stop, save_at_stop=stop == self.steps)  # a checkpoint at the end
             totals.add(summary["step"] - self.step, summary)
             self.step = summary["step"]
         summary.update(totals.summary(self.group.config))
@@ -177,13 +178,20 @@ class TrainingJob:
         self.group.stop()
 
 
-def start_job(config: dict, num_workers: int, pool: str, token: str | None = None, segment_steps: int = 10):
+def start_job(config: dict, num_workers: int, pool: str, token: str | None = None, segment_steps: int = 10,
+              state: dict | None = None, stop_after: int | None = None):
     """A TrainingJob actor named after the pool (so `engram workers scale` finds it)."""
     import ray
 
+    try:
+        ray.get_actor(job_name(pool), namespace=NAMESPACE)
+        raise ValueError(f"a training job is already running on pool {pool!r}")
+    except ValueError as e:
+        if "already running" in str(e):
+            raise
     return ray.remote(TrainingJob).options(
         name=job_name(pool), namespace=NAMESPACE, num_cpus=0, max_concurrency=4,
-    ).remote(config, num_workers, token, segment_steps)
+    ).remote(config, num_workers, token, segment_steps, state, stop_after)
 
 
 def attach_job(pool: str):

@@ -99,3 +99,19 @@ def test_scaling_workers_mid_run_keeps_the_trajectory(pool, tmp_path, small_corp
     assert_same_run(summary, pool, one_worker_doubled_batch)
     with pytest.raises(ValueError, match="no training job"):
         attach_job("no-such-pool")
+
+
+def test_async_mode_overlaps_the_push_with_the_next_step(pool, tmp_path, small_corpus, small_tokenizer, one_worker_doubled_batch):
+    config = config_for(tmp_path, small_corpus, small_tokenizer, pool.config.name, mode="async")
+    group = WorkerGroup(config, token="tok")
+    group.start(2)
+    try:
+        summary = group.run()
+    finally:
+        group.stop()
+    assert summary["mode"] == "async" and summary["step"] == 24
+    assert summary["overlapped_fetches"] > 0  # lookups went out while the previous push was still in flight
+    val = np.asarray(summary["history"]["val"])[:, 1]
+    sync_val = np.asarray(one_worker_doubled_batch.history["val"])[:, 1]
+    assert val[-1] < val[0] - 0.2  # it learns
+    assert abs(val[-1] - sync_val[-1]) < 0.05  # and a step of staleness barely changes where it gets
