@@ -61,12 +61,19 @@ def build_server(store: TableStore, host: str = "127.0.0.1", port: int = 0, toke
 
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 50051, token: str | None = None,
-          tls_cert: str | None = None, tls_key: str | None = None, ready=None, max_workers: int | None = None) -> None:
-    """Run a server on a store directory until SIGTERM/SIGINT, then stop gracefully."""
+          tls_cert: str | None = None, tls_key: str | None = None, ready=None, max_workers: int | None = None,
+          metrics_port: int | None = None) -> None:
+    """Run a server on a store directory until SIGTERM/SIGINT, then stop gracefully (and /metrics on metrics_port)."""
+    from memory_service.metrics import MetricsServer
+
     store = TableStore(path)
     workers = max_workers or int(os.environ.get("ENGRAM_SERVER_THREADS", DEFAULT_WORKERS))
-    server, bound, _ = build_server(store, host, port, token, tls_cert, tls_key, max_workers=workers)
+    server, bound, servicer = build_server(store, host, port, token, tls_cert, tls_key, max_workers=workers)
     server.start()
+    metrics = None
+    if metrics_port is not None:
+        metrics = MetricsServer(servicer.counters, host, metrics_port, labels={"service": f"{host}:{bound}"})
+        log.info("metrics on http://%s:%d/metrics", host, metrics.port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -75,5 +82,7 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 50051, token: str | No
     try:
         stop.wait()
     finally:
+        if metrics is not None:
+            metrics.stop()
         server.stop(grace=5).wait()
         store.close()

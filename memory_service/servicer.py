@@ -175,11 +175,15 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
 
     @rpc("read")
     def Stats(self, request, context):
+        return pb.StatsResponse(counters=self.counters())
+
+    def counters(self) -> dict[str, float]:
+        """Store counters and sizes, errors, the shard epoch and seconds spent per RPC (Stats and /metrics)."""
         counters = self.store.stats()
         counters["errors"] = float(self.errors)
         counters["shard_epoch"] = float(self.store.shard_state["epoch"])
         counters.update({f"seconds.{k}": v for k, v in self.seconds.items()})
-        return pb.StatsResponse(counters=counters)
+        return counters
 
     @rpc("read")
     def Echo(self, request, context):

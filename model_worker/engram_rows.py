@@ -26,8 +26,9 @@ from memory_service.hashing import NgramHasher
 class LayerRows:
     """One layer's rows: unique ids [U], leaf rows [U, hd] (once arrived), inverse [B*T*H], the batch shape.
 
-    With prefetch the lookup is still in flight (`pending`); the first use waits for it,
-    so an Engram layer waits only for its own rows, after the layers before it ran.
+    With prefetch the lookup is still in flight (`pending`: a Future of StagedRows, see
+    prefetch.py); the first use waits for it, so an Engram layer waits only for its own
+    rows, after the layers before it ran.
     """
 
     unique_ids: np.ndarray
@@ -44,9 +45,10 @@ class LayerRows:
         """Rows per token and head, [B, T, heads, head_dim] (waits for a prefetched lookup)."""
         if self.leaf is None:
             started = time.perf_counter()
-            rows, self.version = self.pending.result()
+            staged = self.pending.result()
             self.wait_seconds = time.perf_counter() - started
-            self.leaf = rows_to_leaf(rows, self.device, self.requires_grad)
+            self.version = staged.version
+            self.leaf = staged.ready().requires_grad_(self.requires_grad)
             self.pending = None
         return self.leaf[self.inverse].view(*self.shape, self.leaf.shape[-1])
 
@@ -115,6 +117,16 @@ class EngramRowFetcher:
         self.hasher = hasher
         self.device = torch.device(device)
         self.spec = hasher.spec
+        self._stager = None
+
+    @property
+    def stager(self):
+        """The staging thread (and CUDA side stream) of prefetched rows, made on first use."""
+        if self._stager is None:
+            from model_worker.prefetch import RowStager
+
+            self._stager = RowStager(self.device)
+        return self._stager
 
     def row_ids(self, tokens, context=None) -> dict[int, np.ndarray]:
         """{layer_id: int64 [B, T, heads]} row ids of raw tokens [B, T].
@@ -149,7 +161,7 @@ class EngramRowFetcher:
             batch = dedup_ids(ids.reshape(-1))
             inverse = torch.from_numpy(batch.inverse()).to(self.device)
             if can_prefetch:
-                pending = self.backend.lookup_unique_async(layer_id, batch.unique)
+                pending = self.stager.submit(self.backend.lookup_unique_async(layer_id, batch.unique))
                 layers[layer_id] = LayerRows(batch.unique, None, inverse, tuple(ids.shape), pending, requires_grad, self.device)
             else:
                 rows = self.backend.lookup(layer_id, batch.unique)  # [U, hd] float32

@@ -85,7 +85,7 @@ class Generator:
             raise ValueError(f"prompt ({prompt.shape[1]}) + new tokens ({max_new_tokens}) exceed max_seq_len {self.model.config.max_seq_len}")
         generator = torch.Generator().manual_seed(seed)
         cache = self.model.new_cache(prompt.shape[0], total)
-        logits, _ = self.model(prompt, self.fetcher.fetch(prompt), cache, start_pos=0)  # prefill
+        logits, _ = self.model(prompt, self.fetcher.fetch(prompt, prefetch=True), cache, start_pos=0)  # prefill
         tokens = prompt
         step_logits = []
         for i in range(max_new_tokens):
@@ -95,7 +95,8 @@ class Generator:
             tokens = torch.cat([tokens, nxt], dim=1)
             if i == max_new_tokens - 1:
                 break
-            rows = self.fetcher.fetch(nxt, context=tokens[:, :-1])  # only the new token's n-grams
+            # only the new token's n-grams; they travel while the layers before the first Engram layer run
+            rows = self.fetcher.fetch(nxt, context=tokens[:, :-1], prefetch=True)
             logits, _ = self.model(nxt, rows, cache, start_pos=tokens.shape[1] - 1)
         if return_logits:
             return tokens, torch.stack(step_logits, dim=1)

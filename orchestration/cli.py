@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="require this bearer token for writes and admin calls (default $ENGRAM_TOKEN)")
     p.add_argument("--tls-cert", help="PEM certificate chain (enables TLS with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--metrics-port", type=int, help="also serve Prometheus /metrics on this port (0 = any free port)")
     p.set_defaults(func=_lazy("commands_memory", "serve"))
 
     p = sub.add_parser("table", help="create, import, export, inspect and version tables")
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-port", type=int, default=6380, help="port of a local head started by up")
     p.add_argument("--token", help="token the shards require for writes and admin calls")
     p.add_argument("--stop-ray", action="store_true", help="down: also stop the local Ray head")
+    p.add_argument("--metrics-port", type=int, help="up: each shard serves Prometheus /metrics on this port + its id")
     p.set_defaults(func=_lazy("commands_cluster", "cluster"))
 
     p = sub.add_parser("shards", help="change the number of memory shards while traffic continues")

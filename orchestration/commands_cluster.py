@@ -73,8 +73,36 @@ def start_local_head(port: int, resources: dict) -> str:
     return address
 
 
+def _process_tree(root: int) -> list[int]:
+    """root and all its descendants, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])  # field 4, after the (command)
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
 def stop_local_head() -> None:
-    """Stop the head `engram cluster up` started (its whole process group), and forget its address."""
+    """Stop the head `engram cluster up` started (its whole process tree, Ray's workers included), and forget it."""
     import signal
     import time
 
@@ -82,15 +110,19 @@ def stop_local_head() -> None:
     if not os.path.exists(pid_file):
         print("no local Ray head started by engram cluster up; stop other clusters with `ray stop`", file=sys.stderr)
         return
-    pid = int(open(pid_file).read().strip())
-    for sig, grace_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(pid, sig)
-            deadline = time.time() + grace_s
-            while time.time() < deadline:
-                os.killpg(pid, 0)  # ProcessLookupError once every process of the group is gone
-                time.sleep(0.3)
-        except ProcessLookupError:
+    tree = _process_tree(int(open(pid_file).read().strip())) if _alive(int(open(pid_file).read().strip())) else []
+    # workers run in process groups of their own: the tree is taken before anything exits
+    for sig, grace_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        for pid in tree:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace_s
+        while time.time() < deadline and any(_alive(pid) for pid in tree):
+            time.sleep(0.3)
+        tree = [pid for pid in tree if _alive(pid)]
+        if not tree:
             break
     for path in (pid_file, os.path.expanduser(LOCAL_ADDRESS_FILE)):
         if os.path.exists(path):
@@ -107,7 +139,8 @@ def cluster(args) -> int:
             address = start_local_head(args.ray_port, {args.memory_resource: max(args.shards, 1) * 2})
         connect_ray(address)
         pool = MemoryPool(PoolConfig(name=args.pool, num_shards=args.shards, base_dir=args.pool_dir or "",
-                                     memory_resource=args.memory_resource, token=token_from(args), detached=True)).start()
+                                     memory_resource=args.memory_resource, token=token_from(args), detached=True,
+                                     metrics_port=args.metrics_port)).start()
         print(json.dumps({"ray_address": address, "pool": args.pool, "shards": pool.state()["addresses"]}, indent=2))
         return 0
     ray = connect_ray(args.address)

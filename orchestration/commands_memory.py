@@ -20,7 +20,8 @@ def serve(args) -> int:
     def ready(port):
         print(f"engram memory service on {args.host}:{port} (store {args.path}); Ctrl-C to stop", flush=True)
 
-    run_server(args.path, args.host, args.port, token_from(args), args.tls_cert, args.tls_key, ready=ready)
+    run_server(args.path, args.host, args.port, token_from(args), args.tls_cert, args.tls_key, ready=ready,
+               metrics_port=args.metrics_port)
     return 0
 
 

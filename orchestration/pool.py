@@ -57,6 +57,8 @@ class PoolConfig:
     """Address shards bind and advertise (a node's own address on a real multi-machine cluster)."""
     token: str | None = None
     """Token for writes and admin calls."""
+    metrics_port: int | None = None
+    """Each shard serves Prometheus /metrics on this port + its shard id (0: any free port; None: off)."""
     detached: bool = False
     """Keep shards and the directory alive after this driver exits (engram cluster up, --keep-serving)."""
 
@@ -116,7 +118,7 @@ class MemoryPool:
             name=shard_name(cfg.name, shard), namespace=NAMESPACE, get_if_exists=True, num_cpus=0,
             resources={cfg.memory_resource: 1}, max_restarts=-1, max_task_retries=-1,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False), **lifetime,
-        ).remote(shard, str(Path(cfg.resolved_base_dir()) / cfg.name), cfg.host, cfg.token)
+        ).remote(shard, str(Path(cfg.resolved_base_dir()) / cfg.name), cfg.host, cfg.token, cfg.metrics_port)
 
     @classmethod
     def attach(cls, name: str = "default") -> "MemoryPool":

@@ -24,7 +24,9 @@ SHARD_FILE = "shard.json"
 class ShardServer:
     """Store + gRPC server of shard `shard_id` under `base_dir/shard-<id>`."""
 
-    def __init__(self, shard_id: int, base_dir: str, host: str = "127.0.0.1", token: str | None = None):
+    def __init__(self, shard_id: int, base_dir: str, host: str = "127.0.0.1", token: str | None = None,
+                 metrics_port: int | None = None):
+        """metrics_port: serve /metrics on metrics_port + shard_id (0: any free port; None: no metrics)."""
         self.shard_id = shard_id
         self.path = Path(base_dir) / f"shard-{shard_id}"
         self.path.mkdir(parents=True, exist_ok=True)
@@ -34,6 +36,12 @@ class ShardServer:
         self.server, self.port, self.servicer = build_server(self.store, host, port, token)
         self.server.start()
         self.host = host
+        self.metrics = None
+        if metrics_port is not None:
+            from memory_service.metrics import MetricsServer
+
+            self.metrics = MetricsServer(self.servicer.counters, host, metrics_port + shard_id if metrics_port else 0,
+                                         labels={"shard": str(shard_id)})
         saved.write_text(json.dumps({"port": self.port, "host": host}))
 
     def address(self) -> str:
@@ -49,7 +57,8 @@ class ShardServer:
             node = ray.get_runtime_context().get_node_id()
         except Exception:  # noqa: BLE001 - outside Ray there is no node id
             pass
-        return {"shard": self.shard_id, "address": self.address(), "pid": os.getpid(), "node_id": node,
+        metrics = f"{self.host}:{self.metrics.port}" if self.metrics is not None else None
+        return {"shard": self.shard_id, "address": self.address(), "metrics": metrics, "pid": os.getpid(), "node_id": node,
                 "path": str(self.path), "epoch": self.store.shard_state["epoch"], **self.store.stats()}
 
     def set_owned(self, epoch: int, owned: dict[str, dict[int, tuple[int, int]]]) -> None:

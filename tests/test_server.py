@@ -27,11 +27,11 @@ def service(tmp_path_factory, data_dir):
     spec = EngramSpec(engram_vocab_size=[2003, 2003], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1, 2],
                       pad_id=1).with_compression(compressor.lookup_table, len(compressor))
     store = TableStore(tmp_path_factory.mktemp("store"), chunk_rows=256)
-    server, port, _ = build_server(store, token=TOKEN)
+    server, port, servicer = build_server(store, token=TOKEN)
     server.start()
     address = f"127.0.0.1:{port}"
     AdminClient(address, "t", token=TOKEN).create_table(spec, compressor.lookup_table, init_std=1.0)
-    yield {"address": address, "store": store, "spec": spec, "compressor": compressor}
+    yield {"address": address, "store": store, "spec": spec, "compressor": compressor, "servicer": servicer}
     server.stop(0)
     store.close()
 
@@ -268,3 +268,38 @@ def test_two_shards_split_batches_and_updates(tmp_path):
         for server, store in zip(servers, stores):
             server.stop(0)
             store.close()
+
+
+def test_prometheus_metrics_follow_the_service_counters(service):
+    import re
+    import urllib.error
+    import urllib.request
+
+    from memory_service.metrics import MetricsServer
+
+    metrics = MetricsServer(service["servicer"].counters, labels={"shard": "0"})
+    url = f"http://127.0.0.1:{metrics.port}/metrics"
+
+    def scrape() -> str:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            return reply.read().decode()
+
+    def value(text: str, series: str) -> float:
+        match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+        assert match, f"{series} missing from:\n{text}"
+        return float(match.group(1))
+
+    try:
+        before = scrape()
+        MemoryClient(service["address"], "t").lookup_raw(1, np.arange(100))
+        after = scrape()
+        served = 'engram_rows_served_total{shard="0"}'
+        assert value(after, served) == value(before, served) + 100
+        assert "# TYPE engram_rows_served_total counter" in after
+        assert "# TYPE engram_used_bytes gauge" in after
+        assert value(after, 'engram_rpc_handler_seconds_total{rpc="Lookup",shard="0"}') > 0
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics.port}/other", timeout=10)
+    finally:
+        metrics.stop()
