@@ -211,17 +211,19 @@ class MemoryClient(TableBackend):
         """Start several calls at once; returns their futures."""
         return [getattr(self._stubs[s], m).future(r, timeout=self.deadline_s, metadata=self._metadata()) for s, m, r in calls]
 
-    def _collect(self, calls: list[tuple[int, str, object]], futures: list) -> list:
-        """Results of started calls in order; a failed one is retried alone."""
-        results = []
+    def _results(self, calls: list[tuple[int, str, object]], futures: list):
+        """Yield the results of started calls in order as each arrives; a failed one is retried alone."""
         for (shard, method, request), future in zip(calls, futures):
             try:
-                results.append(future.result())
+                yield future.result()
             except grpc.RpcError as e:
                 if e.code() not in RETRYABLE:
                     raise error_from_rpc(e, f"{method} on {self.shard_map.addresses[shard]}: ") from e
-                results.append(self._call(shard, method, request))
-        return results
+                yield self._call(shard, method, request)
+
+    def _collect(self, calls: list[tuple[int, str, object]], futures: list) -> list:
+        """Results of started calls in order; a failed one is retried alone."""
+        return list(self._results(calls, futures))
 
     def _call_all(self, calls: list[tuple[int, str, object]]) -> list:
         """Send several calls at once (futures); a failed one is retried alone; results in order."""
@@ -299,14 +301,16 @@ class MemoryClient(TableBackend):
         return self._store_replies(parts, self._collect(calls, self._send(calls)), out)
 
     def _store_replies(self, parts, replies, out: np.ndarray) -> list[int]:
-        versions = []
-        for (shard, start, stop), reply in zip(parts, replies):
-            got = decode_array(reply.rows, enum_dtype(reply.dtype), "rows", width=self.spec.head_dim)
-            if got.shape[0] != stop - start or got.dtype != out.dtype:
-                raise FailedPrecondition(f"shard {shard} returned {got.shape[0]} {got.dtype} rows for {stop - start} ids")
-            out[start:stop] = got
-            versions.append(reply.version)
-        return versions
+        """Copy each reply's rows into its slice of out (replies may be a generator: each lands as it arrives)."""
+        return [self._store_reply(part, reply, out) for part, reply in zip(parts, replies)]
+
+    def _store_reply(self, part: tuple[int, int, int], reply, out: np.ndarray) -> int:
+        shard, start, stop = part
+        got = decode_array(reply.rows, enum_dtype(reply.dtype), "rows", width=self.spec.head_dim)
+        if got.shape[0] != stop - start or got.dtype != out.dtype:
+            raise FailedPrecondition(f"shard {shard} returned {got.shape[0]} {got.dtype} rows for {stop - start} ids")
+        out[start:stop] = got
+        return reply.version
 
     def lookup_batch(self, layer_id: int, row_ids, version: int = 0, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
         """(rows of the unique ids [U, head_dim], inverse [N], version): rows[inverse] is the batch.
@@ -318,8 +322,10 @@ class MemoryClient(TableBackend):
         ids = check_row_ids(row_ids, self.num_rows(layer_id), layer_id)
         batch = dedup_ids(ids)
         target = out[:batch.unique.size] if out is not None and out.shape[0] >= batch.unique.size else None
-        rows, served = self.lookup_unique(layer_id, batch.unique, version, target)
-        return rows, batch.inverse(), served
+        pending = self.lookup_unique_async(layer_id, batch.unique, version, target)
+        inverse = batch.inverse()  # while the rows travel
+        rows, served = pending.result()
+        return rows, inverse, served
 
     def lookup(self, layer_id: int, row_ids: np.ndarray) -> np.ndarray:
         """Rows for int64 ids [N] -> float32 [N, head_dim] (TableBackend)."""
@@ -489,15 +495,14 @@ class PendingLookup:
         """(rows [U, head_dim], version), waiting for the replies still in flight."""
         if self._result is None:
             client = self._client
-            try:
-                replies = client._collect(self._calls, self._futures)
+            try:  # each part's rows are copied out while later parts are still arriving
+                served = client._store_replies(self._parts, client._results(self._calls, self._futures), self._out)
             except StaleShardMap:
                 if client.map_provider is None:
                     raise
                 client.refresh_map()  # the map moved on (rescale, swap): ask again under the new one
                 self._result = client._with_fresh_map(lambda: client.lookup_unique(self._layer, self._unique, 0, self._out))
                 return self._result
-            served = client._store_replies(self._parts, replies, self._out)
             target = self._version or max(served, default=0)
             stale = [part for part, v in zip(self._parts, served) if v != target]
             if stale:  # a swap landed between parts: fetch those again from the newer version

@@ -9,18 +9,31 @@ import numpy as np
 
 @dataclass
 class Dedup:
-    """Sorted unique ids of a batch, plus how to expand rows of `unique` back to the batch order."""
+    """Sorted unique ids of a batch, plus how to expand rows of `unique` back to the batch order.
+
+    The inverse is worked out only when asked for, so a caller can send the unique ids
+    first and compute the inverse while the rows travel.
+    """
 
     unique: np.ndarray  # int64 [U], ascending
-    positions: np.ndarray | None  # int64 [N]: batch position of each id in sorted order (None: batch was already unique+sorted)
-    unique_index: np.ndarray | None  # int64 [N]: index into `unique` of each id in sorted order
+    first: np.ndarray | None  # bool [N]: in sorted order, where a new id starts (None: batch was already unique+sorted)
+    order: np.ndarray | None  # int64 [N]: sorted packed words (id << shift | position), or argsort positions
+    shift: int = 0  # bits of position in `order` (0: `order` holds positions)
+
+    @property
+    def positions(self) -> np.ndarray | None:
+        """int64 [N]: batch position of each id in sorted order."""
+        if self.order is None:
+            return None
+        return self.order & ((1 << self.shift) - 1) if self.shift else self.order
 
     def inverse(self) -> np.ndarray:
         """int64 [N]: index into `unique` of each batch position (rows[inverse] restores batch order)."""
-        if self.positions is None:
+        if self.order is None:
             return np.arange(self.unique.size)
-        inverse = np.empty(self.positions.size, dtype=np.int64)
-        inverse[self.positions] = self.unique_index
+        unique_index = np.cumsum(self.first) - 1  # [N]: index into unique, sorted order
+        inverse = np.empty(self.first.size, dtype=np.int64)
+        inverse[self.positions] = unique_index
         return inverse
 
 
@@ -31,13 +44,13 @@ def dedup_ids(ids: np.ndarray) -> Dedup:
         return Dedup(ids, None, None)
     shift = max(1, int(n - 1).bit_length())
     if int(ids.max()) < (1 << (62 - shift)):
-        packed = (ids << shift) | np.arange(n, dtype=np.int64)
-        packed.sort()
-        sorted_ids, positions = packed >> shift, packed & ((1 << shift) - 1)
+        order = (ids << shift) | np.arange(n, dtype=np.int64)
+        order.sort()
+        sorted_ids = order >> shift
     else:
-        positions = np.argsort(ids, kind="stable")
-        sorted_ids = ids[positions]
+        order, shift = np.argsort(ids, kind="stable"), 0
+        sorted_ids = ids[order]
     first = np.empty(n, dtype=bool)
     first[0] = True
     np.not_equal(sorted_ids[1:], sorted_ids[:-1], out=first[1:])
-    return Dedup(sorted_ids[first], positions, np.cumsum(first) - 1)
+    return Dedup(sorted_ids[first], first, order, shift)

@@ -159,11 +159,12 @@ class EngramRowFetcher:
         can_prefetch = prefetch and hasattr(self.backend, "lookup_unique_async")
         for layer_id, ids in self.row_ids(tokens, context).items():
             batch = dedup_ids(ids.reshape(-1))
-            inverse = torch.from_numpy(batch.inverse()).to(self.device)
-            if can_prefetch:
+            if can_prefetch:  # send first, then work out the inverse while the rows travel
                 pending = self.stager.submit(self.backend.lookup_unique_async(layer_id, batch.unique))
+                inverse = torch.from_numpy(batch.inverse()).to(self.device)
                 layers[layer_id] = LayerRows(batch.unique, None, inverse, tuple(ids.shape), pending, requires_grad, self.device)
             else:
+                inverse = torch.from_numpy(batch.inverse()).to(self.device)
                 rows = self.backend.lookup(layer_id, batch.unique)  # [U, hd] float32
                 layers[layer_id] = LayerRows(batch.unique, rows_to_leaf(rows, self.device, requires_grad), inverse, tuple(ids.shape))
         return FetchedRows(layers)

@@ -178,8 +178,13 @@ def bench_lookup(num_rows: int = 1 << 24, dim: int = 64, dtype: str = "float16",
 
 # ---------------------------------------------------------------------- training step
 def bench_step(preset: str = "small", steps: int = 12, warmup: int = 3, batch_size: int = 8, seq_len: int = 128,
-               log=print) -> dict:
-    """Mean train-step time: in-process tables vs the memory service with and without prefetch (server in its own process)."""
+               log=print, block: int = 3) -> dict:
+    """Train-step time: in-process tables vs the memory service with and without prefetch, and async (server in its own process).
+
+    Modes take turns in blocks of `block` steps (round-robin, so they share the machine's
+    drift); a block's time includes waiting for an async push still in flight at its end,
+    so async mode gets no free time from the other modes' turns.
+    """
     import shutil
     import tempfile
 
@@ -193,7 +198,8 @@ def bench_step(preset: str = "small", steps: int = 12, warmup: int = 3, batch_si
         common = dict(preset=preset, steps=warmup + steps, batch_size=batch_size, seq_len=seq_len, eval_every=10_000,
                       ckpt_every=10_000, eval_batches=1)
         modes = {"in_process": {}, "service_prefetch": {"memory": f"grpc://{address}", "table": "p", "prefetch": True},
-                 "service_no_prefetch": {"memory": f"grpc://{address}", "table": "q", "prefetch": False}}
+                 "service_no_prefetch": {"memory": f"grpc://{address}", "table": "q", "prefetch": False},
+                 "service_prefetch_async": {"memory": f"grpc://{address}", "table": "r", "prefetch": True, "mode": "async"}}
         trainers = {}
         for mode, extra in modes.items():
             config = TrainConfig(out_dir=tempfile.mkdtemp(prefix=f"engram-{mode}-"), **common, **extra)
@@ -203,14 +209,18 @@ def bench_step(preset: str = "small", steps: int = 12, warmup: int = 3, batch_si
         waits = {mode: [] for mode in modes}
         from model_worker.data import sample_batch
 
-        for step in range(warmup + steps):  # round-robin: the three modes share the machine's drift
+        for mode, trainer in trainers.items():  # warm-up
+            for _ in range(warmup):
+                trainer.train_step(*sample_batch(trainer.corpus.train_ids, batch_size, seq_len, trainer.rng))
+            trainer.wait_for_push()
+        for _ in range(max(1, steps // block)):  # round-robin over blocks of steps
             for mode, trainer in trainers.items():
-                inputs, targets = sample_batch(trainer.corpus.train_ids, batch_size, seq_len, trainer.rng)
+                batches = [sample_batch(trainer.corpus.train_ids, batch_size, seq_len, trainer.rng) for _ in range(block)]
                 started = time.perf_counter()
-                stats = trainer.train_step(inputs, targets)
-                if step >= warmup:
-                    times[mode].append(time.perf_counter() - started)
-                    waits[mode].append(stats["wait"])
+                for inputs, targets in batches:
+                    waits[mode].append(trainer.train_step(inputs, targets)["wait"])
+                trainer.wait_for_push()
+                times[mode].append((time.perf_counter() - started) / block)
         for mode in modes:
             results[mode] = {"step_ms": 1e3 * float(np.median(times[mode])), "prefetch_wait_ms": 1e3 * float(np.median(waits[mode]))}
     finally:
@@ -218,8 +228,9 @@ def bench_step(preset: str = "small", steps: int = 12, warmup: int = 3, batch_si
         proc.wait(timeout=30)
         shutil.rmtree(path, ignore_errors=True)
     base = results["in_process"]["step_ms"]
-    lines = [f"train step ({preset}, batch {batch_size} x {seq_len}, median of {steps} steps after {warmup} warm-up, round-robin)"]
+    lines = [f"train step ({preset}, batch {batch_size} x {seq_len}, median of {len(times['in_process'])} blocks of {block} steps "
+             f"after {warmup} warm-up, round-robin)"]
     for mode, r in results.items():
-        lines.append(f"  {mode:20s} {r['step_ms']:8.1f} ms/step   x{r['step_ms'] / base:5.2f} of in-process   "
+        lines.append(f"  {mode:22s} {r['step_ms']:8.1f} ms/step   x{r['step_ms'] / base:5.2f} of in-process   "
                      f"prefetch wait {r['prefetch_wait_ms']:6.1f} ms")
     return {"preset": preset, "results": results, "lines": lines}

@@ -27,6 +27,9 @@ class ShardServer:
     def __init__(self, shard_id: int, base_dir: str, host: str = "127.0.0.1", token: str | None = None,
                  metrics_port: int | None = None):
         """metrics_port: serve /metrics on metrics_port + shard_id (0: any free port; None: no metrics)."""
+        from memory_service.malloc_tuning import tune_glibc_malloc
+
+        tune_glibc_malloc()  # reply buffers stay mapped between lookups (a Ray worker starts with glibc defaults)
         self.shard_id = shard_id
         self.path = Path(base_dir) / f"shard-{shard_id}"
         self.path.mkdir(parents=True, exist_ok=True)

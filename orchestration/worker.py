@@ -17,6 +17,9 @@ class TrainWorker:
     """Trains (and generates) with tables on the memory pool; one rank of a data-parallel group."""
 
     def __init__(self, config: dict, token: str | None = None):
+        from memory_service.malloc_tuning import tune_glibc_malloc
+
+        tune_glibc_malloc()  # step buffers stay mapped between steps (a Ray worker starts with glibc defaults)
         self.config = TrainConfig(**config)
         self.token = token
         self._trainer: Trainer | None = None
