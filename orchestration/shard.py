@@ -62,7 +62,7 @@ class ShardServer:
             pass
         metrics = f"{self.host}:{self.metrics.port}" if self.metrics is not None else None
         return {"shard": self.shard_id, "address": self.address(), "metrics": metrics, "pid": os.getpid(), "node_id": node,
-                "path": str(self.path), "epoch": self.store.shard_state["epoch"], **self.store.stats()}
+                "path": str(self.path), "epoch": self.store.shard_state["epoch"], **self.servicer.counters()}
 
     def set_owned(self, epoch: int, owned: dict[str, dict[int, tuple[int, int]]]) -> None:
         """Adopt a shard map: its epoch and this shard's row ranges per table and layer."""
