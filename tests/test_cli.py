@@ -55,5 +55,5 @@ def test_step_bench_runs():
     result = engram("bench", "step", "--preset", "tiny", "--steps", 2, "--json")
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)["results"]
-    assert set(figures) == {"in_process", "service_prefetch", "service_no_prefetch"}
+    assert set(figures) == {"in_process", "service_prefetch", "service_no_prefetch", "service_prefetch_async"}
     assert all(r["step_ms"] > 0 for r in figures.values())
