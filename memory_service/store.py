@@ -321,7 +321,7 @@ class TableStore:
         blob = txn.get(b"table:" + name.encode(), db=self.meta_db)
         if blob is None:
             raise NotFound(f"no table named {name!r}")
-        return TableMeta.from_json(blob)
+        return TableMeta.from_json(bytes(blob))  # bytes: a buffers=True transaction hands out memoryviews
 
     def _put_meta(self, txn, meta: TableMeta) -> None:
         txn.put(b"table:" + meta.name.encode(), meta.to_json(), db=self.meta_db)
@@ -607,7 +607,7 @@ class TableStore:
 
     @staticmethod
     def _read_chunk(txn, db, key: bytes, dtype, shape: tuple) -> np.ndarray:
-        """A writable copy of a chunk, or zeros when the chunk does not exist yet."""
+        """A writable copy of a chunk, or zeros when the chunk does not exist yet (one copy in a buffers=True txn)."""
         current = txn.get(key, db=db)
         if current is None:
             return np.zeros(shape, dtype=dtype)
@@ -671,7 +671,7 @@ class TableStore:
         if not np.isfinite(lr) or lr < 0:
             raise InvalidArgument(f"learning rate must be a finite number >= 0, got {lr}")
         with self._write_lock:
-            with self.env.begin(write=True) as txn:
+            with self.env.begin(write=True, buffers=True) as txn:  # chunks read without a copy (copied once below)
                 meta, num_rows, v = self._write_target(txn, name, layer, version, fingerprint)
                 ids = check_row_ids(row_ids, num_rows, layer)
                 if ids.size:
@@ -691,8 +691,8 @@ class TableStore:
                         block[offsets], sel["m"], sel["v"], sel["step"], g[pos], lr, self.optimizer)
                     block[offsets] = new_rows
                     state["m"][offsets], state["v"][offsets], state["step"][offsets] = new_m, new_v, new_steps
-                    txn.put(row_key, block.tobytes(), db=self.rows_db)
-                    txn.put(opt_key, state.tobytes(), db=self.opt_db)
+                    txn.put(row_key, memoryview(block).cast("B"), db=self.rows_db)  # no intermediate bytes copy
+                    txn.put(opt_key, memoryview(state.view(np.uint8)).cast("B"), db=self.opt_db)
                 self._record_request(txn, request_id, v)
             self._committed()
             self.counters["gradient_pushes"] += 1
