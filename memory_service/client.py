@@ -11,6 +11,7 @@ write is applied once). Server errors come back as memory_service.errors excepti
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -121,6 +122,8 @@ class MemoryClient(TableBackend):
         self.max_payload_bytes = max_payload_bytes
         self._tls_root_cert = tls_root_cert
         self._channels: list[grpc.Channel] = []
+        self._retired: list[grpc.Channel] = []  # channels of earlier maps: calls may still be in flight on them
+        self._map_lock = threading.Lock()  # the prefetch, push and main threads may refresh at once
         self._stubs: list[pb_grpc.EngramMemoryStub] = []
         self._open_channels()
         if map_provider is not None:
@@ -134,8 +137,7 @@ class MemoryClient(TableBackend):
 
     # ------------------------------------------------------------------ plumbing
     def _open_channels(self) -> None:
-        for channel in self._channels:
-            channel.close()
+        self._retired.extend(self._channels)  # closed by close(): another thread may be waiting on them
         make = (lambda a: grpc.secure_channel(a, grpc.ssl_channel_credentials(self._tls_root_cert), options=channel_options())) \
             if self._tls_root_cert else (lambda a: grpc.insecure_channel(a, options=channel_options()))
         self._channels = [make(a) for a in self.shard_map.addresses]
@@ -149,10 +151,11 @@ class MemoryClient(TableBackend):
 
     def set_shard_map(self, shard_map: ShardMap) -> None:
         """Switch to another shard map (after FAILED_PRECONDITION: stale map)."""
-        if shard_map.addresses != self.shard_map.addresses:
+        with self._map_lock:
+            if shard_map.addresses != self.shard_map.addresses:
+                self.shard_map = shard_map
+                self._open_channels()
             self.shard_map = shard_map
-            self._open_channels()
-        self.shard_map = shard_map
 
     def refresh_map(self) -> None:
         """Re-read the shard map and active version from the map provider."""
@@ -194,7 +197,7 @@ class MemoryClient(TableBackend):
         delay = 0.05
         while True:
             try:
-                return getattr(self._stubs[shard], method)(request, timeout=self.deadline_s, metadata=self._metadata())
+                return getattr(self._stub(shard), method)(request, timeout=self.deadline_s, metadata=self._metadata())
             except grpc.RpcError as e:
                 if e.code() in RETRYABLE and self._map_moved():
                     raise StaleShardMap(f"{method}: shard {self.shard_map.addresses[shard]} unavailable and the shard map "
@@ -209,7 +212,14 @@ class MemoryClient(TableBackend):
 
     def _send(self, calls: list[tuple[int, str, object]]) -> list:
         """Start several calls at once; returns their futures."""
-        return [getattr(self._stubs[s], m).future(r, timeout=self.deadline_s, metadata=self._metadata()) for s, m, r in calls]
+        return [getattr(self._stub(s), m).future(r, timeout=self.deadline_s, metadata=self._metadata()) for s, m, r in calls]
+
+    def _stub(self, shard: int):
+        """The stub of a shard of the current map; a call planned on a map with more shards is stale."""
+        stubs = self._stubs
+        if shard >= len(stubs):
+            raise StaleShardMap(f"shard {shard} is not in the current map ({len(stubs)} shards): plan again")
+        return stubs[shard]
 
     def _results(self, calls: list[tuple[int, str, object]], futures: list):
         """Yield the results of started calls in order as each arrives; a failed one is retried alone."""
@@ -271,6 +281,9 @@ class MemoryClient(TableBackend):
     def lookup_unique_async(self, layer_id: int, unique_ids: np.ndarray, version: int = 0,
                             out: np.ndarray | None = None) -> "PendingLookup":
         """Send every part of a lookup now; `.result()` collects (rows, version) later (prefetch)."""
+        return self._with_fresh_map(lambda: self._start_lookup(layer_id, unique_ids, version, out))
+
+    def _start_lookup(self, layer_id: int, unique_ids: np.ndarray, version: int, out: np.ndarray | None) -> "PendingLookup":
         version = version or self.version_pin
         head_dim = self.spec.head_dim
         if out is None or out.shape != (unique_ids.size, head_dim) or out.dtype != self.dtype:
@@ -471,8 +484,9 @@ class MemoryClient(TableBackend):
 
     def close(self) -> None:
         """Close the channels."""
-        for channel in self._channels:
+        for channel in self._channels + self._retired:
             channel.close()
+        self._retired = []
 
 
 class AdminClient(MemoryClient):

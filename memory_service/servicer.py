@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import threading
 import time
 
 import grpc
@@ -47,7 +48,8 @@ def rpc(kind: str):
                 self.errors += 1
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             finally:
-                self.seconds[method.__name__] = self.seconds.get(method.__name__, 0.0) + time.perf_counter() - started
+                with self._seconds_lock:
+                    self.seconds[method.__name__] = self.seconds.get(method.__name__, 0.0) + time.perf_counter() - started
         return handler
     return wrap
 
@@ -72,6 +74,7 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
         self.max_payload_bytes = max_payload_bytes
         self.errors = 0
         self.seconds: dict[str, float] = {}
+        self._seconds_lock = threading.Lock()
         self._hashers: dict[str, tuple[CompressedTokenizer | None, NgramHasher]] = {}
         self._echo = b""
 
@@ -182,7 +185,8 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
         counters = self.store.stats()
         counters["errors"] = float(self.errors)
         counters["shard_epoch"] = float(self.store.shard_state["epoch"])
-        counters.update({f"seconds.{k}": v for k, v in self.seconds.items()})
+        with self._seconds_lock:
+            counters.update({f"seconds.{k}": v for k, v in self.seconds.items()})
         return counters
 
     @rpc("read")

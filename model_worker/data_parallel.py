@@ -22,7 +22,9 @@ import torch.distributed as dist
 
 from memory_service.dedup import dedup_ids
 
-INIT_TIMEOUT = datetime.timedelta(minutes=5)
+# How long a rank waits in any collective (joining included): long enough for the leader to create a
+# large table on the pool or write a checkpoint while the others wait at the next collective.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -51,9 +53,10 @@ class DataParallel:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a local cluster stays on loopback
         if dist.is_initialized():
             dist.destroy_process_group()
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # host-side collectives (row gradients, losses, counts) use gloo; CUDA tensors go through nccl
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{master}", rank=rank, world_size=world_size,
-                                timeout=INIT_TIMEOUT)
+                                timeout=COLLECTIVE_TIMEOUT)
         return cls(rank, world_size)
 
     @property
@@ -81,19 +84,31 @@ class DataParallel:
             dist.broadcast(tensor.data, src=0)
 
     def average_gradients(self, parameters) -> None:
-        """Mean of every parameter's gradient across ranks (missing gradients count as zeros)."""
+        """Mean of every parameter's gradient across ranks.
+
+        A rank without a gradient for a parameter (an expert that got none of its tokens)
+        adds zeros; a parameter no rank has a gradient for keeps grad None, so the
+        optimizer skips it as it would for one worker with the whole batch.
+        """
         if not self.active:
             return
         params = [p for p in parameters if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])  # [sum of numels]
+        if not params:
+            return
+        device = params[0].device
+        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)  # [P]
+        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                 for p in params]
+        flat = torch.cat(grads + [has_grad.to(grads[0].dtype)])  # [sum of numels + P]
         dist.all_reduce(flat)
-        flat /= self.world_size
+        anyone = flat[-len(params):] > 0  # [P]
+        flat = flat[:-len(params)] / self.world_size
         offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+        for p, used in zip(params, anyone.tolist()):
+            if used:
+                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            else:
+                p.grad = None
             offset += p.numel()
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -221,6 +221,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean validation cross-entropy over the fixed eval windows (split across data-parallel workers)."""
         self.wait_for_push()
+        self.parallel.barrier()  # async: every worker's last push is in before anyone's validation lookups
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64)  # [loss * sequences, sequences]
         for i, (inputs, targets) in enumerate(self.eval_set):
@@ -318,11 +319,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
-        """Everything a run needs to continue exactly (dense model, optimizer, step, RNGs, history); not the tables."""
+        """Everything a run needs to continue exactly (dense model, optimizer, step, RNGs, history); not the tables.
+
+        Tensors are CPU copies, so the state can travel to a process without this one's GPU.
+        """
         self.wait_for_push()
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": to_cpu(self.model.state_dict()),
+            "optimizer": to_cpu(self.optimizer.state_dict()),
             "step": self.step,
             "rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
@@ -341,7 +345,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         self.rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
         self.history = state["history"]
 
     def save(self) -> Path | None:
@@ -400,6 +404,17 @@ class Trainer:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+
+def to_cpu(value):
+    """A copy of nested dicts/lists of tensors with every tensor on the CPU."""
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(v) for v in value)
+    return value
 
 
 def train_config_from_checkpoint(directory: str | Path, **overrides) -> TrainConfig:

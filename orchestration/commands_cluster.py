@@ -42,9 +42,17 @@ def _saved_address() -> str | None:
 
 def start_local_head(port: int, resources: dict) -> str:
     """Start a Ray head on loopback in its own process group (so `down --stop-ray` stops only it); returns its address."""
+    import signal
     import socket
     import time
 
+    try:  # something already listening there would be taken for our head
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            in_use = True
+    except OSError:
+        in_use = False
+    if in_use:
+        raise ValueError(f"port {port} is already in use: pick another --ray-port (or join that cluster with --address)")
     state = os.path.dirname(os.path.expanduser(LOCAL_ADDRESS_FILE))
     os.makedirs(state, exist_ok=True)
     env = dict(os.environ, **LOCAL_RAY_ENV)
@@ -62,7 +70,7 @@ def start_local_head(port: int, resources: dict) -> str:
                 break
         except OSError:
             if time.time() > deadline:
-                head.kill()
+                os.killpg(head.pid, signal.SIGKILL)  # ray start and whatever it started (own session)
                 raise RuntimeError(f"the Ray head did not listen on 127.0.0.1:{port} within {HEAD_START_TIMEOUT_S} s") from None
             time.sleep(0.5)
     address = f"127.0.0.1:{port}"
@@ -101,6 +109,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _is_ray_head(pid: int) -> bool:
+    """Whether pid runs `ray start --head` (what cluster up started)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"ray.scripts.scripts" in args and b"--head" in args
+
+
 def stop_local_head() -> None:
     """Stop the head `engram cluster up` started (its whole process tree, Ray's workers included), and forget it."""
     import signal
@@ -110,7 +128,8 @@ def stop_local_head() -> None:
     if not os.path.exists(pid_file):
         print("no local Ray head started by engram cluster up; stop other clusters with `ray stop`", file=sys.stderr)
         return
-    tree = _process_tree(int(open(pid_file).read().strip())) if _alive(int(open(pid_file).read().strip())) else []
+    pid = int(open(pid_file).read().strip())
+    tree = _process_tree(pid) if _alive(pid) and _is_ray_head(pid) else []  # a stale pid may belong to another program now
     # workers run in process groups of their own: the tree is taken before anything exits
     for sig, grace_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
         for pid in tree:

@@ -8,7 +8,10 @@ them into one torch.distributed group (see model_worker/data_parallel.py).
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
+from pathlib import Path
 
 from model_worker.train import Trainer, TrainConfig
 
@@ -16,10 +19,14 @@ from model_worker.train import Trainer, TrainConfig
 class TrainWorker:
     """Trains (and generates) with tables on the memory pool; one rank of a data-parallel group."""
 
-    def __init__(self, config: dict, token: str | None = None):
+    def __init__(self, config: dict, token: str | None = None, tokenizer_json: bytes | None = None):
+        """tokenizer_json: the driver's tokenizer file, written here when its path does not exist on this node."""
         from memory_service.malloc_tuning import tune_glibc_malloc
 
         tune_glibc_malloc()  # step buffers stay mapped between steps (a Ray worker starts with glibc defaults)
+        config = dict(config)
+        if tokenizer_json is not None and (not config.get("tokenizer") or not os.path.exists(config["tokenizer"])):
+            config["tokenizer"] = str(local_tokenizer_copy(tokenizer_json))
         self.config = TrainConfig(**config)
         self.token = token
         self._trainer: Trainer | None = None
@@ -84,6 +91,19 @@ class TrainWorker:
     def where(self) -> str:
         """Ray node id of this worker."""
         return node_id()
+
+
+def local_tokenizer_copy(tokenizer_json: bytes) -> Path:
+    """The driver's tokenizer, saved under this node's cache (named by content, written once)."""
+    from model_worker.data import cache_dir
+
+    path = cache_dir() / f"tokenizer-shipped-{hashlib.sha256(tokenizer_json).hexdigest()[:16]}.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(tokenizer_json)
+        tmp.replace(path)
+    return path
 
 
 def node_id() -> str | None:

@@ -28,9 +28,10 @@ def job_name(pool: str) -> str:
 class WorkerGroup:
     """M TrainWorker actors training data-parallel."""
 
-    def __init__(self, config: dict, token: str | None = None):
+    def __init__(self, config: dict, token: str | None = None, tokenizer_json: bytes | None = None):
         self.config = config
         self.token = token
+        self.tokenizer_json = tokenizer_json  # shipped to workers on nodes without the driver's tokenizer file
         self.workers: list = []
 
     def start(self, num_workers: int, state: dict | None = None) -> int:
@@ -42,7 +43,8 @@ class WorkerGroup:
         if self.config["batch_size"] % num_workers:
             raise ValueError(f"batch size {self.config['batch_size']} does not split evenly over {num_workers} workers")
         options = worker_options(ray)
-        self.workers = [ray.remote(TrainWorker).options(**options).remote(self.config, self.token)
+        tokenizer = ray.put(self.tokenizer_json) if self.tokenizer_json is not None else None
+        self.workers = [ray.remote(TrainWorker).options(**options).remote(self.config, self.token, tokenizer)
                         for _ in range(num_workers)]
         master = ray.get(self.workers[0].rendezvous.remote(), timeout=RAY_TIMEOUT_S) if num_workers > 1 else None
         state_ref = ray.put(state) if state is not None else None
@@ -120,8 +122,8 @@ class TrainingJob:
     """Runs a worker group to the end of training, re-forming it when asked to scale (a Ray actor)."""
 
     def __init__(self, config: dict, num_workers: int = 1, token: str | None = None, segment_steps: int = 10,
-                 state: dict | None = None, stop_after: int | None = None):
-        self.group = WorkerGroup(config, token)
+                 state: dict | None = None, stop_after: int | None = None, tokenizer_json: bytes | None = None):
+        self.group = WorkerGroup(config, token, tokenizer_json)
         self.steps = config["steps"] if stop_after is None else min(config["steps"], stop_after)
         self.segment_steps = max(1, segment_steps)
         self.wanted = num_workers
@@ -180,8 +182,20 @@ class TrainingJob:
 
 def start_job(config: dict, num_workers: int, pool: str, token: str | None = None, segment_steps: int = 10,
               state: dict | None = None, stop_after: int | None = None):
-    """A TrainingJob actor named after the pool (so `engram workers scale` finds it)."""
+    """A TrainingJob actor named after the pool (so `engram workers scale` finds it).
+
+    The config's tokenizer file is read here and shipped, so workers on other nodes train
+    with the same tokenizer; a relative out_dir is made absolute.
+    """
+    import os
+
     import ray
+
+    config = dict(config, out_dir=os.path.abspath(config["out_dir"]))
+    tokenizer_json = None
+    if config.get("tokenizer") and os.path.exists(config["tokenizer"]):
+        with open(config["tokenizer"], "rb") as f:
+            tokenizer_json = f.read()
 
     try:
         ray.get_actor(job_name(pool), namespace=NAMESPACE)
@@ -191,7 +205,7 @@ def start_job(config: dict, num_workers: int, pool: str, token: str | None = Non
             raise
     return ray.remote(TrainingJob).options(
         name=job_name(pool), namespace=NAMESPACE, num_cpus=0, max_concurrency=4,
-    ).remote(config, num_workers, token, segment_steps, state, stop_after)
+    ).remote(config, num_workers, token, segment_steps, state, stop_after, tokenizer_json)
 
 
 def attach_job(pool: str):
