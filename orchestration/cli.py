@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (up without it starts a local head on loopback)")
     p.add_argument("--pool", default="default", help="pool name")
     p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--host", help="address shards bind and advertise: 127.0.0.1 (default for a local head) or auto "
+                   "(each node's own address; the default with --address)")
     p.add_argument("--memory-resource", default="engram_memory", help="Ray resource that marks memory nodes")
     p.add_argument("--pool-dir", help="shard store directory on each memory node")
     p.add_argument("--ray-port", type=int, default=6380, help="port of a local head started by up")

@@ -159,6 +159,7 @@ def cluster(args) -> int:
         connect_ray(address)
         pool = MemoryPool(PoolConfig(name=args.pool, num_shards=args.shards, base_dir=args.pool_dir or "",
                                      memory_resource=args.memory_resource, token=token_from(args), detached=True,
+                                     host=args.host or ("auto" if args.address else "127.0.0.1"),
                                      metrics_port=args.metrics_port)).start()
         print(json.dumps({"ray_address": address, "pool": args.pool, "shards": pool.state()["addresses"]}, indent=2))
         return 0

@@ -46,6 +46,7 @@ def run_demo(args) -> int:
     try:
         log(f"[demo] memory pool: {args.shards} shards (stores under {base_dir})")
         pool = MemoryPool(PoolConfig(num_shards=args.shards, base_dir=base_dir, token=args.token,
+                                     host="127.0.0.1" if own_cluster else "auto",
                                      detached=args.keep_serving and not own_cluster)).start()
         # The spec depends on the tokenizer: build it here, then create the tables on the pool.
         corpus = load_corpus(log=log)

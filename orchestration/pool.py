@@ -54,7 +54,7 @@ class PoolConfig:
     memory_resource: str = "engram_memory"
     """Custom Ray resource that marks memory nodes; each shard takes one unit."""
     host: str = "127.0.0.1"
-    """Address shards bind and advertise (a node's own address on a real multi-machine cluster)."""
+    """Address shards bind and advertise: 127.0.0.1 on one machine; "auto" makes each shard use its node's address."""
     token: str | None = None
     """Token for writes and admin calls."""
     metrics_port: int | None = None

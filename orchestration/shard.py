@@ -21,6 +21,13 @@ from memory_service.store import TableStore
 SHARD_FILE = "shard.json"
 
 
+def node_address() -> str:
+    """The address Ray knows this node by."""
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
 class ShardServer:
     """Store + gRPC server of shard `shard_id` under `base_dir/shard-<id>`."""
 
@@ -30,6 +37,7 @@ class ShardServer:
         from memory_service.malloc_tuning import tune_glibc_malloc
 
         tune_glibc_malloc()  # reply buffers stay mapped between lookups (a Ray worker starts with glibc defaults)
+        host = node_address() if host == "auto" else host  # "auto": this node's own address (multi-machine clusters)
         self.shard_id = shard_id
         self.path = Path(base_dir) / f"shard-{shard_id}"
         self.path.mkdir(parents=True, exist_ok=True)
