@@ -5,10 +5,11 @@ no GPUs) forming one torch.distributed group. The global batch stays fixed, so e
 worker trains on batch_size / M sequences and the run's trajectory does not depend on M.
 
 A `TrainingJob` (a named Ray actor, `engram-<pool>-training`) runs the group in segments
-of a few steps. `engram workers scale M` records the wanted size; at the next segment
-boundary the job takes rank 0's state (model, optimizer, step, RNGs) through the object
-store, stops the workers and starts M new ones from that state. The tables stay on the
-memory pool throughout, so nothing else moves.
+of a few steps and keeps rank 0's state (model, optimizer, step, RNGs) at each segment
+boundary. `engram workers scale M` records the wanted size; at the next boundary the job
+stops the workers and starts M new ones from that state. A worker that dies makes the
+job restart the group from the last boundary. The tables stay on the memory pool
+throughout, so nothing else moves.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from orchestration.worker import TrainWorker, worker_options
 def job_name(pool: str) -> str:
     """Ray actor name of a pool's training job."""
     return f"engram-{pool}-training"
+
+
+class WorkerLost(RuntimeError):
+    """A rank of the group died or failed during a segment."""
 
 
 class WorkerGroup:
@@ -60,7 +65,15 @@ class WorkerGroup:
         """Train every rank to stop_after (or the end); returns rank 0's summary."""
         import ray
 
-        summaries = ray.get([w.run.remote(stop_after, save_at_stop) for w in self.workers])
+        refs = [w.run.remote(stop_after, save_at_stop) for w in self.workers]
+        remaining = list(refs)
+        while remaining:  # a rank that fails is noticed at once, not after the others time out in a collective
+            done, remaining = ray.wait(remaining, num_returns=1)
+            try:
+                ray.get(done[0])
+            except Exception as e:  # noqa: BLE001 - a dead actor, or a rank whose peer died mid-collective
+                raise WorkerLost(f"a model worker failed: {type(e).__name__}: {str(e)[:300]}") from e
+        summaries = ray.get(refs)
         summary = summaries[0]
         summary["worker_nodes"] = [s["node_id"] for s in summaries]
         return summary
@@ -71,23 +84,18 @@ class WorkerGroup:
 
         return ray.get(self.workers[0].state.remote(), timeout=RAY_TIMEOUT_S)
 
-    def stop(self) -> None:
-        """Leave the process group and kill every worker."""
+    def stop(self, graceful: bool = True) -> None:
+        """Leave the process group and kill every worker (graceful=False: kill at once, e.g. ranks stuck on a dead peer)."""
         import ray
 
-        try:
-            ray.get([w.leave.remote() for w in self.workers], timeout=60)
-        except Exception:  # noqa: BLE001 - a dead worker cannot leave; kill anyway
-            pass
+        if graceful:
+            try:
+                ray.get([w.leave.remote() for w in self.workers], timeout=60)
+            except Exception:  # noqa: BLE001 - a dead worker cannot leave; kill anyway
+                pass
         for w in self.workers:
             ray.kill(w)
         self.workers = []
-
-    def resize(self, num_workers: int) -> int:
-        """Re-form the group with num_workers ranks, continuing from the current state; returns the step."""
-        state = self.state()
-        self.stop()
-        return self.start(num_workers, state)
 
 
 class RunTotals:
@@ -122,7 +130,8 @@ class TrainingJob:
     """Runs a worker group to the end of training, re-forming it when asked to scale (a Ray actor)."""
 
     def __init__(self, config: dict, num_workers: int = 1, token: str | None = None, segment_steps: int = 10,
-                 state: dict | None = None, stop_after: int | None = None, tokenizer_json: bytes | None = None):
+                 state: dict | None = None, stop_after: int | None = None, tokenizer_json: bytes | None = None,
+                 max_failures: int = 3):
         self.group = WorkerGroup(config, token, tokenizer_json)
         self.steps = config["steps"] if stop_after is None else min(config["steps"], stop_after)
         self.segment_steps = max(1, segment_steps)
@@ -130,29 +139,56 @@ class TrainingJob:
         self.step = 0
         self.events: list[dict] = []
         self.lock = threading.Lock()
+        self.max_failures = max_failures
+        self.snapshot = state  # the run's state at the last segment boundary: where a failed group restarts
         self.step = self.group.start(num_workers, state)
 
     def run(self) -> dict:
-        """Train to the end; returns rank 0's summary with the scaling events."""
+        """Train to the end; returns rank 0's summary with the scaling and failure events.
+
+        After each segment the job keeps rank 0's state. A scale re-forms the group from
+        it. So does a worker failure: the group restarts at the last boundary and redoes
+        that segment's steps. The tables are not rolled back, so the row updates of the
+        lost part of a segment are applied twice (at-least-once).
+        """
         summary = None
         totals = RunTotals()
+        failures = []
         while summary is None or summary["step"] < self.steps:
             with self.lock:
                 wanted = self.wanted
             if wanted != self.group.size:
                 before = self.group.size
                 started = time.perf_counter()
-                self.step = self.group.resize(wanted)
+                self.group.stop()
+                self.step = self.group.start(wanted, self.snapshot)
                 self.events.append({"step": self.step, "from": before, "to": wanted,
                                     "seconds": time.perf_counter() - started})
             stop = min(self.steps, self.step + self.segment_steps)
-            summary = self.group.run(stop_after=stop, save_at_stop=stop == self.steps)  # a checkpoint at the end
+            try:
+                summary = self.group.run(stop_after=stop, save_at_stop=stop == self.steps)  # a checkpoint at the end
+            except WorkerLost as e:
+                failures.append({"step": self.step, "error": str(e)})
+                if len(failures) > self.max_failures:
+                    raise
+                size = self.group.size
+                self.group.stop(graceful=False)  # the survivors wait on the dead rank: kill them too
+                self.step = self.group.start(size, self.snapshot)
+                summary = None
+                continue
             totals.add(summary["step"] - self.step, summary)
             self.step = summary["step"]
+            if self.step < self.steps:
+                self.snapshot = self.group.state()
         summary.update(totals.summary(self.group.config))
         summary["scaling"] = self.events
+        summary["failures"] = failures
         summary["workers"] = self.group.size
         return summary
+
+    def workers(self) -> list:
+        """The current workers' actor handles (rank order)."""
+        return list(self.group.workers)
 
     def scale(self, num_workers: int) -> dict:
         """Ask for num_workers workers (applied at the next segment boundary)."""

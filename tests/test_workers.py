@@ -115,3 +115,24 @@ def test_async_mode_overlaps_the_push_with_the_next_step(pool, tmp_path, small_c
     sync_val = np.asarray(one_worker_doubled_batch.history["val"])[:, 1]
     assert val[-1] < val[0] - 0.2  # it learns
     assert abs(val[-1] - sync_val[-1]) < 0.05  # and a step of staleness barely changes where it gets
+
+
+def test_a_worker_that_dies_is_replaced_and_training_finishes(pool, tmp_path, small_corpus, small_tokenizer):
+    import ray
+
+    config = config_for(tmp_path, small_corpus, small_tokenizer, pool.config.name)
+    job = start_job(config, 2, pool.config.name, token="tok", segment_steps=4)
+    try:
+        running = job.run.remote()
+        deadline = time.time() + 300
+        while ray.get(job.status.remote())["step"] < 4 and time.time() < deadline:
+            time.sleep(0.2)
+        ray.kill(ray.get(job.workers.remote())[1])  # rank 1's process dies mid-run
+        summary = ray.get(running, timeout=600)
+    finally:
+        ray.get(job.stop.remote())
+        ray.kill(job)
+    assert summary["step"] == 24 and summary["workers"] == 2
+    assert len(summary["failures"]) == 1 and summary["failures"][0]["step"] >= 4  # restarted from a boundary, not step 0
+    val = np.asarray(summary["history"]["val"])[:, 1]
+    assert np.all(np.isfinite(val)) and val[-1] < val[0] - 0.2
