@@ -106,7 +106,7 @@ class DataParallel:
         offset = 0
         for p, used in zip(params, anyone.tolist()):
             if used:
-                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+                p.grad = flat[offset:offset + p.numel()].view_as(p)  # views of one buffer: no copy per parameter
             else:
                 p.grad = None
             offset += p.numel()
@@ -117,13 +117,13 @@ class DataParallel:
             dist.all_reduce(tensor)
         return tensor
 
-    def mean(self, value: float) -> float:
-        """Mean of a float across ranks."""
+    def means(self, *values: float) -> list[float]:
+        """Means of floats across ranks (one all-reduce)."""
         if not self.active:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
-        return float(t[0]) / self.world_size
+        return (t / self.world_size).tolist()
 
     def barrier(self) -> None:
         """Wait for every rank."""

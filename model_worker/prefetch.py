@@ -27,7 +27,7 @@ class StagedRows:
     tensor: torch.Tensor
     version: int
     event: torch.cuda.Event | None = None
-    host: torch.Tensor | None = None  # the pinned source, kept alive until the copy is done
+    host: torch.Tensor | None = None  # the pinned source (torch's pinned allocator also waits for the copy before reuse)
 
     def ready(self) -> torch.Tensor:
         """The rows, usable on the current stream (makes it wait for the side-stream copy on CUDA)."""

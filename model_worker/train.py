@@ -188,7 +188,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.push_row_gradients(fetched, lr * self.config.engram_lr_mult)
         self.step += 1
-        loss_value, aux_value = self.parallel.mean(float(loss.detach())), self.parallel.mean(float(aux.detach()))
+        loss_value, aux_value = self.parallel.means(float(loss.detach()), float(aux.detach()))
         return {"loss": loss_value, "aux": aux_value, "lr": lr, "ids": fetched.num_ids,
                 "unique": fetched.num_unique, "wait": fetched.wait_seconds, "versions": fetched.versions}
 

@@ -50,6 +50,24 @@ def small_tokenizer(small_corpus, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture
+def make_pool(ray_cluster, tmp_path, request):
+    """make_pool(num_shards) -> a MemoryPool named after the test (token "tok"), shut down afterwards."""
+    from orchestration.pool import MemoryPool, PoolConfig
+
+    pools = []
+
+    def make(num_shards: int):
+        name = request.node.name.replace("_", "-")[:40]
+        pools.append(MemoryPool(PoolConfig(name=name, num_shards=num_shards, base_dir=str(tmp_path / "pool"),
+                                           token="tok")).start())
+        return pools[-1]
+
+    yield make
+    for p in pools:
+        p.shutdown()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A multi-node Ray cluster on this machine: a head, two memory nodes and a node declaring two GPUs."""

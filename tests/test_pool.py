@@ -13,11 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def pool(ray_cluster, tmp_path, request):
-    name = request.node.name.replace("_", "-")[:40]
-    p = MemoryPool(PoolConfig(name=name, num_shards=3, base_dir=str(tmp_path / "pool"), token="tok")).start()
-    yield p
-    p.shutdown()
+def pool(make_pool):
+    return make_pool(num_shards=3)
 
 
 def train_config(tmp_path, corpus, tokenizer, pool_name, **kw):

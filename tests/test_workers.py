@@ -7,7 +7,6 @@ import pytest
 
 from memory_service.row_init import init_rows
 from model_worker.train import Trainer, TrainConfig
-from orchestration.pool import MemoryPool, PoolConfig
 from orchestration.workers import WorkerGroup, attach_job, start_job
 
 pytestmark = pytest.mark.slow
@@ -32,11 +31,8 @@ def one_worker_doubled_batch(small_corpus, small_tokenizer, tmp_path_factory):
 
 
 @pytest.fixture
-def pool(ray_cluster, tmp_path, request):
-    name = request.node.name.replace("_", "-")[:40]
-    p = MemoryPool(PoolConfig(name=name, num_shards=2, base_dir=str(tmp_path / "pool"), token="tok")).start()
-    yield p
-    p.shutdown()
+def pool(make_pool):
+    return make_pool(num_shards=2)
 
 
 def losses(history) -> np.ndarray:
@@ -79,21 +75,29 @@ def test_two_data_parallel_workers_equal_one_worker_with_the_doubled_batch(
     assert_same_run(summary, pool, one_worker_doubled_batch)
 
 
-def test_scaling_workers_mid_run_keeps_the_trajectory(pool, tmp_path, small_corpus, small_tokenizer, one_worker_doubled_batch):
+def run_job_and_meddle(pool, config, meddle) -> dict:
+    """Run a 2-worker training job (segments of 4 steps); once it passed step 4, call meddle(job); the summary."""
     import ray
 
-    config = config_for(tmp_path, small_corpus, small_tokenizer, pool.config.name)
     job = start_job(config, 2, pool.config.name, token="tok", segment_steps=4)
     try:
         running = job.run.remote()
         deadline = time.time() + 300
         while ray.get(job.status.remote())["step"] < 4 and time.time() < deadline:
             time.sleep(0.2)
-        ray.get(attach_job(pool.config.name).scale.remote(1))  # what `engram workers scale 1` does
-        summary = ray.get(running, timeout=600)
+        meddle(job)
+        return ray.get(running, timeout=600)
     finally:
         ray.get(job.stop.remote())
         ray.kill(job)
+
+
+def test_scaling_workers_mid_run_keeps_the_trajectory(pool, tmp_path, small_corpus, small_tokenizer, one_worker_doubled_batch):
+    import ray
+
+    config = config_for(tmp_path, small_corpus, small_tokenizer, pool.config.name)
+    summary = run_job_and_meddle(  # what `engram workers scale 1` does
+        pool, config, lambda job: ray.get(attach_job(pool.config.name).scale.remote(1)))
     assert [(e["from"], e["to"]) for e in summary["scaling"]] == [(2, 1)]
     assert summary["workers"] == 1 and summary["step"] == 24
     assert_same_run(summary, pool, one_worker_doubled_batch)
@@ -121,17 +125,8 @@ def test_a_worker_that_dies_is_replaced_and_training_finishes(pool, tmp_path, sm
     import ray
 
     config = config_for(tmp_path, small_corpus, small_tokenizer, pool.config.name)
-    job = start_job(config, 2, pool.config.name, token="tok", segment_steps=4)
-    try:
-        running = job.run.remote()
-        deadline = time.time() + 300
-        while ray.get(job.status.remote())["step"] < 4 and time.time() < deadline:
-            time.sleep(0.2)
-        ray.kill(ray.get(job.workers.remote())[1])  # rank 1's process dies mid-run
-        summary = ray.get(running, timeout=600)
-    finally:
-        ray.get(job.stop.remote())
-        ray.kill(job)
+    summary = run_job_and_meddle(  # rank 1's process dies mid-run
+        pool, config, lambda job: ray.kill(ray.get(job.workers.remote())[1]))
     assert summary["step"] == 24 and summary["workers"] == 2
     assert len(summary["failures"]) == 1 and summary["failures"][0]["step"] >= 4  # restarted from a boundary, not step 0
     val = np.asarray(summary["history"]["val"])[:, 1]
