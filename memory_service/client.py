@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 
 from memory_service.backend import TableBackend, check_gradients, check_row_ids
-from memory_service.dedup import dedup_ids
+from memory_service.dedup import dedup_ids, expand_rows
 from memory_service.errors import BY_CODE, EngramError, FailedPrecondition, InvalidArgument, ShardUnavailable, StaleShardMap
 from memory_service.server import channel_options
 from memory_service.spec import EngramSpec
@@ -301,7 +301,7 @@ class MemoryClient(TableBackend):
         rows, served = self.lookup_unique(layer_id, batch.unique, version)
         if out is None or out.shape != (ids.size, self.spec.head_dim) or out.dtype != self.dtype:
             out = np.empty((ids.size, self.spec.head_dim), dtype=self.dtype)
-        np.take(rows, batch.inverse(), axis=0, out=out)
+        expand_rows(rows, batch.inverse(), out)
         return out, served
 
     def _lookup_calls(self, layer_id: int, unique: np.ndarray, parts, version: int) -> list:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from memory_service import native
+
 
 @dataclass
 class Dedup:
@@ -16,8 +18,8 @@ class Dedup:
     """
 
     unique: np.ndarray  # int64 [U], ascending
-    first: np.ndarray | None  # bool [N]: in sorted order, where a new id starts (None: batch was already unique+sorted)
-    order: np.ndarray | None  # int64 [N]: sorted packed words (id << shift | position), or argsort positions
+    first: np.ndarray | None  # bool [N]: in sorted order, where a new id starts (None: not computed, or no order)
+    order: np.ndarray | None  # int64 [N]: sorted packed words (id << shift | position), or argsort positions (None: batch was already unique+sorted)
     shift: int = 0  # bits of position in `order` (0: `order` holds positions)
 
     @property
@@ -31,6 +33,8 @@ class Dedup:
         """int64 [N]: index into `unique` of each batch position (rows[inverse] restores batch order)."""
         if self.order is None:
             return np.arange(self.unique.size)
+        if self.first is None:  # native dedup: one pass over the sorted words
+            return native.inverse(self.order, self.shift)
         unique_index = np.cumsum(self.first) - 1  # [N]: index into unique, sorted order
         inverse = np.empty(self.first.size, dtype=np.int64)
         inverse[self.positions] = unique_index
@@ -38,12 +42,20 @@ class Dedup:
 
 
 def dedup_ids(ids: np.ndarray) -> Dedup:
-    """Unique ids with one in-place sort of (id << b | position) words (3x faster than argsort/np.unique here)."""
+    """Unique ids by sorting (id << b | position) words: a native radix sort, else numpy's in-place sort.
+
+    ids: int64 [N], non-negative (checked against the table before this). The numpy sort
+    is 3x faster than argsort/np.unique here; the native radix sort 2x faster again.
+    """
     n = ids.size
     if n < 2 or bool(np.all(ids[1:] > ids[:-1])):
         return Dedup(ids, None, None)
     shift = max(1, int(n - 1).bit_length())
-    if int(ids.max()) < (1 << (62 - shift)):
+    id_bits = max(1, int(ids.max()).bit_length())
+    if native.available() and id_bits + shift <= 62 and int(ids.min()) >= 0:
+        keys, unique = native.dedup(ids, shift, id_bits)
+        return Dedup(unique, None, keys, shift)
+    if id_bits + shift <= 62:
         order = (ids << shift) | np.arange(n, dtype=np.int64)
         order.sort()
         sorted_ids = order >> shift
@@ -54,3 +66,13 @@ def dedup_ids(ids: np.ndarray) -> Dedup:
     first[0] = True
     np.not_equal(sorted_ids[1:], sorted_ids[:-1], out=first[1:])
     return Dedup(sorted_ids[first], first, order, shift)
+
+
+def expand_rows(rows: np.ndarray, inverse: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = rows[inverse[i]]: rows [U, D], inverse int64 [N] in [0, U), out [N, D] of rows' dtype (C-contiguous)."""
+    if native.available() and rows.size and rows.flags.c_contiguous and out.flags.c_contiguous:
+        row_nbytes = rows.shape[1] * rows.itemsize
+        native.gather_rows(rows.view(np.uint8).reshape(rows.shape[0], row_nbytes), inverse,
+                           out.view(np.uint8).reshape(out.shape[0], row_nbytes))
+    else:
+        np.take(rows, inverse, axis=0, out=out)

@@ -34,6 +34,7 @@ import lmdb
 import numpy as np
 
 from memory_service.backend import check_gradients, check_row_ids
+from memory_service import native
 from memory_service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
                                    ShardUnavailable as ShardBusy)
 from memory_service.row_init import init_rows
@@ -165,7 +166,9 @@ class ChunkIndex:
             units_per_row = self.row_nbytes // view.unit
             first = view.chunk_base[chunks]  # [N]; absent chunks give garbage indices (clipped, zeroed below)
             first += ids if units_per_row == 1 else ids * units_per_row
-            if units_per_row == 1:
+            if native.available():
+                native.gather_rows(view.region, first, out_bytes)
+            elif units_per_row == 1:
                 np.take(view.region, first, axis=0, out=out_bytes, mode="clip")
             else:
                 index = first[:, None] + np.arange(units_per_row)[None, :]  # [N, k]

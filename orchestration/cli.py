@@ -22,11 +22,11 @@ def _bench(args) -> int:
 
     log = (lambda *a: print(*a, file=sys.stderr))
     if args.what == "hash":
-        result = bench.bench_hash(args.tokens, args.repeats)
+        result = bench.bench_hash(args.tokens, args.repeats or 5)
     elif args.what == "step":
         result = bench.bench_step(args.preset, args.steps)
     else:
-        result = bench.bench_lookup(args.rows, args.dim, args.dtype, args.batch, args.repeats, args.path, log=log)
+        result = bench.bench_lookup(args.rows, args.dim, args.dtype, args.batch, args.repeats or 15, args.path, log=log)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "lines"}, indent=2))
     else:
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--batch", type=int, default=262144, help="lookup: ids per batch")
     p.add_argument("--path", help="lookup: store directory to create or reuse (default: a temporary one)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, help="timed rounds (default: hash 5, lookup 15)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
     return parser

@@ -1,0 +1,104 @@
+/* Native kernels for the lookup hot path: batch dedup (radix sort) and the row gather.
+ *
+ * Plain C with no Python API: memory_service/native.py compiles this file into a shared
+ * library and calls it through ctypes; when it cannot be built, the numpy versions in
+ * dedup.py and store.py run instead and give identical results (tests/test_native.py).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_DIGIT_BITS 13 /* 8192 buckets: 64 KiB of counts, two passes cover 26-bit ids */
+
+/* Stable LSD radix sort of keys[0..n) on bits [lo, hi); tmp has room for n keys.
+ * Returns 0, or -1 when the count tables cannot be allocated. */
+static int radix_sort_bits(uint64_t *keys, uint64_t *tmp, int64_t n, int lo, int hi) {
+    int span = hi - lo;
+    if (span <= 0 || n < 2) return 0;
+    int passes = (span + MAX_DIGIT_BITS - 1) / MAX_DIGIT_BITS;
+    int digit = (span + passes - 1) / passes;
+    int64_t buckets = (int64_t)1 << digit, mask = buckets - 1;
+    int64_t *counts = calloc((size_t)(buckets * passes), sizeof(int64_t));
+    if (!counts) return -1;
+    for (int64_t i = 0; i < n; i++) { /* every pass's histogram in one read */
+        uint64_t k = keys[i] >> lo;
+        for (int p = 0; p < passes; p++) counts[p * buckets + (int64_t)((k >> (p * digit)) & (uint64_t)mask)]++;
+    }
+    uint64_t *src = keys, *dst = tmp;
+    for (int p = 0; p < passes; p++) {
+        int64_t *count = counts + p * buckets, sum = 0;
+        int shift = lo + p * digit, constant = 0;
+        for (int64_t b = 0; b < buckets; b++) {
+            int64_t c = count[b];
+            if (c == n) constant = 1; /* every key has this digit: the pass would not move anything */
+            count[b] = sum;
+            sum += c;
+        }
+        if (constant) continue;
+        for (int64_t i = 0; i < n; i++) {
+            uint64_t k = src[i];
+            dst[count[(int64_t)((k >> shift) & (uint64_t)mask)]++] = k;
+        }
+        uint64_t *t = src; src = dst; dst = t;
+    }
+    if (src != keys) memcpy(keys, src, (size_t)n * sizeof(uint64_t));
+    free(counts);
+    return 0;
+}
+
+/* Dedup of ids[0..n) (each in [0, 2^id_bits), id_bits + shift <= 63, n <= 2^shift).
+ * keys: out, n words (id << shift | position) sorted by id, positions ascending within an id.
+ * unique: out, the distinct ids ascending. tmp: scratch for n words.
+ * Returns the number of distinct ids, or -1 on allocation failure. */
+int64_t engram_dedup(const int64_t *ids, int64_t n, int id_bits, int shift, uint64_t *keys, uint64_t *tmp, int64_t *unique) {
+    for (int64_t i = 0; i < n; i++) keys[i] = ((uint64_t)ids[i] << shift) | (uint64_t)i;
+    /* positions are already ascending, and LSD radix is stable: sorting the id bits is enough */
+    if (radix_sort_bits(keys, tmp, n, shift, shift + id_bits) != 0) return -1;
+    int64_t u = 0;
+    uint64_t previous = ~(uint64_t)0;
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t id = keys[i] >> shift;
+        if (id != previous) { unique[u++] = (int64_t)id; previous = id; }
+    }
+    return u;
+}
+
+/* inverse[position] = index into the unique ids, from the sorted keys of engram_dedup. */
+void engram_inverse(const uint64_t *keys, int64_t n, int shift, int64_t *inverse) {
+    uint64_t mask = ((uint64_t)1 << shift) - 1, previous = ~(uint64_t)0;
+    int64_t u = -1;
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t k = keys[i], id = k >> shift;
+        if (id != previous) { u++; previous = id; }
+        inverse[k & mask] = u;
+    }
+}
+
+/* out[i] = the row_nbytes starting at unit index[i] of a region of `units` units of unit_nbytes each
+ * (rows are whole units). Indices are clipped to the last whole row like np.take(mode="clip").
+ * Rows a few ahead are prefetched: on a large table almost every row is a cache and TLB miss,
+ * and the prefetch overlaps them. */
+#define GATHER_LOOP(ROW)                                                                       \
+    for (int64_t i = 0; i < n; i++) {                                                          \
+        if (i + ahead < n) {                                                                   \
+            int64_t j = index[i + ahead];                                                      \
+            j = j < 0 ? 0 : (j > last ? last : j);                                             \
+            const uint8_t *p = region + j * unit_nbytes;                                       \
+            for (int64_t b = 0; b < (ROW); b += 64) __builtin_prefetch(p + b, 0, 0);           \
+        }                                                                                      \
+        int64_t j = index[i];                                                                  \
+        j = j < 0 ? 0 : (j > last ? last : j);                                                 \
+        memcpy(out + i * (ROW), region + j * unit_nbytes, (size_t)(ROW));                      \
+    }
+
+void engram_gather_rows(const uint8_t *region, int64_t units, int64_t unit_nbytes, const int64_t *index, int64_t n,
+                        int64_t row_nbytes, uint8_t *out) {
+    const int64_t ahead = 8, last = units - row_nbytes / unit_nbytes;
+    switch (row_nbytes) { /* fixed sizes let the compiler inline the copy */
+    case 64: GATHER_LOOP(64) break;
+    case 128: GATHER_LOOP(128) break;
+    case 256: GATHER_LOOP(256) break;
+    case 512: GATHER_LOOP(512) break;
+    default: GATHER_LOOP(row_nbytes) break;
+    }
+}

@@ -1,0 +1,86 @@
+"""The native lookup kernels (fastpath.c) through ctypes, with numpy fallbacks decided by the caller.
+
+`KERNELS` is None when the library cannot be built or loaded, or when ENGRAM_NATIVE=0;
+callers then use their numpy path, which gives the same results. Measured on the
+2-core machine of DESIGN.md: dedup of 262,144 uniform ids 2-2.6 ms against 4.8-5 ms for
+the packed numpy sort; the inverse 0.4 ms against 1.1 ms; a row gather out of a 2 GiB map
+about 15% faster than np.take (prefetching rows ahead).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+import numpy as np
+
+from memory_service import native_build
+
+log = logging.getLogger("engram.native")
+
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+def _load():
+    if os.environ.get("ENGRAM_NATIVE", "1") == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(str(native_build.build()))
+    except (RuntimeError, OSError) as e:
+        log.warning("native kernels unavailable, using numpy: %s", e)
+        return None
+    lib.engram_dedup.argtypes = [_P, _I64, _INT, _INT, _P, _P, _P]
+    lib.engram_dedup.restype = _I64
+    lib.engram_inverse.argtypes = [_P, _I64, _INT, _P]
+    lib.engram_inverse.restype = None
+    lib.engram_gather_rows.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _P]
+    lib.engram_gather_rows.restype = None
+    return lib
+
+
+KERNELS = _load()
+
+
+def available() -> bool:
+    """Whether the native kernels are in use."""
+    return KERNELS is not None
+
+
+def dedup(ids: np.ndarray, shift: int, id_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, unique) of int64 ids [N]: keys int64 [N] = sorted (id << shift | position), unique int64 [U] ascending.
+
+    Needs ids in [0, 2^id_bits), N <= 2^shift and id_bits + shift <= 62.
+    """
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    n = ids.size
+    keys = np.empty(n, dtype=np.int64)
+    scratch = np.empty(n, dtype=np.int64)
+    unique = np.empty(n, dtype=np.int64)
+    count = KERNELS.engram_dedup(ids.ctypes.data, n, id_bits, shift, keys.ctypes.data, scratch.ctypes.data,
+                                 unique.ctypes.data)
+    if count < 0:
+        raise MemoryError("native dedup could not allocate its count tables")
+    return keys, unique[:count]
+
+
+def inverse(keys: np.ndarray, shift: int) -> np.ndarray:
+    """int64 [N]: index into the unique ids of each batch position, from dedup()'s sorted keys."""
+    out = np.empty(keys.size, dtype=np.int64)
+    KERNELS.engram_inverse(keys.ctypes.data, keys.size, shift, out.ctypes.data)
+    return out
+
+
+def gather_rows(region: np.ndarray, first_unit: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = the row starting at unit first_unit[i] (clipped to the last whole row) of a region.
+
+    region: uint8 [R, unit] C-contiguous; first_unit: int64 [N]; out: uint8 [N, row_nbytes],
+    C-contiguous, row_nbytes a multiple of unit and at most R units.
+    """
+    units, unit = region.shape
+    if region.ndim != 2 or not region.flags.c_contiguous or out.ndim != 2 or not out.flags.c_contiguous \
+            or out.shape[0] != first_unit.size or out.shape[1] % unit or not 0 < out.shape[1] <= units * unit:
+        raise ValueError(f"gather_rows: region {region.shape} and out {out.shape} do not fit")
+    first_unit = np.ascontiguousarray(first_unit, dtype=np.int64)
+    KERNELS.engram_gather_rows(region.ctypes.data, units, unit, first_unit.ctypes.data, first_unit.size, out.shape[1],
+                               out.ctypes.data)
