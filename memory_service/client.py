@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 
 from memory_service.backend import TableBackend, check_gradients, check_row_ids
-from memory_service.dedup import dedup_ids, expand_rows
+from memory_service.dedup import Dedup, PartwiseDedup, dedup_ids, expand_rows
 from memory_service.errors import BY_CODE, EngramError, FailedPrecondition, InvalidArgument, ShardUnavailable, StaleShardMap
 from memory_service.server import channel_options
 from memory_service.spec import EngramSpec
@@ -333,12 +333,61 @@ class MemoryClient(TableBackend):
         least U rows of the table dtype (reused across calls); the rows are its first U.
         """
         ids = check_row_ids(row_ids, self.num_rows(layer_id), layer_id)
-        batch = dedup_ids(ids)
-        target = out[:batch.unique.size] if out is not None and out.shape[0] >= batch.unique.size else None
-        pending = self.lookup_unique_async(layer_id, batch.unique, version, target)
+        per_message = max(1, self.max_payload_bytes // (self.spec.head_dim * self.dtype.itemsize))
+        if ids.size > per_message and PartwiseDedup.supports(ids):  # big batch: send while the rest is sorted
+            pending, batch = self._start_partwise(layer_id, ids, version, out, per_message)
+        else:
+            batch = dedup_ids(ids)
+            target = out[:batch.unique.size] if out is not None and out.shape[0] >= batch.unique.size else None
+            pending = self.lookup_unique_async(layer_id, batch.unique, version, target)
         inverse = batch.inverse()  # while the rows travel
         rows, served = pending.result()
         return rows, inverse, served
+
+    def _start_partwise(self, layer_id: int, ids: np.ndarray, version: int, out: np.ndarray | None,
+                        per_message: int) -> tuple["PendingLookup", "Dedup"]:
+        """Dedup a batch in ascending slices and send each message as soon as its ids are sorted.
+
+        The first message is a quarter of the size limit, the others full: on Zipf ids (40%
+        distinct) the first full message would wait for a third of the sort. Measured with
+        `engram bench lookup`: c/b 0.77 -> 0.85 on Zipf ids, uniform unchanged (0.88-0.93).
+
+        Returns (pending lookup of the unique ids, the finished Dedup). A stale shard map
+        met on the way finishes the dedup and starts the lookup again the ordinary way.
+        """
+        version = version or self.version_pin
+        head_dim, row_nbytes = self.spec.head_dim, self.spec.head_dim * self.dtype.itemsize
+        if out is None or out.shape[0] < ids.size or out.shape[1:] != (head_dim,) or out.dtype != self.dtype:
+            out = np.empty((ids.size, head_dim), dtype=self.dtype)
+        dedup = PartwiseDedup(ids, piece=per_message // 4)
+        unique = dedup.unique_buffer
+        parts, calls, futures, sent = [], [], [], 0
+        first_message = max(1, per_message // 4)  # a small first message gets the server going sooner
+
+        def send(stop: int, finished: bool) -> int:
+            planned = [(shard, sent + a, sent + b) for shard, a, b in self._plan(layer_id, unique[sent:stop], row_nbytes)]
+            if not finished and planned and planned[-1][2] - planned[-1][1] < (per_message if sent else first_message):
+                planned.pop()  # not full yet: more ids may join it
+            new_calls = self._lookup_calls(layer_id, unique, planned, version)
+            futures.extend(self._send(new_calls))
+            parts.extend(planned)
+            calls.extend(new_calls)
+            return planned[-1][2] if planned else sent
+
+        pieces = iter(dedup)
+        try:
+            for ready in pieces:
+                if ready - sent >= (per_message if sent else first_message):
+                    sent = send(ready, finished=False)
+            send(dedup.count, finished=True)
+        except StaleShardMap:
+            for _ in pieces:  # finish sorting; the ordinary path refreshes the map
+                pass
+            batch = dedup.result()
+            return self.lookup_unique_async(layer_id, batch.unique, version, out[:batch.unique.size]), batch
+        batch = dedup.result()
+        pending = PendingLookup(self, layer_id, batch.unique, parts, calls, futures, out[:batch.unique.size], version)
+        return pending, batch
 
     def lookup(self, layer_id: int, row_ids: np.ndarray) -> np.ndarray:
         """Rows for int64 ids [N] -> float32 [N, head_dim] (TableBackend)."""

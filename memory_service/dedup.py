@@ -68,6 +68,52 @@ def dedup_ids(ids: np.ndarray) -> Dedup:
     return Dedup(sorted_ids[first], first, order, shift)
 
 
+class PartwiseDedup:
+    """Dedup handed out in ascending slices, so the first ids can be sent before the whole batch is sorted.
+
+    One pass groups the (id << b | position) words by the top bits of the id; then each
+    run of groups holding about `piece` ids is sorted and its distinct ids appended to
+    `unique`. Iterating yields the number of distinct ids ready so far (unique[:count]);
+    afterwards `result()` is the same Dedup as dedup_ids() gives. Native kernels only:
+    use `PartwiseDedup.supports(ids)` first.
+    """
+
+    TOP_BITS = 8
+
+    def __init__(self, ids: np.ndarray, piece: int):
+        n = ids.size
+        self.shift = max(1, int(n - 1).bit_length())
+        self.id_bits = max(self.TOP_BITS, int(ids.max()).bit_length())
+        self.keys, self.starts = native.group_keys(ids, self.shift, self.id_bits, self.TOP_BITS)
+        self.unique_buffer = np.empty(n, dtype=np.int64)
+        self.piece = max(1, piece)
+        self.count = 0
+
+    @staticmethod
+    def supports(ids: np.ndarray) -> bool:
+        """Whether the native kernels can take this batch (non-negative ids narrow enough to pack)."""
+        n = ids.size
+        return native.available() and n >= 2 and int(ids.min()) >= 0 and \
+            max(PartwiseDedup.TOP_BITS, int(ids.max()).bit_length()) + max(1, int(n - 1).bit_length()) <= 62
+
+    def __iter__(self):
+        starts, groups = self.starts, self.starts.size - 1
+        scratch = np.empty(int(np.diff(starts).max()), dtype=np.int64)
+        low_bits = self.id_bits - self.TOP_BITS
+        group = 0
+        while group < groups:  # runs of whole groups with about `piece` ids each
+            end = max(group + 1, int(np.searchsorted(starts, starts[group] + self.piece, side="right")) - 1)
+            end = min(end, groups)
+            self.count += native.dedup_groups(self.keys, starts, group, end, low_bits, self.shift, scratch,
+                                              self.unique_buffer[self.count:])
+            group = end
+            yield self.count
+
+    def result(self) -> Dedup:
+        """The finished dedup (iterate first)."""
+        return Dedup(self.unique_buffer[:self.count], None, self.keys, self.shift)
+
+
 def expand_rows(rows: np.ndarray, inverse: np.ndarray, out: np.ndarray) -> None:
     """out[i] = rows[inverse[i]]: rows [U, D], inverse int64 [N] in [0, U), out [N, D] of rows' dtype (C-contiguous)."""
     if native.available() and rows.size and rows.flags.c_contiguous and out.flags.c_contiguous:

@@ -102,3 +102,37 @@ void engram_gather_rows(const uint8_t *region, int64_t units, int64_t unit_nbyte
     default: GATHER_LOOP(row_nbytes) break;
     }
 }
+
+/* Partwise dedup, so a client can send the first ids before the whole batch is sorted.
+ * engram_group_keys: keys (id << shift | position) grouped by the top `top_bits` of the id
+ * bits (stable, so positions stay ascending within a group); starts[0..2^top_bits] are the
+ * group offsets (starts[2^top_bits] = n). Returns 0, or -1 on allocation failure. */
+int engram_group_keys(const int64_t *ids, int64_t n, int id_bits, int shift, int top_bits, uint64_t *keys, int64_t *starts) {
+    int64_t groups = (int64_t)1 << top_bits;
+    int low = id_bits - top_bits;
+    int64_t *next = calloc((size_t)groups, sizeof(int64_t));
+    if (!next) return -1;
+    for (int64_t i = 0; i < n; i++) next[(uint64_t)ids[i] >> low]++;
+    int64_t sum = 0;
+    for (int64_t g = 0; g < groups; g++) { int64_t c = next[g]; starts[g] = sum; next[g] = sum; sum += c; }
+    starts[groups] = n;
+    for (int64_t i = 0; i < n; i++) keys[next[(uint64_t)ids[i] >> low]++] = ((uint64_t)ids[i] << shift) | (uint64_t)i;
+    free(next);
+    return 0;
+}
+
+/* Sort the keys of groups [g_lo, g_hi) (each group on its `low_bits` id bits: the top bits are
+ * the group) and write their distinct ids, ascending, to unique; returns how many, or -1 on
+ * allocation failure. tmp: scratch for the largest group's keys. */
+int64_t engram_dedup_groups(uint64_t *keys, uint64_t *tmp, const int64_t *starts, int64_t g_lo, int64_t g_hi, int low_bits,
+                            int shift, int64_t *unique) {
+    for (int64_t g = g_lo; g < g_hi; g++)
+        if (radix_sort_bits(keys + starts[g], tmp, starts[g + 1] - starts[g], shift, shift + low_bits) != 0) return -1;
+    int64_t u = 0;
+    uint64_t previous = ~(uint64_t)0;
+    for (int64_t i = starts[g_lo]; i < starts[g_hi]; i++) {
+        uint64_t id = keys[i] >> shift;
+        if (id != previous) { unique[u++] = (int64_t)id; previous = id; }
+    }
+    return u;
+}

@@ -36,6 +36,10 @@ def _load():
     lib.engram_inverse.restype = None
     lib.engram_gather_rows.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _P]
     lib.engram_gather_rows.restype = None
+    lib.engram_group_keys.argtypes = [_P, _I64, _INT, _INT, _INT, _P, _P]
+    lib.engram_group_keys.restype = _INT
+    lib.engram_dedup_groups.argtypes = [_P, _P, _P, _I64, _I64, _INT, _INT, _P]
+    lib.engram_dedup_groups.restype = _I64
     return lib
 
 
@@ -62,6 +66,30 @@ def dedup(ids: np.ndarray, shift: int, id_bits: int) -> tuple[np.ndarray, np.nda
     if count < 0:
         raise MemoryError("native dedup could not allocate its count tables")
     return keys, unique[:count]
+
+
+def group_keys(ids: np.ndarray, shift: int, id_bits: int, top_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, starts): keys int64 [N] = (id << shift | position) grouped by the id's top `top_bits` bits, stably;
+    starts int64 [2^top_bits + 1]: where each group begins. Same conditions as dedup(), top_bits <= id_bits."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    keys = np.empty(ids.size, dtype=np.int64)
+    starts = np.empty((1 << top_bits) + 1, dtype=np.int64)
+    if KERNELS.engram_group_keys(ids.ctypes.data, ids.size, id_bits, shift, top_bits, keys.ctypes.data, starts.ctypes.data):
+        raise MemoryError("native grouping could not allocate its counts")
+    return keys, starts
+
+
+def dedup_groups(keys: np.ndarray, starts: np.ndarray, first_group: int, end_group: int, low_bits: int, shift: int,
+                 scratch: np.ndarray, unique_out: np.ndarray) -> int:
+    """Sort the keys of groups [first_group, end_group) in place and write their distinct ids to unique_out; returns how many.
+
+    scratch: int64, at least as long as the largest group; unique_out: int64 with room for the groups' keys.
+    """
+    count = KERNELS.engram_dedup_groups(keys.ctypes.data, scratch.ctypes.data, starts.ctypes.data, first_group, end_group,
+                                        low_bits, shift, unique_out.ctypes.data)
+    if count < 0:
+        raise MemoryError("native dedup could not allocate its count tables")
+    return count
 
 
 def inverse(keys: np.ndarray, shift: int) -> np.ndarray:

@@ -249,6 +249,8 @@ def test_two_shards_split_batches_and_updates(tmp_path):
             local.apply_gradients(2, ids, grads, 0.05)
         batch = rng.integers(0, local.num_rows(2), 6000)
         np.testing.assert_array_equal(client.lookup(2, batch), local.lookup(2, batch))
+        unique_rows, inverse, _ = client.lookup_batch(2, batch)  # each message sent as soon as its ids are sorted
+        np.testing.assert_array_equal(unique_rows[inverse], local.lookup(2, batch))
         served = [s.counters["rows_served"] for s in stores]
         assert all(n > 0 for n in served)  # both shards answered parts of the batch
         cut = shard_map.bounds[2][1]
