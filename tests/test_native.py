@@ -108,3 +108,20 @@ def test_store_lookups_are_the_same_with_and_without_native_kernels(tmp_path, mo
         assert np.all(np.any(fast[(ids >= 300) & (ids < 5000)] != 0, axis=1))  # seeded rows it holds
     finally:
         store.close()
+
+
+@needs_native
+@pytest.mark.parametrize("name,ids", list(_id_batches())[:6], ids=[n for n, _ in _id_batches()][:6])
+@pytest.mark.parametrize("piece", [1, 700, 1 << 20])
+def test_partwise_dedup_equals_dedup_ids(name, ids, piece):
+    from memory_service.dedup import PartwiseDedup
+
+    assert PartwiseDedup.supports(ids)
+    partwise = PartwiseDedup(ids, piece)
+    ready = list(partwise)
+    assert ready == sorted(ready) and ready[-1] == partwise.count  # slices only ever grow the sorted prefix
+    if name == "uniform" and piece == 700:
+        assert len(ready) > 50  # handed out in many slices, not all at the end
+    whole = dedup_ids(ids)
+    np.testing.assert_array_equal(partwise.result().unique, whole.unique)
+    np.testing.assert_array_equal(partwise.result().inverse(), whole.inverse())
