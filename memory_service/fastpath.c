@@ -136,3 +136,29 @@ int64_t engram_dedup_groups(uint64_t *keys, uint64_t *tmp, const int64_t *starts
     }
     return u;
 }
+
+/* Merge two sorted runs of unique ids with two payloads each (rows and optimizer records);
+ * where an id is in both, the new run's payloads win. Writes out_ids/out_a/out_b (room for
+ * old_n + new_n) and returns the merged count. One pass, each payload copied once. */
+int64_t engram_merge_rows(const int64_t *old_ids, const uint8_t *old_a, const uint8_t *old_b, int64_t old_n,
+                          const int64_t *new_ids, const uint8_t *new_a, const uint8_t *new_b, int64_t new_n,
+                          int64_t a_nbytes, int64_t b_nbytes, int64_t *out_ids, uint8_t *out_a, uint8_t *out_b) {
+    int64_t i = 0, j = 0, k = 0;
+    while (i < old_n || j < new_n) {
+        int take_new = i >= old_n || (j < new_n && new_ids[j] <= old_ids[i]);
+        if (take_new) {
+            if (i < old_n && old_ids[i] == new_ids[j]) i++; /* replaced */
+            out_ids[k] = new_ids[j];
+            memcpy(out_a + k * a_nbytes, new_a + j * a_nbytes, (size_t)a_nbytes);
+            memcpy(out_b + k * b_nbytes, new_b + j * b_nbytes, (size_t)b_nbytes);
+            j++;
+        } else {
+            out_ids[k] = old_ids[i];
+            memcpy(out_a + k * a_nbytes, old_a + i * a_nbytes, (size_t)a_nbytes);
+            memcpy(out_b + k * b_nbytes, old_b + i * b_nbytes, (size_t)b_nbytes);
+            i++;
+        }
+        k++;
+    }
+    return k;
+}

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-GAUGES = {"map_size", "last_page", "used_bytes", "readers", "shard_epoch"}
+GAUGES = {"map_size", "last_page", "used_bytes", "readers", "shard_epoch", "delta_rows"}
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 

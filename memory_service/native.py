@@ -40,6 +40,8 @@ def _load():
     lib.engram_group_keys.restype = _INT
     lib.engram_dedup_groups.argtypes = [_P, _P, _P, _I64, _I64, _INT, _INT, _P]
     lib.engram_dedup_groups.restype = _I64
+    lib.engram_merge_rows.argtypes = [_P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P]
+    lib.engram_merge_rows.restype = _I64
     return lib
 
 
@@ -90,6 +92,27 @@ def dedup_groups(keys: np.ndarray, starts: np.ndarray, first_group: int, end_gro
     if count < 0:
         raise MemoryError("native dedup could not allocate its count tables")
     return count
+
+
+def merge_rows(old: tuple[np.ndarray, np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray, np.ndarray]):
+    """Merge (ids, a, b) runs: ids int64 ascending and unique within a run, a/b C-contiguous [N, ...] payloads.
+
+    Where an id is in both runs the new payloads win. Returns the merged (ids, a, b).
+    """
+    (old_ids, old_a, old_b), (new_ids, new_a, new_b) = old, new
+    arrays = (old_ids, old_a, old_b, new_ids, new_a, new_b)
+    if any(not x.flags.c_contiguous for x in arrays) or old_ids.dtype != np.int64 or new_ids.dtype != np.int64:
+        raise ValueError("merge_rows needs C-contiguous arrays and int64 ids")
+    total = old_ids.size + new_ids.size
+    out_ids = np.empty(total, dtype=np.int64)
+    out_a = np.empty((total,) + old_a.shape[1:], dtype=old_a.dtype)
+    out_b = np.empty((total,) + old_b.shape[1:], dtype=old_b.dtype)
+    a_nbytes = old_a.itemsize * int(np.prod(old_a.shape[1:], dtype=np.int64))
+    b_nbytes = old_b.itemsize * int(np.prod(old_b.shape[1:], dtype=np.int64))
+    count = KERNELS.engram_merge_rows(old_ids.ctypes.data, old_a.ctypes.data, old_b.ctypes.data, old_ids.size,
+                                      new_ids.ctypes.data, new_a.ctypes.data, new_b.ctypes.data, new_ids.size,
+                                      a_nbytes, b_nbytes, out_ids.ctypes.data, out_a.ctypes.data, out_b.ctypes.data)
+    return out_ids[:count], out_a[:count], out_b[:count]
 
 
 def inverse(keys: np.ndarray, shift: int) -> np.ndarray:

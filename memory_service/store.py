@@ -6,6 +6,7 @@ Layout of one environment (one shard directory):
                b"next_table_id"      -> u32
     rows  db   (kind, table, version, layer, chunk) -> chunk_rows x head_dim raw rows
     opt   db   same key              -> chunk_rows x (m[hd] f4, v[hd] f4, step i8), absent = zeros
+    delta db   (kind, table, version, layer, seq) -> one push's ids, rows and Adam records
     maps  db   table id              -> int64 compression map (for token lookups)
 
 Reads: a long-lived read transaction (a snapshot) is shared by all lookups and replaced
@@ -15,7 +16,10 @@ an address (chunk base + offset) and gathers all rows with one vectorised `np.ta
 over a zero-copy view of the mapped region. Never one LMDB get per row.
 
 Writes: one writer at a time; each request is one write transaction (committed with
-fsync before the call returns). MVCC means a reader never sees half a write, and a
+fsync before the call returns). A gradient push appends a segment to the delta db and
+lookups overlay the merged recent rows (row_delta.py) on the chunks; past
+`max_delta_rows` rows the delta is folded into the chunks, each touched chunk rewritten
+once for many pushes. MVCC means a reader never sees half a write, and a
 lookup reads the active version and its rows from the same snapshot, so a swap is
 atomic for readers too.
 """
@@ -38,6 +42,7 @@ from memory_service import native
 from memory_service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
                                    ShardUnavailable as ShardBusy)
 from memory_service.row_init import init_rows
+from memory_service.row_delta import RowDelta, decode_segment, encode_segment, row_bytes
 from memory_service.row_optim import RowAdamConfig, row_adam_update
 from memory_service.spec import EngramSpec
 from memory_service.table_meta import TableMeta, check_table_name, layer_rows_for_spec
@@ -46,7 +51,8 @@ DEFAULT_CHUNK_ROWS = 4096
 DEFAULT_MAP_SIZE = 1 << 40  # virtual address space reserved for the map; the file grows as needed
 WRITE_BATCH_BYTES = 64 << 20  # bulk writes (init, copy, drop) commit every this many bytes
 _KEY = struct.Struct(">BIIII")  # kind, table id, version, layer, chunk (big-endian: prefix order)
-_ROWS, _OPT = 1, 2
+_ROWS, _OPT, _DELTA = 1, 2, 3
+DEFAULT_MAX_DELTA_ROWS = 1 << 16  # recent rows per layer held beside the chunks before they are folded in
 _PAGE = 4096
 
 
@@ -112,14 +118,16 @@ class RowView:
 class ChunkIndex:
     """Chunk addresses of one (table, version, layer) inside a snapshot, resolved lazily."""
 
-    def __init__(self, snapshot: "Snapshot", meta: TableMeta, version: int, layer: int):
+    def __init__(self, snapshot: "Snapshot", meta: TableMeta, version: int, layer: int, kind: int = _ROWS):
         self.snapshot = snapshot
         self.meta = meta
         self.version = version
         self.layer = layer
+        self.kind = kind  # _ROWS: rows; _OPT: Adam records (absent chunks read as zeros)
+        self.db = snapshot.rows_db if kind == _ROWS else snapshot.opt_db
         self.chunk_rows = meta.chunk_rows
-        self.row_nbytes = meta.row_nbytes
-        self.chunk_nbytes = meta.chunk_rows * meta.row_nbytes
+        self.row_nbytes = meta.row_nbytes if kind == _ROWS else opt_dtype(meta.head_dim).itemsize
+        self.chunk_nbytes = meta.chunk_rows * self.row_nbytes
         self.chunk_shift = meta.chunk_rows.bit_length() - 1 if meta.chunk_rows & (meta.chunk_rows - 1) == 0 else 0
         num_chunks = meta.num_chunks(layer)
         self.buffers: dict[int, memoryview] = {}  # keeps the zero-copy values referenced
@@ -139,7 +147,7 @@ class ChunkIndex:
             addr, missing = view.addr.copy(), view.missing.copy()
             txn = self.snapshot.txn
             for chunk in need.tolist():
-                buf = txn.get(chunk_key(_ROWS, self.meta.table_id, self.version, self.layer, chunk), db=self.snapshot.rows_db)
+                buf = txn.get(chunk_key(self.kind, self.meta.table_id, self.version, self.layer, chunk), db=self.db)
                 if buf is None:
                     missing[chunk] = True
                     continue
@@ -161,7 +169,7 @@ class ChunkIndex:
             touched = np.zeros(view.addr.shape[0], dtype=bool)
             touched[chunks] = True
             view = self.resolve(np.flatnonzero(touched))
-        out_bytes = out.view(np.uint8).reshape(ids.size, self.row_nbytes)
+        out_bytes = out.reshape(-1).view(np.uint8).reshape(ids.size, self.row_nbytes)
         if view.region is not None:
             units_per_row = self.row_nbytes // view.unit
             first = view.chunk_base[chunks]  # [N]; absent chunks give garbage indices (clipped, zeroed below)
@@ -188,6 +196,8 @@ class Snapshot:
     def __init__(self, store: "TableStore", generation: int):
         self.txn = store.env.begin(write=False, buffers=True)
         self.rows_db = store.rows_db
+        self.opt_db = store.opt_db
+        self.deltas = store._deltas  # recent rows as of this snapshot (replaced, never mutated, by writers)
         self.generation = generation
         self.lock = threading.Lock()  # serialises LMDB calls on this txn
         self.refs = 0
@@ -207,14 +217,21 @@ class Snapshot:
             raise NotFound(f"no table named {name!r}")
         return meta
 
-    def index(self, meta: TableMeta, version: int, layer: int) -> ChunkIndex:
-        """The chunk index of (table, version, layer), built on first use."""
-        key = (meta.table_id, version, layer)
+    def index(self, meta: TableMeta, version: int, layer: int, kind: int = _ROWS) -> ChunkIndex:
+        """The chunk index of (table, version, layer) rows (or Adam records), built on first use."""
+        key = (meta.table_id, version, layer, kind)
         index = self.indexes.get(key)
         if index is None:
             with self.lock:
-                index = self.indexes.setdefault(key, ChunkIndex(self, meta, version, layer))
+                index = self.indexes.setdefault(key, ChunkIndex(self, meta, version, layer, kind))
         return index
+
+    def gather(self, meta: TableMeta, version: int, layer: int, ids: np.ndarray, out: np.ndarray, kind: int = _ROWS) -> None:
+        """out[i] = current row (or Adam record) of ids[i]: the chunks with the recent rows laid over them."""
+        self.index(meta, version, layer, kind).gather(ids, out)
+        delta = self.deltas.get((meta.table_id, version, layer))
+        if delta is not None:
+            delta.overlay(ids, out, opt=kind == _OPT)
 
     def close(self) -> None:
         """End the read transaction (only once no lookup uses it)."""
@@ -226,7 +243,7 @@ class TableStore:
     """One LMDB environment holding any number of table sets and their versions."""
 
     def __init__(self, path: str | Path, map_size: int = DEFAULT_MAP_SIZE, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                 optimizer: RowAdamConfig | None = None, sync: bool = True):
+                 optimizer: RowAdamConfig | None = None, sync: bool = True, max_delta_rows: int = DEFAULT_MAX_DELTA_ROWS):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.default_chunk_rows = chunk_rows
@@ -239,12 +256,17 @@ class TableStore:
         self.opt_db = self.env.open_db(b"opt")
         self.maps_db = self.env.open_db(b"maps")
         self.requests_db = self.env.open_db(b"requests")  # request id -> version, for idempotent retries
+        self.delta_db = self.env.open_db(b"delta")  # pushes not yet folded into the chunks
+        self.max_delta_rows = max_delta_rows
         self._write_lock = threading.Lock()
         self._snap_lock = threading.Lock()
         self._snapshot: Snapshot | None = None
         self._generation = 0
-        self.counters = {"lookups": 0, "rows_served": 0, "writes": 0, "rows_written": 0, "gradient_pushes": 0, "rows_updated": 0}
+        self.counters = {"lookups": 0, "rows_served": 0, "writes": 0, "rows_written": 0, "gradient_pushes": 0, "rows_updated": 0,
+                         "folds": 0}
         self.shard_state = self._load_shard_state()
+        self._deltas: dict[tuple[int, int, int], RowDelta] = {}  # (table id, version, layer) -> recent rows
+        self._load_deltas()
         self.frozen: dict[str, dict[int, list[tuple[int, int]]]] = {}  # rows being moved to another shard: no writes
 
     # ------------------------------------------------------------------ shard ownership
@@ -318,6 +340,38 @@ class TableStore:
     def _committed(self) -> None:
         with self._snap_lock:
             self._generation += 1
+
+    def _publish(self, key: tuple[int, int, int], delta: RowDelta | None) -> None:
+        """Replace (or with None, forget) a layer's recent rows; snapshots taken from now on see them."""
+        deltas = dict(self._deltas)
+        if delta is None:
+            deltas.pop(key, None)
+        else:
+            deltas[key] = delta
+        with self._snap_lock:
+            self._deltas = deltas
+            self._generation += 1
+
+    def _empty_delta(self, meta: TableMeta, layer: int, next_seq: int = 0) -> RowDelta:
+        return RowDelta.empty(meta.head_dim, meta.dtype, opt_dtype(meta.head_dim), meta.num_chunks(layer), meta.chunk_rows,
+                              next_seq)
+
+    def _load_deltas(self) -> None:
+        """Rebuild every layer's recent rows from the stored segments, oldest first (after a restart)."""
+        metas = {m.table_id: m for m in self.list_tables()}
+        deltas: dict[tuple[int, int, int], RowDelta] = {}
+        with self.env.begin(buffers=True) as txn:
+            for key, value in txn.cursor(db=self.delta_db):
+                _, table_id, version, layer, seq = _KEY.unpack(bytes(key))
+                meta = metas.get(table_id)
+                if meta is None or version not in meta.versions:
+                    continue  # left by a drop that did not finish: nothing reads it
+                delta = deltas.get((table_id, version, layer)) or self._empty_delta(meta, layer)
+                ids, rows, opt = decode_segment(value, meta.head_dim, meta.dtype, opt_dtype(meta.head_dim))
+                merged = delta.merged(ids, rows, opt)
+                deltas[(table_id, version, layer)] = RowDelta(merged.ids, merged.rows, merged.opt, merged.chunk_mask,
+                                                              merged.chunk_rows, seq + 1)
+        self._deltas = deltas
 
     # ------------------------------------------------------------------ metadata
     def _read_meta(self, txn, name: str) -> TableMeta:
@@ -425,6 +479,7 @@ class TableStore:
                 except KeyError as e:
                     raise NotFound(str(e.args[0])) from None
                 version = meta.add_version(f"copy of {source_version}")
+                self._fold_table(meta, versions={source_version})  # the copy takes chunks only
                 self._copy_version(meta, source_version, version)
             else:
                 version = meta.add_version("init" if init_std else "empty")
@@ -437,8 +492,8 @@ class TableStore:
             self._committed()
             return version
 
-    def _prefix_items(self, txn, db, kind: int, table_id: int, version: int):
-        prefix = struct.pack(">BII", kind, table_id, version)
+    def _prefix_items(self, txn, db, kind: int, table_id: int, version: int, layer: int | None = None):
+        prefix = struct.pack(">BII", kind, table_id, version) + (b"" if layer is None else struct.pack(">I", layer))
         cursor = txn.cursor(db=db)
         if cursor.set_range(prefix):
             for key, value in cursor:
@@ -466,8 +521,8 @@ class TableStore:
                     txn.put(key, value, db=db)
 
     def _delete_version_chunks(self, table_id: int, version: int, batch: int = 1024) -> None:
-        """Delete a version's chunks a batch of keys per transaction."""
-        for kind, db in ((_ROWS, self.rows_db), (_OPT, self.opt_db)):
+        """Delete a version's chunks and pushed segments, a batch of keys per transaction."""
+        for kind, db in ((_ROWS, self.rows_db), (_OPT, self.opt_db), (_DELTA, self.delta_db)):
             while True:
                 with self.env.begin(write=True) as txn:
                     keys = []
@@ -523,6 +578,7 @@ class TableStore:
                 meta.history = [v for v in meta.history if v != version]
                 self._put_meta(txn, meta)
             self._committed()
+            self._forget_deltas(meta.table_id, {version})
             self._delete_version_chunks(meta.table_id, version)
 
     def drop_table(self, name: str) -> None:
@@ -533,8 +589,13 @@ class TableStore:
                 txn.delete(b"table:" + name.encode(), db=self.meta_db)
                 txn.delete(struct.pack(">I", meta.table_id), db=self.maps_db)
             self._committed()
+            self._forget_deltas(meta.table_id, set(meta.versions))
             for version in meta.versions:
                 self._delete_version_chunks(meta.table_id, version)
+
+    def _forget_deltas(self, table_id: int, versions: set[int]) -> None:
+        for key in [k for k in self._deltas if k[0] == table_id and k[1] in versions]:
+            self._publish(key, None)
 
     # ------------------------------------------------------------------ reads
     def _check(self, meta: TableMeta, layer: int, fingerprint: str | None) -> int:
@@ -570,7 +631,7 @@ class TableStore:
                 out = out(ids.size, meta.head_dim, meta.dtype, v)
             if out is None or out.shape != (ids.size, meta.head_dim) or out.dtype != meta.dtype:
                 out = np.empty((ids.size, meta.head_dim), dtype=meta.dtype)
-            snap.index(meta, v, layer).gather(ids, out)
+            snap.gather(meta, v, layer, ids, out)
             self.counters["lookups"] += 1
             self.counters["rows_served"] += ids.size
             return out, v
@@ -591,11 +652,11 @@ class TableStore:
         ids = check_row_ids(row_ids, self._check(meta, layer, None), layer)
         v = meta.resolve_version(version)
         out = np.zeros(ids.size, dtype=opt_dtype(meta.head_dim))
-        with self.env.begin(buffers=True) as txn:
-            for chunk, pos, offsets in group_by_chunk(ids, meta.chunk_rows):
-                buf = txn.get(chunk_key(_OPT, meta.table_id, v, layer, chunk), db=self.opt_db)
-                if buf is not None:
-                    out[pos] = np.frombuffer(buf, dtype=opt_dtype(meta.head_dim))[offsets]
+        snap = self._acquire()
+        try:
+            snap.gather(snap.meta(name), v, layer, ids, out, kind=_OPT)
+        finally:
+            self._release(snap)
         return out
 
     # ------------------------------------------------------------------ writes
@@ -642,6 +703,9 @@ class TableStore:
                    request_id: str | None = None) -> int:
         """Set rows of a version in one committed transaction; returns the version written."""
         with self._write_lock:
+            meta = self.table_info(name)
+            if layer in meta.layer_rows and int(version or meta.active) in meta.versions:
+                self._fold(meta, int(version or meta.active), layer)  # written rows must not be hidden by older pushes
             with self.env.begin(write=True) as txn:
                 meta, num_rows, v = self._write_target(txn, name, layer, version, fingerprint)
                 done = self._seen_request(txn, request_id)
@@ -670,37 +734,90 @@ class TableStore:
 
     def apply_gradients(self, name: str, layer: int, row_ids, grads, lr: float, version: int = 0,
                         fingerprint: str | None = None, request_id: str | None = None) -> int:
-        """Row-wise Adam on unique rows in one committed transaction; returns the version updated."""
+        """Row-wise Adam on unique rows in one committed transaction; returns the version updated.
+
+        The new rows and Adam records are appended as one segment (a write the size of the
+        push, not of the chunks it touches) and merged into the layer's recent rows; past
+        max_delta_rows those are folded into the chunks.
+        """
         if not np.isfinite(lr) or lr < 0:
             raise InvalidArgument(f"learning rate must be a finite number >= 0, got {lr}")
         with self._write_lock:
-            with self.env.begin(write=True, buffers=True) as txn:  # chunks read without a copy (copied once below)
-                meta, num_rows, v = self._write_target(txn, name, layer, version, fingerprint)
-                ids = check_row_ids(row_ids, num_rows, layer)
-                if ids.size:
-                    self._check_not_moving(name, layer, int(ids.min()), int(ids.max()))
-                g = check_gradients(ids, grads, meta.head_dim)
-                done = self._seen_request(txn, request_id)
-                if done is not None:
-                    return done
-                record = opt_dtype(meta.head_dim)
-                for chunk, pos, offsets in group_by_chunk(ids, meta.chunk_rows):
-                    row_key = chunk_key(_ROWS, meta.table_id, v, layer, chunk)
-                    opt_key = chunk_key(_OPT, meta.table_id, v, layer, chunk)
-                    block = self._read_chunk(txn, self.rows_db, row_key, meta.dtype, (meta.chunk_rows, meta.head_dim))
-                    state = self._read_chunk(txn, self.opt_db, opt_key, record, (meta.chunk_rows,))
-                    sel = state[offsets]
-                    new_rows, new_m, new_v, new_steps = row_adam_update(
-                        block[offsets], sel["m"], sel["v"], sel["step"], g[pos], lr, self.optimizer)
-                    block[offsets] = new_rows
-                    state["m"][offsets], state["v"][offsets], state["step"][offsets] = new_m, new_v, new_steps
-                    txn.put(row_key, memoryview(block).cast("B"), db=self.rows_db)  # no intermediate bytes copy
-                    txn.put(opt_key, memoryview(state.view(np.uint8)).cast("B"), db=self.opt_db)
-                self._record_request(txn, request_id, v)
-            self._committed()
+            snap = self._acquire()  # the latest commit: no other writer runs while we hold the lock
+            try:
+                with self.env.begin(write=True) as txn:
+                    meta, num_rows, v = self._write_target(txn, name, layer, version, fingerprint)
+                    ids = check_row_ids(row_ids, num_rows, layer)
+                    if ids.size:
+                        self._check_not_moving(name, layer, int(ids.min()), int(ids.max()))
+                    g = check_gradients(ids, grads, meta.head_dim)
+                    done = self._seen_request(txn, request_id)
+                    if done is not None:
+                        return done
+                    rows = np.empty((ids.size, meta.head_dim), dtype=meta.dtype)  # [N, head_dim]
+                    state = np.empty(ids.size, dtype=opt_dtype(meta.head_dim))  # [N]
+                    snap.gather(meta, v, layer, ids, rows)
+                    snap.gather(meta, v, layer, ids, state, kind=_OPT)
+                    new_rows, new_m, new_v, new_steps = row_adam_update(rows, state["m"], state["v"], state["step"], g, lr,
+                                                                        self.optimizer)
+                    state["m"], state["v"], state["step"] = new_m, new_v, new_steps
+                    key = (meta.table_id, v, layer)
+                    delta = self._deltas.get(key) or self._empty_delta(meta, layer)
+                    txn.put(chunk_key(_DELTA, meta.table_id, v, layer, delta.next_seq), encode_segment(ids, new_rows, state),
+                            db=self.delta_db)
+                    self._record_request(txn, request_id, v)
+            finally:
+                self._release(snap)
+            merged = delta.merged(ids, new_rows, state)
+            self._publish(key, merged)
+            if merged.size > self.max_delta_rows:
+                self._fold(meta, v, layer)
             self.counters["gradient_pushes"] += 1
             self.counters["rows_updated"] += ids.size
             return v
+
+    def _fold(self, meta: TableMeta, version: int, layer: int) -> int:
+        """Write a layer's recent rows into its chunks and delete their segments (write lock held); returns rows folded.
+
+        Commits every WRITE_BATCH_BYTES of chunks; the segments go in the last transaction.
+        Until then the chunks already rewritten hold the same values as the delta, so a
+        reader (or a restart after a crash) sees the same rows either way.
+        """
+        key = (meta.table_id, version, layer)
+        delta = self._deltas.get(key)
+        if delta is None or delta.size == 0:
+            return 0
+        record = opt_dtype(meta.head_dim)
+        txn, pending = self.env.begin(write=True, buffers=True), 0
+        try:
+            for chunk, pos, offsets in group_by_chunk(delta.ids, meta.chunk_rows):
+                row_key = chunk_key(_ROWS, meta.table_id, version, layer, chunk)
+                opt_key = chunk_key(_OPT, meta.table_id, version, layer, chunk)
+                block = self._read_chunk(txn, self.rows_db, row_key, meta.dtype, (meta.chunk_rows, meta.head_dim))
+                state = self._read_chunk(txn, self.opt_db, opt_key, record, (meta.chunk_rows,))
+                row_bytes(block)[offsets] = row_bytes(delta.rows)[pos]
+                row_bytes(state)[offsets] = row_bytes(delta.opt)[pos]
+                txn.put(row_key, memoryview(block).cast("B"), db=self.rows_db)  # no intermediate bytes copy
+                txn.put(opt_key, memoryview(state.view(np.uint8)).cast("B"), db=self.opt_db)
+                pending += block.nbytes + state.nbytes
+                if pending >= WRITE_BATCH_BYTES:
+                    txn.commit()
+                    txn, pending = self.env.begin(write=True, buffers=True), 0
+            for seq_key in [bytes(k) for k, _ in self._prefix_items(txn, self.delta_db, _DELTA, meta.table_id, version, layer)]:
+                txn.delete(seq_key, db=self.delta_db)
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+        self._publish(key, None)
+        self.counters["folds"] += 1
+        return delta.size
+
+    def _fold_table(self, meta: TableMeta, versions=None, layers=None) -> None:
+        """Fold the recent rows of some (default: all) versions and layers of a table (write lock held)."""
+        for table_id, version, layer in list(self._deltas):
+            if table_id == meta.table_id and (versions is None or version in versions) and (layers is None or layer in layers):
+                self._fold(meta, version, layer)
 
     # ------------------------------------------------------------------ moving rows between shards
     def blueprint(self, name: str) -> dict:
@@ -727,6 +844,8 @@ class TableStore:
     def export_chunks(self, name: str, layer: int, start_row: int, stop_row: int) -> list[tuple[bytes, bytes]]:
         """Every version's chunks (rows and Adam state) covering rows [start, stop): [(key suffix, value)]."""
         meta = self.table_info(name)
+        with self._write_lock:
+            self._fold_table(meta, layers={layer})  # recent rows into the chunks that travel
         first, end = start_row // meta.chunk_rows, -(-stop_row // meta.chunk_rows)
         out = []
         with self.env.begin() as txn:
@@ -753,6 +872,8 @@ class TableStore:
     def drop_unowned_chunks(self, name: str) -> int:
         """Delete chunks of rows this shard no longer owns (after a move); returns how many."""
         meta = self.table_info(name)
+        with self._write_lock:
+            self._fold_table(meta)  # a later fold must not bring dropped chunks back
         dropped = 0
         for layer, num_rows in meta.layer_rows.items():
             owned = self.owned_range(name, layer)
@@ -784,6 +905,7 @@ class TableStore:
         """Counters plus environment size figures."""
         info, stat = self.env.info(), self.env.stat()
         out = {k: float(v) for k, v in self.counters.items()}
+        out["delta_rows"] = float(sum(d.size for d in self._deltas.values()))
         out.update(map_size=float(info["map_size"]), last_page=float(info["last_pgno"]),
                    used_bytes=float((info["last_pgno"] + 1) * stat["psize"]), readers=float(info["num_readers"]))
         return out

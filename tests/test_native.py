@@ -125,3 +125,35 @@ def test_partwise_dedup_equals_dedup_ids(name, ids, piece):
     whole = dedup_ids(ids)
     np.testing.assert_array_equal(partwise.result().unique, whole.unique)
     np.testing.assert_array_equal(partwise.result().inverse(), whole.inverse())
+
+
+@needs_native
+def test_row_delta_merge_is_the_same_natively_and_in_numpy(monkeypatch):
+    from memory_service.row_delta import RowDelta
+    from memory_service.store import opt_dtype
+
+    rng = np.random.default_rng(3)
+    record = opt_dtype(8)
+
+    def run():
+        delta = RowDelta.empty(8, np.float16, record, num_chunks=40, chunk_rows=256)
+        for step in range(6):  # overlapping pushes: later rows replace earlier ones
+            ids = rng.choice(10_000, size=700, replace=False)
+            rows = rng.standard_normal((700, 8)).astype(np.float16)
+            opt = np.zeros(700, dtype=record)
+            opt["step"] = step + 1
+            opt["m"] = rng.standard_normal((700, 8))
+            delta = delta.merged(ids, rows, opt)
+        return delta
+
+    state = rng.bit_generator.state
+    fast = run()
+    rng.bit_generator.state = state
+    with monkeypatch.context() as m:
+        m.setattr(native, "KERNELS", None)
+        slow = run()
+    assert np.all(np.diff(fast.ids) > 0) and fast.size > 3000
+    np.testing.assert_array_equal(fast.ids, slow.ids)
+    np.testing.assert_array_equal(fast.rows, slow.rows)
+    assert fast.opt.tobytes() == slow.opt.tobytes()
+    np.testing.assert_array_equal(fast.chunk_mask, slow.chunk_mask)

@@ -47,6 +47,69 @@ def test_adam_updates_equal_the_in_process_table(store):
     np.testing.assert_array_equal(state["m"], local._m[1])
 
 
+def _push_both(store, local, rng, steps, layer=1, rows=700):
+    for step in range(steps):
+        ids = np.unique(rng.integers(0, local.num_rows(layer), rows))
+        grads = rng.standard_normal((ids.size, SPEC.head_dim)).astype(np.float32)
+        store.apply_gradients("t", layer, ids, grads, lr=0.01 * (step + 1))
+        local.apply_gradients(layer, ids, grads, lr=0.01 * (step + 1))
+
+
+def _assert_same_as(store, local, layer=1, version=0):
+    all_ids = np.arange(local.num_rows(layer))
+    np.testing.assert_array_equal(store.lookup("t", layer, all_ids, version=version)[0], local.table(layer))
+    state = store.optimizer_state("t", layer, all_ids, version=version)
+    np.testing.assert_array_equal(state["step"], local._steps[layer])
+    np.testing.assert_array_equal(state["m"], local._m[layer])
+    np.testing.assert_array_equal(state["v"], local._v[layer])
+
+
+def test_pushes_are_held_as_recent_rows_then_folded_into_chunks(tmp_path):
+    """Pushes append segments (a write the size of the push); past the limit they fold into the chunks. Exact throughout."""
+    store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=1500)
+    store.create_table("t", SPEC)
+    local = LocalTable(SPEC, layer_rows_for_spec(SPEC))
+    rng = np.random.default_rng(0)
+    _push_both(store, local, rng, 2)  # about 1300 distinct rows: held, not folded
+    assert store.stats()["delta_rows"] > 1000 and store.counters["folds"] == 0
+    _assert_same_as(store, local)
+    store.close()
+    store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=1500)  # segments are read back on open
+    assert store.stats()["delta_rows"] > 1000
+    _assert_same_as(store, local)
+    _push_both(store, local, rng, 6)  # the same rows again and new ones: folds happen on the way
+    assert store.counters["folds"] >= 2
+    _assert_same_as(store, local)
+    store.close()
+    store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=1500)
+    _assert_same_as(store, local)
+    store.close()
+
+
+def test_recent_rows_are_folded_before_rows_are_written_copied_or_moved(tmp_path):
+    store = TableStore(tmp_path / "s", chunk_rows=512)
+    store.create_table("t", SPEC)
+    local = LocalTable(SPEC, layer_rows_for_spec(SPEC))
+    rng = np.random.default_rng(1)
+    _push_both(store, local, rng, 3)
+    assert store.stats()["delta_rows"] > 0
+    copy = store.create_version("t", copy_of=1)  # the copy is made of chunks: the pushes must be in them
+    _assert_same_as(store, local, version=copy)
+    ids = np.arange(0, 2000, 3)
+    _push_both(store, local, rng, 2)
+    new_rows = np.full((ids.size, SPEC.head_dim), 0.25, dtype=np.float32)
+    store.write_rows("t", 1, ids, new_rows)  # written rows are not hidden by earlier pushes
+    np.testing.assert_array_equal(store.lookup("t", 1, ids)[0], new_rows)
+    _push_both(store, local, rng, 1)
+    chunks = dict(store.export_chunks("t", 1, 0, local.num_rows(1)))  # what a shard move ships holds every push
+    assert store.stats()["delta_rows"] == 0 and chunks
+    store.drop_version("t", copy)
+    store.close()
+    reopened = TableStore(tmp_path / "s", chunk_rows=512)
+    assert copy not in reopened.table_info("t").versions and reopened.stats()["delta_rows"] == 0
+    reopened.close()
+
+
 @pytest.mark.parametrize("dtype, head_dim", [("float16", 64), ("float32", 24), ("float16", 3)])
 def test_row_widths_that_do_not_divide_a_page(tmp_path, dtype, head_dim):
     """128-byte rows gather in one take; 96- and 6-byte rows use the multi-unit path; all exact."""
