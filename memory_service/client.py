@@ -355,7 +355,7 @@ class MemoryClient(TableBackend):
         Returns (pending lookup of the unique ids, the finished Dedup). A stale shard map
         met on the way finishes the dedup and starts the lookup again the ordinary way.
         """
-        version = version or self.version_pin
+        requested, version = version, version or self.version_pin
         head_dim, row_nbytes = self.spec.head_dim, self.spec.head_dim * self.dtype.itemsize
         if out is None or out.shape[0] < ids.size or out.shape[1:] != (head_dim,) or out.dtype != self.dtype:
             out = np.empty((ids.size, head_dim), dtype=self.dtype)
@@ -384,7 +384,7 @@ class MemoryClient(TableBackend):
             for _ in pieces:  # finish sorting; the ordinary path refreshes the map
                 pass
             batch = dedup.result()
-            return self.lookup_unique_async(layer_id, batch.unique, version, out[:batch.unique.size]), batch
+            return self.lookup_unique_async(layer_id, batch.unique, requested, out[:batch.unique.size]), batch
         batch = dedup.result()
         pending = PendingLookup(self, layer_id, batch.unique, parts, calls, futures, out[:batch.unique.size], version)
         return pending, batch

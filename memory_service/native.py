@@ -28,8 +28,15 @@ def _load():
     try:
         lib = ctypes.CDLL(str(native_build.build()))
     except (RuntimeError, OSError) as e:
-        log.warning("native kernels unavailable, using numpy: %s", e)
-        return None
+        if not native_build.LIBRARY.exists():
+            log.warning("native kernels unavailable, using numpy: %s", e)
+            return None
+        log.warning("could not rebuild %s (%s); loading the existing library", native_build.LIBRARY.name, e)
+        try:  # a read-only install whose library looks older than its source
+            lib = ctypes.CDLL(str(native_build.LIBRARY))
+        except OSError as e2:
+            log.warning("native kernels unavailable, using numpy: %s", e2)
+            return None
     lib.engram_dedup.argtypes = [_P, _I64, _INT, _INT, _P, _P, _P]
     lib.engram_dedup.restype = _I64
     lib.engram_inverse.argtypes = [_P, _I64, _INT, _P]
@@ -103,6 +110,12 @@ def merge_rows(old: tuple[np.ndarray, np.ndarray, np.ndarray], new: tuple[np.nda
     arrays = (old_ids, old_a, old_b, new_ids, new_a, new_b)
     if any(not x.flags.c_contiguous for x in arrays) or old_ids.dtype != np.int64 or new_ids.dtype != np.int64:
         raise ValueError("merge_rows needs C-contiguous arrays and int64 ids")
+    for o, n in ((old_a, new_a), (old_b, new_b)):
+        if o.dtype != n.dtype or o.shape[1:] != n.shape[1:]:
+            raise ValueError(f"merge_rows: payloads differ ({o.dtype}{o.shape[1:]} vs {n.dtype}{n.shape[1:]})")
+    if old_a.shape[0] != old_ids.size or old_b.shape[0] != old_ids.size or new_a.shape[0] != new_ids.size \
+            or new_b.shape[0] != new_ids.size:
+        raise ValueError("merge_rows: a payload's length differs from its ids'")
     total = old_ids.size + new_ids.size
     out_ids = np.empty(total, dtype=np.int64)
     out_a = np.empty((total,) + old_a.shape[1:], dtype=old_a.dtype)

@@ -33,6 +33,7 @@ class RowDelta:
     chunk_mask: np.ndarray  # bool [num_chunks]: chunks with at least one row here
     chunk_rows: int
     next_seq: int = 0  # sequence number of the next segment written for this layer
+    segment_rows: int = 0  # rows in this layer's stored segments, repeats included (what a fold reclaims)
 
     @classmethod
     def empty(cls, head_dim: int, dtype, record: np.dtype, num_chunks: int, chunk_rows: int, next_seq: int = 0) -> "RowDelta":
@@ -68,7 +69,7 @@ class RowDelta:
             ids, rows, opt = merged_ids, merged_rows, merged_opt
         mask = self.chunk_mask.copy()
         mask[ids // self.chunk_rows] = True
-        return RowDelta(ids, rows, opt, mask, self.chunk_rows, self.next_seq + 1)
+        return RowDelta(ids, rows, opt, mask, self.chunk_rows, self.next_seq + 1, self.segment_rows + int(order.size))
 
     def _contains(self, sorted_ids: np.ndarray) -> np.ndarray:
         """bool [D]: which held ids appear in sorted_ids."""
@@ -92,10 +93,13 @@ class RowDelta:
 
 
 def row_bytes(a: np.ndarray) -> np.ndarray:
-    """uint8 [N, bytes per item] view of a C-contiguous array of N items (rows or records); writes go to `a`."""
-    if not a.flags.c_contiguous:
-        raise ValueError("row_bytes needs a C-contiguous array")
-    return a.view(np.uint8).reshape(a.shape[0], -1)
+    """uint8 [N, bytes per item] view of an array of N items (rows or records) whose items are contiguous; writes go to `a`."""
+    view = a.view(np.uint8)  # [N, row bytes] for rows; [N * record bytes] for records. ValueError if items are not contiguous
+    if view.ndim != 2:
+        view = view.reshape(a.shape[0], -1)
+    if not np.may_share_memory(view, a):  # reshape copied
+        raise ValueError("row_bytes: the array's items are not laid out as rows")
+    return view
 
 
 def encode_segment(ids: np.ndarray, rows: np.ndarray, opt: np.ndarray) -> bytes:

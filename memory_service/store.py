@@ -31,6 +31,7 @@ import json
 import math
 import struct
 import threading
+import logging
 import time
 from pathlib import Path
 
@@ -47,12 +48,15 @@ from memory_service.row_optim import RowAdamConfig, row_adam_update
 from memory_service.spec import EngramSpec
 from memory_service.table_meta import TableMeta, check_table_name, layer_rows_for_spec
 
+log = logging.getLogger("engram.store")
+
 DEFAULT_CHUNK_ROWS = 4096
 DEFAULT_MAP_SIZE = 1 << 40  # virtual address space reserved for the map; the file grows as needed
 WRITE_BATCH_BYTES = 64 << 20  # bulk writes (init, copy, drop) commit every this many bytes
 _KEY = struct.Struct(">BIIII")  # kind, table id, version, layer, chunk (big-endian: prefix order)
 _ROWS, _OPT, _DELTA = 1, 2, 3
 DEFAULT_MAX_DELTA_ROWS = 1 << 16  # recent rows per layer held beside the chunks before they are folded in
+SEGMENT_ROWS_PER_DELTA_ROW = 4  # hot rows pushed again and again: fold once the segments hold 4x the delta's limit
 _PAGE = 4096
 
 
@@ -169,12 +173,12 @@ class ChunkIndex:
             touched = np.zeros(view.addr.shape[0], dtype=bool)
             touched[chunks] = True
             view = self.resolve(np.flatnonzero(touched))
-        out_bytes = out.reshape(-1).view(np.uint8).reshape(ids.size, self.row_nbytes)
+        out_bytes = row_bytes(out)  # [N, row bytes], a view of out
         if view.region is not None:
             units_per_row = self.row_nbytes // view.unit
             first = view.chunk_base[chunks]  # [N]; absent chunks give garbage indices (clipped, zeroed below)
             first += ids if units_per_row == 1 else ids * units_per_row
-            if native.available():
+            if native.available() and out_bytes.flags.c_contiguous:
                 native.gather_rows(view.region, first, out_bytes)
             elif units_per_row == 1:
                 np.take(view.region, first, axis=0, out=out_bytes, mode="clip")
@@ -631,7 +635,12 @@ class TableStore:
                 out = out(ids.size, meta.head_dim, meta.dtype, v)
             if out is None or out.shape != (ids.size, meta.head_dim) or out.dtype != meta.dtype:
                 out = np.empty((ids.size, meta.head_dim), dtype=meta.dtype)
-            snap.gather(meta, v, layer, ids, out)
+            if out.flags.c_contiguous:
+                snap.gather(meta, v, layer, ids, out)
+            else:  # a strided caller buffer: gather into a packed one, then copy
+                packed = np.empty_like(out, order="C")
+                snap.gather(meta, v, layer, ids, packed)
+                out[...] = packed
             self.counters["lookups"] += 1
             self.counters["rows_served"] += ids.size
             return out, v
@@ -712,8 +721,7 @@ class TableStore:
                 if done is not None:
                     return done
                 ids = check_row_ids(row_ids, num_rows, layer)
-                if ids.size:
-                    self._check_not_moving(name, layer, int(ids.min()), int(ids.max()))
+                self.check_owned(name, layer, ids, write=True)
                 values = np.asarray(rows)
                 if values.shape != (ids.size, meta.head_dim):
                     raise InvalidArgument(f"rows must be [{ids.size}, {meta.head_dim}] for {ids.size} ids, got {list(values.shape)}")
@@ -748,12 +756,14 @@ class TableStore:
                 with self.env.begin(write=True) as txn:
                     meta, num_rows, v = self._write_target(txn, name, layer, version, fingerprint)
                     ids = check_row_ids(row_ids, num_rows, layer)
-                    if ids.size:
-                        self._check_not_moving(name, layer, int(ids.min()), int(ids.max()))
+                    self.check_owned(name, layer, ids, write=True)  # under the lock: ownership cannot change meanwhile
                     g = check_gradients(ids, grads, meta.head_dim)
                     done = self._seen_request(txn, request_id)
                     if done is not None:
                         return done
+                    if ids.size == 0:
+                        self._record_request(txn, request_id, v)
+                        return v
                     rows = np.empty((ids.size, meta.head_dim), dtype=meta.dtype)  # [N, head_dim]
                     state = np.empty(ids.size, dtype=opt_dtype(meta.head_dim))  # [N]
                     snap.gather(meta, v, layer, ids, rows)
@@ -766,12 +776,15 @@ class TableStore:
                     txn.put(chunk_key(_DELTA, meta.table_id, v, layer, delta.next_seq), encode_segment(ids, new_rows, state),
                             db=self.delta_db)
                     self._record_request(txn, request_id, v)
+                    merged = delta.merged(ids, new_rows, state)  # before the commit: a failure here stores nothing
             finally:
                 self._release(snap)
-            merged = delta.merged(ids, new_rows, state)
             self._publish(key, merged)
-            if merged.size > self.max_delta_rows:
-                self._fold(meta, v, layer)
+            if merged.size > self.max_delta_rows or merged.segment_rows > SEGMENT_ROWS_PER_DELTA_ROW * self.max_delta_rows:
+                try:
+                    self._fold(meta, v, layer)
+                except Exception:  # noqa: BLE001 - the push is committed; the next push folds again
+                    log.exception("folding the recent rows of %s v%d layer %d failed", name, v, layer)
             self.counters["gradient_pushes"] += 1
             self.counters["rows_updated"] += ids.size
             return v
@@ -785,7 +798,7 @@ class TableStore:
         """
         key = (meta.table_id, version, layer)
         delta = self._deltas.get(key)
-        if delta is None or delta.size == 0:
+        if delta is None:
             return 0
         record = opt_dtype(meta.head_dim)
         txn, pending = self.env.begin(write=True, buffers=True), 0
@@ -872,21 +885,21 @@ class TableStore:
     def drop_unowned_chunks(self, name: str) -> int:
         """Delete chunks of rows this shard no longer owns (after a move); returns how many."""
         meta = self.table_info(name)
-        with self._write_lock:
-            self._fold_table(meta)  # a later fold must not bring dropped chunks back
         dropped = 0
-        for layer, num_rows in meta.layer_rows.items():
-            owned = self.owned_range(name, layer)
-            if owned is None:
-                continue
-            keep = range(owned[0] // meta.chunk_rows, -(-owned[1] // meta.chunk_rows))
-            with self._write_lock, self.env.begin(write=True) as txn:
-                for version in meta.versions:
-                    for kind, db in ((_ROWS, self.rows_db), (_OPT, self.opt_db)):
-                        for chunk in range(meta.num_chunks(layer)):
-                            if chunk not in keep and txn.delete(chunk_key(kind, meta.table_id, version, layer, chunk), db=db):
-                                dropped += 1
-        self._committed()
+        with self._write_lock:  # one hold: no push (ownership is checked under this lock) lands between fold and drop
+            self._fold_table(meta)  # a later fold must not bring dropped chunks back
+            for layer, num_rows in meta.layer_rows.items():
+                owned = self.owned_range(name, layer)
+                if owned is None:
+                    continue
+                keep = range(owned[0] // meta.chunk_rows, -(-owned[1] // meta.chunk_rows))
+                with self.env.begin(write=True) as txn:
+                    for version in meta.versions:
+                        for kind, db in ((_ROWS, self.rows_db), (_OPT, self.opt_db)):
+                            for chunk in range(meta.num_chunks(layer)):
+                                if chunk not in keep and txn.delete(chunk_key(kind, meta.table_id, version, layer, chunk), db=db):
+                                    dropped += 1
+            self._committed()
         return dropped
 
     # ------------------------------------------------------------------ housekeeping

@@ -110,6 +110,45 @@ def test_recent_rows_are_folded_before_rows_are_written_copied_or_moved(tmp_path
     reopened.close()
 
 
+def test_hot_rows_pushed_again_and_again_do_not_pile_up_segments(tmp_path):
+    """The delta stays small (the same rows), but the stored segments are folded away all the same."""
+    store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=1000)
+    store.create_table("t", SPEC)
+    local = LocalTable(SPEC, layer_rows_for_spec(SPEC))
+    ids = np.arange(100, 300)
+    rng = np.random.default_rng(4)
+    for step in range(60):
+        grads = rng.standard_normal((ids.size, SPEC.head_dim)).astype(np.float32)
+        store.apply_gradients("t", 1, ids, grads, lr=0.01)
+        local.apply_gradients(1, ids, grads, lr=0.01)
+    store.apply_gradients("t", 1, np.empty(0, dtype=np.int64), np.empty((0, SPEC.head_dim), np.float32), lr=0.01)
+    with store.env.begin() as txn:
+        segments = sum(1 for _ in txn.cursor(db=store.delta_db))
+    assert store.counters["folds"] >= 2 and segments <= 4 * 1000 // ids.size + 1
+    _assert_same_as(store, local)
+
+
+def test_lookup_into_a_strided_buffer(store):
+    store.create_table("t", SPEC)
+    ids = np.arange(0, 3000, 7)
+    store.apply_gradients("t", 1, ids[:50], np.ones((50, SPEC.head_dim), np.float32), lr=0.1)  # some rows in the delta
+    expected, _ = store.lookup("t", 1, ids)
+    big = np.full((2 * ids.size, SPEC.head_dim), 7.0, dtype=np.float32)
+    out, _ = store.lookup("t", 1, ids, out=big[::2])
+    np.testing.assert_array_equal(big[::2], expected)
+    assert np.all(big[1::2] == 7.0)
+
+
+def test_writes_to_rows_another_shard_owns_are_refused(store):
+    store.create_table("t", SPEC)
+    store.set_shard_state(3, {"t": {1: (0, 1024)}})
+    with pytest.raises(FailedPrecondition, match="stale shard map"):
+        store.apply_gradients("t", 1, np.array([5, 2000]), np.ones((2, SPEC.head_dim), np.float32), lr=0.1)
+    with pytest.raises(FailedPrecondition, match="stale shard map"):
+        store.write_rows("t", 1, np.array([2000]), np.ones((1, SPEC.head_dim), np.float32))
+    store.apply_gradients("t", 1, np.array([5, 1000]), np.ones((2, SPEC.head_dim), np.float32), lr=0.1)
+
+
 @pytest.mark.parametrize("dtype, head_dim", [("float16", 64), ("float32", 24), ("float16", 3)])
 def test_row_widths_that_do_not_divide_a_page(tmp_path, dtype, head_dim):
     """128-byte rows gather in one take; 96- and 6-byte rows use the multi-unit path; all exact."""
