@@ -334,7 +334,7 @@ class MemoryClient(TableBackend):
         """
         ids = check_row_ids(row_ids, self.num_rows(layer_id), layer_id)
         per_message = max(1, self.max_payload_bytes // (self.spec.head_dim * self.dtype.itemsize))
-        if ids.size > per_message and PartwiseDedup.supports(ids):  # big batch: send while the rest is sorted
+        if ids.size > per_message and PartwiseDedup.supports(ids.size, self.num_rows(layer_id)):  # big batch: send while the rest is sorted
             pending, batch = self._start_partwise(layer_id, ids, version, out, per_message)
         else:
             batch = dedup_ids(ids)
@@ -359,7 +359,7 @@ class MemoryClient(TableBackend):
         head_dim, row_nbytes = self.spec.head_dim, self.spec.head_dim * self.dtype.itemsize
         if out is None or out.shape[0] < ids.size or out.shape[1:] != (head_dim,) or out.dtype != self.dtype:
             out = np.empty((ids.size, head_dim), dtype=self.dtype)
-        dedup = PartwiseDedup(ids, piece=per_message // 4)
+        dedup = PartwiseDedup(ids, piece=per_message // 4, id_bound=self.num_rows(layer_id))  # ids checked already
         unique = dedup.unique_buffer
         parts, calls, futures, sent = [], [], [], 0
         first_message = max(1, per_message // 4)  # a small first message gets the server going sooner

@@ -75,26 +75,27 @@ class PartwiseDedup:
     run of groups holding about `piece` ids is sorted and its distinct ids appended to
     `unique`. Iterating yields the number of distinct ids ready so far (unique[:count]);
     afterwards `result()` is the same Dedup as dedup_ids() gives. Native kernels only:
-    use `PartwiseDedup.supports(ids)` first.
+    use `PartwiseDedup.supports(ids.size, id_bound)` first.
     """
 
     TOP_BITS = 8
 
-    def __init__(self, ids: np.ndarray, piece: int):
+    def __init__(self, ids: np.ndarray, piece: int, id_bound: int | None = None):
+        """ids: int64 [N] in [0, id_bound) (a caller that checked them passes the bound and saves two passes)."""
         n = ids.size
         self.shift = max(1, int(n - 1).bit_length())
-        self.id_bits = max(self.TOP_BITS, int(ids.max()).bit_length())
+        top = int(ids.max()) if id_bound is None else id_bound - 1
+        self.id_bits = max(self.TOP_BITS, top.bit_length())
         self.keys, self.starts = native.group_keys(ids, self.shift, self.id_bits, self.TOP_BITS)
         self.unique_buffer = np.empty(n, dtype=np.int64)
         self.piece = max(1, piece)
         self.count = 0
 
     @staticmethod
-    def supports(ids: np.ndarray) -> bool:
-        """Whether the native kernels can take this batch (non-negative ids narrow enough to pack)."""
-        n = ids.size
-        return native.available() and n >= 2 and int(ids.min()) >= 0 and \
-            max(PartwiseDedup.TOP_BITS, int(ids.max()).bit_length()) + max(1, int(n - 1).bit_length()) <= 62
+    def supports(n: int, id_bound: int) -> bool:
+        """Whether the native kernels can take n ids in [0, id_bound) (narrow enough to pack with their positions)."""
+        return native.available() and n >= 2 and \
+            max(PartwiseDedup.TOP_BITS, int(id_bound - 1).bit_length()) + max(1, int(n - 1).bit_length()) <= 62
 
     def __iter__(self):
         starts, groups = self.starts, self.starts.size - 1
