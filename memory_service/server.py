@@ -62,11 +62,11 @@ def build_server(store: TableStore, host: str = "127.0.0.1", port: int = 0, toke
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 50051, token: str | None = None,
           tls_cert: str | None = None, tls_key: str | None = None, ready=None, max_workers: int | None = None,
-          metrics_port: int | None = None) -> None:
+          metrics_port: int | None = None, max_delta_rows: int | None = None) -> None:
     """Run a server on a store directory until SIGTERM/SIGINT, then stop gracefully (and /metrics on metrics_port)."""
     from memory_service.metrics import MetricsServer
 
-    store = TableStore(path)
+    store = TableStore(path, **({"max_delta_rows": max_delta_rows} if max_delta_rows else {}))
     workers = max_workers or int(os.environ.get("ENGRAM_SERVER_THREADS", DEFAULT_WORKERS))
     server, bound, servicer = build_server(store, host, port, token, tls_cert, tls_key, max_workers=workers)
     server.start()

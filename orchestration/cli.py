@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", help="PEM certificate chain (enables TLS with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--metrics-port", type=int, help="also serve Prometheus /metrics on this port (0 = any free port)")
+    p.add_argument("--max-delta-rows", type=int,
+                   help="recent pushed rows per layer kept beside the chunks before they are folded in (default 65536)")
     p.set_defaults(func=_lazy("commands_memory", "serve"))
 
     p = sub.add_parser("table", help="create, import, export, inspect and version tables")

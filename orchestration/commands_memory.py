@@ -21,7 +21,7 @@ def serve(args) -> int:
         print(f"engram memory service on {args.host}:{port} (store {args.path}); Ctrl-C to stop", flush=True)
 
     run_server(args.path, args.host, args.port, token_from(args), args.tls_cert, args.tls_key, ready=ready,
-               metrics_port=args.metrics_port)
+               metrics_port=args.metrics_port, max_delta_rows=args.max_delta_rows)
     return 0
 
 

@@ -10,9 +10,10 @@ import sys
 SERVER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 
 
-def start_server(path: str, token: str | None = None, port: int = 0, timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
-    """Run `engram serve --path PATH` on a free port; returns (process, 'host:port') once it listens."""
-    cmd = [sys.executable, "-m", "orchestration.cli", "serve", "--path", str(path), "--port", str(port)]
+def start_server(path: str, token: str | None = None, port: int = 0, timeout_s: float = 60.0,
+                 extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """Run `engram serve --path PATH [extra_args]` on a free port; returns (process, 'host:port') once it listens."""
+    cmd = [sys.executable, "-m", "orchestration.cli", "serve", "--path", str(path), "--port", str(port), *extra_args]
     if token:
         cmd += ["--token", token]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **SERVER_ENV})

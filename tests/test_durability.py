@@ -44,6 +44,42 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
         assert proc.wait(timeout=30) == 0  # graceful shutdown on SIGTERM
 
 
+def test_pushes_survive_sigkill_between_folds(tmp_path):
+    """Row-wise Adam pushes held as segments and folded (a tiny --max-delta-rows): a SIGKILL loses none of them."""
+    from memory_service.local_table import LocalTable
+    from memory_service.table_meta import layer_rows_for_spec
+
+    path = tmp_path / "store"
+    local = LocalTable(SPEC, layer_rows_for_spec(SPEC), init_std=1.0)
+    rng = np.random.default_rng(0)
+    proc, address = start_server(path, token="t", extra_args=("--max-delta-rows", "300"))
+    try:
+        AdminClient(address, "tbl", token="t").create_table(SPEC, init_std=1.0)
+        client = MemoryClient(address, "tbl", token="t")
+        folds = held = 0
+        for step in range(40):  # until rows have been folded twice and others are held in segments only
+            ids = np.unique(rng.integers(0, local.num_rows(1), 150))
+            grads = rng.standard_normal((ids.size, SPEC.head_dim)).astype(np.float32)
+            client.apply_gradients(1, ids, grads, lr=0.05)
+            local.apply_gradients(1, ids, grads, lr=0.05)
+            stats = client.stats()[0]
+            folds, held = stats["folds"], stats["delta_rows"]
+            if folds >= 2 and held > 0:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert folds >= 2 and held > 0  # both states at the kill: rows folded into chunks and rows only in segments
+    proc, address = start_server(path, token="t")
+    try:
+        np.testing.assert_array_equal(MemoryClient(address, "tbl").read_layer(1), local.table(1))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_client_retries_while_the_server_restarts(tmp_path):
     import threading
     import time
