@@ -162,3 +162,27 @@ int64_t engram_merge_rows(const int64_t *old_ids, const uint8_t *old_a, const ui
     }
     return k;
 }
+
+/* Which query ids are in a sorted id run: for every hit, positions[c] = its place in query and
+ * index[c] = its place in run; returns the number of hits. Queries in ascending order (what
+ * a deduplicated lookup sends) gallop forward from the previous match; a query smaller than
+ * the one before starts a fresh binary search, so any order works. */
+int64_t engram_find_sorted(const int64_t *run, int64_t run_n, const int64_t *query, int64_t n, int64_t *positions,
+                           int64_t *index) {
+    int64_t j = 0, hits = 0, previous = INT64_MIN;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t q = query[i], lo, hi;
+        if (q < previous) { lo = 0; hi = run_n; }
+        else { /* gallop: run[lo - 1] < q is known, find hi with run[hi] >= q */
+            lo = j; hi = j;
+            int64_t step = 1;
+            while (hi < run_n && run[hi] < q) { lo = hi + 1; hi += step; step <<= 1; }
+            if (hi > run_n) hi = run_n;
+        }
+        while (lo < hi) { int64_t mid = lo + (hi - lo) / 2; if (run[mid] < q) lo = mid + 1; else hi = mid; }
+        j = lo;
+        previous = q;
+        if (j < run_n && run[j] == q) { positions[hits] = i; index[hits] = j; hits++; }
+    }
+    return hits;
+}

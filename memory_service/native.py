@@ -49,6 +49,8 @@ def _load():
     lib.engram_dedup_groups.restype = _I64
     lib.engram_merge_rows.argtypes = [_P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P]
     lib.engram_merge_rows.restype = _I64
+    lib.engram_find_sorted.argtypes = [_P, _I64, _P, _I64, _P, _P]
+    lib.engram_find_sorted.restype = _I64
     return lib
 
 
@@ -126,6 +128,17 @@ def merge_rows(old: tuple[np.ndarray, np.ndarray, np.ndarray], new: tuple[np.nda
                                       new_ids.ctypes.data, new_a.ctypes.data, new_b.ctypes.data, new_ids.size,
                                       a_nbytes, b_nbytes, out_ids.ctypes.data, out_a.ctypes.data, out_b.ctypes.data)
     return out_ids[:count], out_a[:count], out_b[:count]
+
+
+def find_sorted(run: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions in query, indexes into run) of the query ids found in run; run int64 ascending unique, query int64 any order."""
+    run = np.ascontiguousarray(run, dtype=np.int64)
+    query = np.ascontiguousarray(query, dtype=np.int64)
+    positions = np.empty(query.size, dtype=np.int64)
+    index = np.empty(query.size, dtype=np.int64)
+    hits = KERNELS.engram_find_sorted(run.ctypes.data, run.size, query.ctypes.data, query.size, positions.ctypes.data,
+                                      index.ctypes.data)
+    return positions[:hits], index[:hits]
 
 
 def inverse(keys: np.ndarray, shift: int) -> np.ndarray:

@@ -157,3 +157,21 @@ def test_row_delta_merge_is_the_same_natively_and_in_numpy(monkeypatch):
     np.testing.assert_array_equal(fast.rows, slow.rows)
     assert fast.opt.tobytes() == slow.opt.tobytes()
     np.testing.assert_array_equal(fast.chunk_mask, slow.chunk_mask)
+
+
+@needs_native
+@pytest.mark.parametrize("order", ["ascending", "shuffled", "repeats"])
+def test_find_sorted_equals_searchsorted(order):
+    rng = np.random.default_rng(5)
+    run = np.unique(rng.integers(0, 100_000, 3000))
+    query = np.unique(rng.integers(-5, 100_010, 20_000))
+    if order == "shuffled":
+        query = rng.permutation(query)
+    elif order == "repeats":
+        query = np.concatenate([query[::-1], query, [run[0], run[-1], run[-1]]])
+    positions, index = native.find_sorted(run, query)
+    at = np.minimum(np.searchsorted(run, query), run.size - 1)
+    expected = np.flatnonzero(run[at] == query)
+    np.testing.assert_array_equal(positions, expected)
+    np.testing.assert_array_equal(index, at[expected])
+    assert native.find_sorted(np.empty(0, np.int64), query)[0].size == 0
