@@ -262,6 +262,45 @@ def test_concurrent_lookups_during_writes_see_whole_writes(store):
     assert not errors
 
 
+def test_concurrent_lookups_during_pushes_and_folds_see_whole_pushes(tmp_path):
+    """Readers see the table after some whole number of pushes (never part of one), while pushes are held and folded."""
+    store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=900)
+    store.create_table("t", SPEC)
+    local = LocalTable(SPEC, layer_rows_for_spec(SPEC))
+    all_ids = np.arange(local.num_rows(1))
+    rng = np.random.default_rng(7)
+    pushes = []
+    for step in range(16):
+        ids = np.unique(rng.integers(0, local.num_rows(1), 400))
+        pushes.append((ids, rng.standard_normal((ids.size, SPEC.head_dim)).astype(np.float32)))
+    states = {local.table(1).tobytes()}  # the table after 0, 1, 2, ... pushes
+    for ids, grads in pushes:
+        local.apply_gradients(1, ids, grads, lr=0.05)
+        states.add(local.table(1).tobytes())
+    errors, seen, stop = [], set(), threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            rows, _ = store.lookup("t", 1, all_ids)
+            key = rows.tobytes()
+            if key in states:
+                seen.add(key)
+            else:
+                errors.append(1)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for ids, grads in pushes:
+        store.apply_gradients("t", 1, ids, grads, lr=0.05)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, f"{len(errors)} lookups saw a table no sequence of whole pushes gives"
+    assert store.counters["folds"] >= 2 and len(seen) >= 3
+    np.testing.assert_array_equal(store.lookup("t", 1, all_ids)[0], local.table(1))
+
+
 def test_reopen_keeps_everything(tmp_path):
     store = TableStore(tmp_path / "s")
     store.create_table("t", SPEC)
