@@ -23,6 +23,9 @@ def _bench(args) -> int:
     log = (lambda *a: print(*a, file=sys.stderr))
     if args.what == "hash":
         result = bench.bench_hash(args.tokens, args.repeats or 5)
+    elif args.what == "push":
+        result = bench.bench_push(args.rows if args.rows != 1 << 24 else 1 << 20, args.dim, args.dtype,
+                                  args.batch if args.batch != 262144 else 5400, args.repeats or 30, log=log)
     elif args.what == "step":
         result = bench.bench_step(args.preset, args.steps)
     else:
@@ -215,16 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lazy("commands_cluster", "workers"))
 
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)")
-    p.add_argument("what", choices=["hash", "lookup", "step"])
+    p.add_argument("what", choices=["hash", "lookup", "push", "step"])
     p.add_argument("--preset", default="small", help="step: model preset")
     p.add_argument("--steps", type=int, default=12, help="step: timed steps per mode")
     p.add_argument("--tokens", type=int, default=262144, help="hash: tokens")
-    p.add_argument("--rows", type=int, default=1 << 24, help="lookup: table rows")
+    p.add_argument("--rows", type=int, default=1 << 24, help="lookup: table rows (push: default 2^20)")
     p.add_argument("--dim", type=int, default=64, help="lookup: row width")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    p.add_argument("--batch", type=int, default=262144, help="lookup: ids per batch")
+    p.add_argument("--batch", type=int, default=262144, help="lookup: ids per batch (push: rows per push, default 5400)")
     p.add_argument("--path", help="lookup: store directory to create or reuse (default: a temporary one)")
-    p.add_argument("--repeats", type=int, help="timed rounds (default: hash 5, lookup 15)")
+    p.add_argument("--repeats", type=int, help="timed rounds (default: hash 5, lookup 15, push 30)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
     return parser
