@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sysconfig
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,10 +107,15 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_path: Path):
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    tmp = out_path.with_suffix(".tmp")
+    tmp = _private_tmp(out_path)
     tokenizer.save(str(tmp))
     tmp.replace(out_path)
     return tokenizer
+
+
+def _private_tmp(path: Path) -> Path:
+    """A temporary name beside path that no other process or thread uses (same suffix: np.savez keeps .npz)."""
+    return path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -181,7 +187,7 @@ def load_corpus(data: str | os.PathLike | None = None, tokenizer_path: str | os.
         log(f"tokenizing {len(train_texts) + len(val_texts)} files (cached at {tokens_path})")
         train_ids = encode_texts(tokenizer, train_texts, eos)
         val_ids = encode_texts(tokenizer, val_texts, eos)
-        tmp = tokens_path.with_name(tokens_path.stem + ".tmp.npz")
+        tmp = _private_tmp(tokens_path)  # several workers on one machine may tokenize at once
         np.savez(tmp, train=train_ids, val=val_ids)
         tmp.replace(tokens_path)
     return Corpus(tokenizer_path, train_ids, val_ids, tokenizer.get_vocab_size(with_added_tokens=True), eos, pad)

@@ -30,6 +30,20 @@ class WorkerLost(RuntimeError):
     """A rank of the group died or failed during a segment."""
 
 
+def _results_or_lost(refs: list, doing: str) -> list:
+    """Results of every rank's call; the first failure raises WorkerLost at once, not after the others time out in a collective."""
+    import ray
+
+    remaining = list(refs)
+    while remaining:
+        done, remaining = ray.wait(remaining, num_returns=1)
+        try:
+            ray.get(done[0])
+        except Exception as e:  # noqa: BLE001 - a dead actor, or a rank whose peer died mid-collective
+            raise WorkerLost(f"a model worker failed while {doing}: {type(e).__name__}: {str(e)[:300]}") from e
+    return ray.get(refs)
+
+
 class WorkerGroup:
     """M TrainWorker actors training data-parallel."""
 
@@ -53,7 +67,12 @@ class WorkerGroup:
                         for _ in range(num_workers)]
         master = ray.get(self.workers[0].rendezvous.remote(), timeout=RAY_TIMEOUT_S) if num_workers > 1 else None
         state_ref = ray.put(state) if state is not None else None
-        steps = ray.get([w.setup.remote(rank, num_workers, master, state_ref) for rank, w in enumerate(self.workers)])
+        try:  # a rank that fails to set up leaves the others waiting in the first broadcast: stop them all
+            steps = _results_or_lost([w.setup.remote(rank, num_workers, master, state_ref)
+                                      for rank, w in enumerate(self.workers)], "setting up")
+        except WorkerLost:
+            self.stop(graceful=False)
+            raise
         return steps[0]
 
     @property
@@ -63,17 +82,7 @@ class WorkerGroup:
 
     def run(self, stop_after: int | None = None, save_at_stop: bool = True) -> dict:
         """Train every rank to stop_after (or the end); returns rank 0's summary."""
-        import ray
-
-        refs = [w.run.remote(stop_after, save_at_stop) for w in self.workers]
-        remaining = list(refs)
-        while remaining:  # a rank that fails is noticed at once, not after the others time out in a collective
-            done, remaining = ray.wait(remaining, num_returns=1)
-            try:
-                ray.get(done[0])
-            except Exception as e:  # noqa: BLE001 - a dead actor, or a rank whose peer died mid-collective
-                raise WorkerLost(f"a model worker failed: {type(e).__name__}: {str(e)[:300]}") from e
-        summaries = ray.get(refs)
+        summaries = _results_or_lost([w.run.remote(stop_after, save_at_stop) for w in self.workers], "training")
         summary = summaries[0]
         summary["worker_nodes"] = [s["node_id"] for s in summaries]
         return summary
@@ -140,8 +149,12 @@ class TrainingJob:
         self.events: list[dict] = []
         self.lock = threading.Lock()
         self.max_failures = max_failures
+        self.failures: list[dict] = []
         self.snapshot = state  # the run's state at the last segment boundary: where a failed group restarts
-        self.step = self.group.start(num_workers, state)
+        try:
+            self.step = self.group.start(num_workers, state)
+        except WorkerLost as e:  # run() starts the group again (a transient failure, e.g. a node lost meanwhile)
+            self.failures.append({"step": self.step, "error": str(e)})
 
     def run(self) -> dict:
         """Train to the end; returns rank 0's summary with the scaling and failure events.
@@ -153,27 +166,27 @@ class TrainingJob:
         """
         summary = None
         totals = RunTotals()
-        failures = []
+        failures = self.failures
         while summary is None or summary["step"] < self.steps:
             with self.lock:
                 wanted = self.wanted
-            if wanted != self.group.size:
-                before = self.group.size
-                started = time.perf_counter()
-                self.group.stop()
-                self.step = self.group.start(wanted, self.snapshot)
-                self.events.append({"step": self.step, "from": before, "to": wanted,
-                                    "seconds": time.perf_counter() - started})
-            stop = min(self.steps, self.step + self.segment_steps)
             try:
+                if self.group.size == 0:  # after a failure: restart from the last boundary
+                    self.step = self.group.start(wanted, self.snapshot)
+                elif wanted != self.group.size:
+                    before = self.group.size
+                    started = time.perf_counter()
+                    self.group.stop()
+                    self.step = self.group.start(wanted, self.snapshot)
+                    self.events.append({"step": self.step, "from": before, "to": wanted,
+                                        "seconds": time.perf_counter() - started})
+                stop = min(self.steps, self.step + self.segment_steps)
                 summary = self.group.run(stop_after=stop, save_at_stop=stop == self.steps)  # a checkpoint at the end
             except WorkerLost as e:
                 failures.append({"step": self.step, "error": str(e)})
                 if len(failures) > self.max_failures:
                     raise
-                size = self.group.size
                 self.group.stop(graceful=False)  # the survivors wait on the dead rank: kill them too
-                self.step = self.group.start(size, self.snapshot)
                 summary = None
                 continue
             totals.add(summary["step"] - self.step, summary)

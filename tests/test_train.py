@@ -80,3 +80,26 @@ def test_builtin_corpus_beats_unigram_baseline(tmp_path):
     config = TrainConfig(preset="tiny", steps=150, eval_every=150, ckpt_every=150, out_dir=str(tmp_path / "run"))
     summary = Trainer(config, progress=False, log=lambda *a: None).run()
     assert summary["val_loss"] < summary["unigram_loss"] - 0.5, summary
+
+
+def _load_in_process(args):
+    corpus, tokenizer, cache = args
+    import os
+
+    os.environ["ENGRAM_CACHE_DIR"] = cache
+    from model_worker.data import load_corpus
+
+    loaded = load_corpus(corpus, tokenizer, log=lambda *a: None)
+    return int(loaded.train_ids.size), int(loaded.val_ids.size)
+
+
+def test_workers_tokenizing_one_corpus_at_once_share_the_cache(tmp_path, small_corpus, small_tokenizer):
+    """Model workers on one machine tokenize the same corpus at the same moment: each gets it, the cache ends whole."""
+    import multiprocessing
+
+    cache = str(tmp_path / "cache")
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        sizes = pool.map(_load_in_process, [(str(small_corpus), str(small_tokenizer), cache)] * 4)
+    assert len(set(sizes)) == 1
+    assert [p.name for p in (tmp_path / "cache").iterdir() if "tmp" in p.name] == []  # no temporary file left over
+    assert _load_in_process((str(small_corpus), str(small_tokenizer), cache)) == sizes[0]  # read back from the cache
