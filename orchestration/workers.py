@@ -40,7 +40,8 @@ def _results_or_lost(refs: list, doing: str) -> list:
         try:
             ray.get(done[0])
         except Exception as e:  # noqa: BLE001 - a dead actor, or a rank whose peer died mid-collective
-            raise WorkerLost(f"a model worker failed while {doing}: {type(e).__name__}: {str(e)[:300]}") from e
+            cause = getattr(e, "cause", None) or e  # a task error carries the worker's own exception
+            raise WorkerLost(f"a model worker failed while {doing}: {type(cause).__name__}: {str(cause)[:300]}") from e
     return ray.get(refs)
 
 

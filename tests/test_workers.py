@@ -131,3 +131,18 @@ def test_a_worker_that_dies_is_replaced_and_training_finishes(pool, tmp_path, sm
     assert len(summary["failures"]) == 1 and summary["failures"][0]["step"] >= 4  # restarted from a boundary, not step 0
     val = np.asarray(summary["history"]["val"])[:, 1]
     assert np.all(np.isfinite(val)) and val[-1] < val[0] - 0.2
+
+
+def test_workers_that_cannot_start_end_the_job_with_their_error(pool, tmp_path, small_tokenizer):
+    """Ranks that fail at setup (no corpus where they run) are stopped at once and retried, then the job reports why."""
+    import ray
+
+    config = config_for(tmp_path, tmp_path / "no-such-corpus", small_tokenizer, pool.config.name)
+    started = time.time()
+    job = start_job(config, 2, pool.config.name, token="tok")
+    try:
+        with pytest.raises(Exception, match="no-such-corpus"):
+            ray.get(job.run.remote(), timeout=300)
+    finally:
+        ray.kill(job)
+    assert time.time() - started < 300  # not left waiting in a collective
