@@ -27,6 +27,7 @@ atomic for readers too.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import math
 import struct
@@ -372,9 +373,7 @@ class TableStore:
                     continue  # left by a drop that did not finish: nothing reads it
                 delta = deltas.get((table_id, version, layer)) or self._empty_delta(meta, layer)
                 ids, rows, opt = decode_segment(value, meta.head_dim, meta.dtype, opt_dtype(meta.head_dim))
-                merged = delta.merged(ids, rows, opt)
-                deltas[(table_id, version, layer)] = RowDelta(merged.ids, merged.rows, merged.opt, merged.chunk_mask,
-                                                              merged.chunk_rows, seq + 1)
+                deltas[(table_id, version, layer)] = dataclasses.replace(delta.merged(ids, rows, opt), next_seq=seq + 1)
         self._deltas = deltas
 
     # ------------------------------------------------------------------ metadata

@@ -126,6 +126,16 @@ def test_hot_rows_pushed_again_and_again_do_not_pile_up_segments(tmp_path):
         segments = sum(1 for _ in txn.cursor(db=store.delta_db))
     assert store.counters["folds"] >= 2 and segments <= 4 * 1000 // ids.size + 1
     _assert_same_as(store, local)
+    store.close()
+    store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=1000)  # the count of stored rows survives a reopen
+    for step in range(20):
+        grads = rng.standard_normal((ids.size, SPEC.head_dim)).astype(np.float32)
+        store.apply_gradients("t", 1, ids, grads, lr=0.01)
+        local.apply_gradients(1, ids, grads, lr=0.01)
+    with store.env.begin() as txn:
+        assert sum(1 for _ in txn.cursor(db=store.delta_db)) <= 4 * 1000 // ids.size + 1
+    _assert_same_as(store, local)
+    store.close()
 
 
 def test_lookup_into_a_strided_buffer(store):
