@@ -14,14 +14,15 @@ import numpy as np
 from memory_service.errors import InvalidArgument
 from memory_service.spec import EngramSpec
 
-# A request a table cannot serve: bad ids, shapes, dtypes or an unknown layer.
-TableError = InvalidArgument
-
 
 class TableBackend(ABC):
     """Rows of every Engram layer's table, addressed by layer-local row ids."""
 
     spec: EngramSpec
+    remote: bool = False
+    """True when the rows live outside this process (a memory service): data-parallel workers share them (each
+    pushes a disjoint slice of a step's rows), lookups are worth sending ahead (lookup_unique_async), and a
+    checkpoint records where they are instead of saving them. False: this process holds its own replica."""
 
     @abstractmethod
     def num_rows(self, layer_id: int) -> int:
@@ -35,6 +36,21 @@ class TableBackend(ABC):
     def apply_gradients(self, layer_id: int, row_ids: np.ndarray, grads: np.ndarray, lr: float) -> None:
         """Row-wise Adam step for unique int64 ids [N] with gradients [N, head_dim]; durable on return."""
 
+    def lookup_unique_async(self, layer_id: int, unique_ids: np.ndarray):
+        """Start a lookup of ascending unique ids; `.result()` gives (rows [U, head_dim] in the table dtype, version).
+
+        Remote backends send it at once (prefetch); this default looks the rows up now.
+        """
+        return _Done((self.lookup(layer_id, unique_ids), 0))
+
+    def save(self, path) -> None:
+        """Write every row and its optimizer state to a file (in-process backends; remote rows stay where they are)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps its rows on the memory service")
+
+    def load(self, path) -> None:
+        """Restore rows and optimizer state written by save() (in-process backends)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps its rows on the memory service")
+
     def close(self) -> None:
         """Release connections or files (no-op by default)."""
 
@@ -43,15 +59,15 @@ def check_row_ids(row_ids, num_rows: int, layer_id: int) -> np.ndarray:
     """Validate a 1-D int64 id array against a table size; returns it as int64."""
     ids = np.asarray(row_ids)
     if ids.ndim != 1:
-        raise TableError(f"row ids must be a 1-D array, got shape {ids.shape}")
+        raise InvalidArgument(f"row ids must be a 1-D array, got shape {ids.shape}")
     if ids.size and not np.issubdtype(ids.dtype, np.integer):
-        raise TableError(f"row ids must be integers, got dtype {ids.dtype}")
+        raise InvalidArgument(f"row ids must be integers, got dtype {ids.dtype}")
     ids = ids.astype(np.int64, copy=False)
     if ids.size:
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= num_rows:
             bad = low if low < 0 else high
-            raise TableError(f"row id {bad} is out of range for layer {layer_id} (table has {num_rows} rows)")
+            raise InvalidArgument(f"row id {bad} is out of range for layer {layer_id} (table has {num_rows} rows)")
     return ids
 
 
@@ -59,11 +75,22 @@ def check_gradients(ids: np.ndarray, grads, head_dim: int) -> np.ndarray:
     """Validate gradients [N, head_dim] for unique ids [N]; returns them as float32."""
     g = np.asarray(grads)
     if g.shape != (ids.shape[0], head_dim):
-        raise TableError(f"gradients must be [{ids.shape[0]}, {head_dim}] for {ids.shape[0]} ids, got {list(g.shape)}")
+        raise InvalidArgument(f"gradients must be [{ids.shape[0]}, {head_dim}] for {ids.shape[0]} ids, got {list(g.shape)}")
     if not np.issubdtype(g.dtype, np.floating):
-        raise TableError(f"gradients must be floating point, got dtype {g.dtype}")
+        raise InvalidArgument(f"gradients must be floating point, got dtype {g.dtype}")
     if np.unique(ids).size != ids.size:
-        raise TableError("gradient row ids must be unique (sum duplicate rows' gradients first)")
+        raise InvalidArgument("gradient row ids must be unique (sum duplicate rows' gradients first)")
     if not np.isfinite(g).all():
-        raise TableError("gradients contain NaN or Inf; refusing to corrupt the table")
+        raise InvalidArgument("gradients contain NaN or Inf; refusing to corrupt the table")
     return g.astype(np.float32, copy=False)
+
+
+class _Done:
+    """A result that is already there (the shape of a pending lookup)."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        """The value."""
+        return self._value

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from memory_service.errors import InvalidArgument
+
 _SENTINEL = "\ue000"  # private-use char that protects a lone space from Strip
 
 # transformers' `clean_up_tokenization` replacements, applied only when asked for
@@ -70,17 +72,17 @@ class CompressedTokenizer:
     def __init__(self, lookup_table: np.ndarray, num_compressed: int | None = None):
         table = np.asarray(lookup_table)
         if table.ndim != 1 or table.size == 0:
-            raise ValueError(f"a compression map must be a non-empty 1-D array, got shape {table.shape}")
+            raise InvalidArgument(f"a compression map must be a non-empty 1-D array, got shape {table.shape}")
         if not np.issubdtype(table.dtype, np.integer):
-            raise ValueError(f"a compression map must hold integers, got dtype {table.dtype}")
+            raise InvalidArgument(f"a compression map must hold integers, got dtype {table.dtype}")
         table = table.astype(np.int64, copy=False)
         size = int(table.max()) + 1
         if table.min() < 0:
-            raise ValueError("a compression map must not contain negative ids")
+            raise InvalidArgument("a compression map must not contain negative ids")
         if num_compressed is not None and int(num_compressed) != size:
-            raise ValueError(f"compression map says {num_compressed} compressed ids but its largest id is {size - 1}")
+            raise InvalidArgument(f"compression map says {num_compressed} compressed ids but its largest id is {size - 1}")
         if len(np.unique(table)) != size:
-            raise ValueError("compression map is not dense: some compressed ids in [0, max] are never used")
+            raise InvalidArgument("compression map is not dense: some compressed ids in [0, max] are never used")
         self.lookup_table = table
         self.num_compressed = size
 
@@ -108,7 +110,7 @@ class CompressedTokenizer:
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise ValueError(f"{path} is not a valid tokenizers tokenizer.json: {e}") from e
+            raise InvalidArgument(f"{path} is not a valid tokenizers tokenizer.json: {e}") from e
         return cls.from_tokenizer(tokenizer, clean_up_tokenization_spaces)
 
     # ------------------------------------------------------------ persistence
@@ -139,16 +141,16 @@ class CompressedTokenizer:
         return 1.0 - self.num_compressed / self.vocab_size
 
     def __call__(self, token_ids) -> np.ndarray:
-        """Compress an integer array of raw ids (any shape); ids outside the vocabulary raise ValueError."""
+        """Compress an integer array of raw ids (any shape); ids outside the vocabulary raise InvalidArgument."""
         ids = np.asarray(token_ids)
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+            raise InvalidArgument(f"token ids must be integers, got dtype {ids.dtype}")
         if ids.size:
             low, high = int(ids.min()), int(ids.max())
             if low < 0 or high >= self.vocab_size:
                 bad = low if low < 0 else high
                 where = tuple(int(i) for i in np.argwhere(ids == bad)[0])
-                raise ValueError(
+                raise InvalidArgument(
                     f"token id {bad} at index {where} is outside the tokenizer vocabulary [0, {self.vocab_size})"
                 )
         return self.lookup_table[ids.astype(np.int64, copy=False)]

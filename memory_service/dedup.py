@@ -19,7 +19,8 @@ class Dedup:
 
     unique: np.ndarray  # int64 [U], ascending
     first: np.ndarray | None  # bool [N]: in sorted order, where a new id starts (None: not computed, or no order)
-    order: np.ndarray | None  # int64 [N]: sorted packed words (id << shift | position), or argsort positions (None: batch was already unique+sorted)
+    # int64 [N]: sorted packed words (id << shift | position), or argsort positions (None: batch was already unique+sorted)
+    order: np.ndarray | None
     shift: int = 0  # bits of position in `order` (0: `order` holds positions)
 
     @property

@@ -1,12 +1,18 @@
 /* Native kernels for the lookup hot path: batch dedup (radix sort) and the row gather.
  *
- * Plain C with no Python API: memory_service/native.py compiles this file into a shared
- * library and calls it through ctypes; when it cannot be built, the numpy versions in
- * dedup.py and store.py run instead and give identical results (tests/test_native.py).
+ * Plain C with no Python API: memory_service/native_build.py compiles this file into a
+ * shared library at install time and memory_service/native.py calls it through ctypes;
+ * when it is missing, the numpy versions in dedup.py, row_delta.py and store/ run instead
+ * and give identical results (tests/test_native.py).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* Bumped whenever a kernel's signature or meaning changes: native.py refuses a library of another version. */
+#define ENGRAM_ABI_VERSION 1
+
+int engram_abi_version(void) { return ENGRAM_ABI_VERSION; }
 
 #define MAX_DIGIT_BITS 13 /* 8192 buckets: 64 KiB of counts, two passes cover 26-bit ids */
 

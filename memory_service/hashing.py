@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from memory_service.errors import InvalidArgument
 from memory_service.spec import EngramSpec
 
 _HASH_SEED_STRIDE = 10007  # the reference's PRIME_1
@@ -87,14 +88,14 @@ class NgramHasher:
         """`compressed_pad_id` is the pad id after compression (default: spec.pad_id taken as already compressed)."""
         vocab = compressed_vocab_size if compressed_vocab_size is not None else spec.compressed_vocab_size
         if vocab is None:
-            raise ValueError("NgramHasher needs the compressed vocabulary size: pass it or bind the spec to a compression map")
+            raise InvalidArgument("NgramHasher needs the compressed vocabulary size: pass it or bind the spec to a compression map")
         if int(vocab) < 1:
-            raise ValueError(f"compressed_vocab_size must be >= 1, got {vocab}")
+            raise InvalidArgument(f"compressed_vocab_size must be >= 1, got {vocab}")
         self.spec = spec
         self.compressed_vocab_size = int(vocab)
         pad = spec.pad_id if compressed_pad_id is None else int(compressed_pad_id)
         if not 0 <= pad < self.compressed_vocab_size:
-            raise ValueError(f"compressed pad id {pad} is outside the compressed vocabulary [0, {self.compressed_vocab_size})")
+            raise InvalidArgument(f"compressed pad id {pad} is outside the compressed vocabulary [0, {self.compressed_vocab_size})")
         self.pad_id = pad
         self._head_sizes = head_sizes_for_spec(spec)
         self._multipliers = {l: layer_multipliers(spec, self.compressed_vocab_size, l) for l in spec.layer_ids}
@@ -113,13 +114,13 @@ class NgramHasher:
     def from_compressor(cls, spec: EngramSpec, compressor) -> "NgramHasher":
         """Hasher for a CompressedTokenizer: its size, and spec.pad_id mapped through it."""
         if spec.pad_id >= compressor.vocab_size:
-            raise ValueError(f"pad_id {spec.pad_id} is outside the tokenizer vocabulary [0, {compressor.vocab_size})")
+            raise InvalidArgument(f"pad_id {spec.pad_id} is outside the tokenizer vocabulary [0, {compressor.vocab_size})")
         return cls(spec, len(compressor), int(compressor.lookup_table[spec.pad_id]))
 
     # ------------------------------------------------------------------ sizes
     def _check_layer(self, layer_id: int) -> int:
         if layer_id not in self._primes:
-            raise ValueError(f"layer {layer_id} has no Engram tables; the spec's layer_ids are {list(self.spec.layer_ids)}")
+            raise InvalidArgument(f"layer {layer_id} has no Engram tables; the spec's layer_ids are {list(self.spec.layer_ids)}")
         return layer_id
 
     def head_sizes(self, layer_id: int) -> list[list[int]]:
@@ -147,22 +148,22 @@ class NgramHasher:
         """[B, P + T] ids with P = max_ngram_size - 1 columns of history (or pad) in front."""
         ids = np.asarray(compressed_ids)
         if ids.ndim != 2:
-            raise ValueError(f"compressed ids must be a [batch, time] array, got shape {ids.shape}")
+            raise InvalidArgument(f"compressed ids must be a [batch, time] array, got shape {ids.shape}")
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"compressed ids must be integers, got dtype {ids.dtype}")
+            raise InvalidArgument(f"compressed ids must be integers, got dtype {ids.dtype}")
         context = self.spec.max_ngram_size - 1
         if history is None:
             history = np.full((ids.shape[0], context), self.pad_id, dtype=np.int64)
         else:
             history = np.asarray(history)
             if history.shape != (ids.shape[0], context):
-                raise ValueError(f"history must be [batch={ids.shape[0]}, max_ngram_size-1={context}], got {history.shape}")
+                raise InvalidArgument(f"history must be [batch={ids.shape[0]}, max_ngram_size-1={context}], got {history.shape}")
         padded = np.concatenate([history.astype(np.int64, copy=False), ids.astype(np.int64, copy=False)], axis=1)
         if padded.size:
             low, high = int(padded.min()), int(padded.max())
             if low < 0 or high >= self.compressed_vocab_size:
                 bad = low if low < 0 else high
-                raise ValueError(
+                raise InvalidArgument(
                     f"compressed id {bad} is outside the compressed vocabulary [0, {self.compressed_vocab_size})"
                 )
         return padded

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from memory_service.backend import TableBackend, TableError, check_gradients, check_row_ids
+from memory_service.backend import TableBackend, check_gradients, check_row_ids
+from memory_service.errors import InvalidArgument
 from memory_service.hashing import NgramHasher
 from memory_service.row_init import init_rows
-from memory_service.row_optim import RowAdamConfig, row_adam_update
+from memory_service.row_optim import RowAdamConfig, check_learning_rate, row_adam_update
 from memory_service.spec import EngramSpec
 
 
@@ -40,7 +41,7 @@ class LocalTable(TableBackend):
         try:
             return self._rows[layer_id]
         except KeyError:
-            raise TableError(f"no table for layer {layer_id}; tables exist for layers {sorted(self._rows)}") from None
+            raise InvalidArgument(f"no table for layer {layer_id}; tables exist for layers {sorted(self._rows)}") from None
 
     def num_rows(self, layer_id: int) -> int:
         """Rows in one layer's table."""
@@ -62,8 +63,7 @@ class LocalTable(TableBackend):
         table = self._layer(layer_id)
         ids = check_row_ids(row_ids, table.shape[0], layer_id)
         g = check_gradients(ids, grads, self.spec.head_dim)
-        if not np.isfinite(lr) or lr < 0:
-            raise TableError(f"learning rate must be a finite number >= 0, got {lr}")
+        lr = check_learning_rate(lr)
         m, v, steps = self._m[layer_id], self._v[layer_id], self._steps[layer_id]
         table[ids], m[ids], v[ids], steps[ids] = row_adam_update(table[ids], m[ids], v[ids], steps[ids], g, lr, self.optimizer)
 
@@ -86,10 +86,12 @@ class LocalTable(TableBackend):
         with np.load(Path(path)) as z:
             saved = EngramSpec.from_json(bytes(z["spec"]).decode())
             if saved.fingerprint() != self.spec.fingerprint():
-                raise TableError(f"table file {path} was written for another spec (fingerprint {saved.fingerprint()} != {self.spec.fingerprint()})")
+                raise InvalidArgument(f"table file {path} was written for another spec "
+                                      f"(fingerprint {saved.fingerprint()} != {self.spec.fingerprint()})")
             for layer_id in self._rows:
                 for name, store in (("rows", self._rows), ("m", self._m), ("v", self._v), ("steps", self._steps)):
                     arr = z[f"{name}/{layer_id}"]
                     if arr.shape != store[layer_id].shape:
-                        raise TableError(f"{name} of layer {layer_id} in {path} has shape {arr.shape}, expected {store[layer_id].shape}")
+                        raise InvalidArgument(f"{name} of layer {layer_id} in {path} has shape {arr.shape}, "
+                                              f"expected {store[layer_id].shape}")
                     store[layer_id][...] = arr

@@ -1,6 +1,8 @@
 """The native lookup kernels (fastpath.c) through ctypes, with numpy fallbacks decided by the caller.
 
-`KERNELS` is None when the library cannot be built or loaded, or when ENGRAM_NATIVE=0;
+The library is compiled at install time (setup.py) or by `python -m memory_service.native_build`;
+importing this module never compiles. `KERNELS` is None when the library is missing, cannot
+be loaded or is of another kernel ABI (one warning says so), or when ENGRAM_NATIVE=0;
 callers then use their numpy path, which gives the same results. Measured on the
 2-core machine of DESIGN.md: dedup of 262,144 uniform ids 2-2.6 ms against 4.8-5 ms for
 the packed numpy sort; the inverse 0.4 ms against 1.1 ms; a row gather out of a 2 GiB map
@@ -22,21 +24,30 @@ log = logging.getLogger("engram.native")
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
+ABI_VERSION = 1  # fastpath.c's ENGRAM_ABI_VERSION this module's signatures are written for
+
+
 def _load():
+    """The built library, or None (with one warning saying why) when it is missing, unloadable or of another ABI."""
     if os.environ.get("ENGRAM_NATIVE", "1") == "0":
         return None
+    library = native_build.LIBRARY
+    fix = "build it with `python -m memory_service.native_build` (pip install does this)"
+    if not library.exists():
+        log.warning("native kernels not built (%s missing): using the numpy paths; %s", library.name, fix)
+        return None
     try:
-        lib = ctypes.CDLL(str(native_build.build()))
-    except (RuntimeError, OSError) as e:
-        if not native_build.LIBRARY.exists():
-            log.warning("native kernels unavailable, using numpy: %s", e)
-            return None
-        log.warning("could not rebuild %s (%s); loading the existing library", native_build.LIBRARY.name, e)
-        try:  # a read-only install whose library looks older than its source
-            lib = ctypes.CDLL(str(native_build.LIBRARY))
-        except OSError as e2:
-            log.warning("native kernels unavailable, using numpy: %s", e2)
-            return None
+        lib = ctypes.CDLL(str(library))
+        lib.engram_abi_version.restype = _INT
+        abi = lib.engram_abi_version()
+    except (OSError, AttributeError) as e:
+        log.warning("native kernels unusable (%s): using the numpy paths; %s", e, fix)
+        return None
+    if abi != ABI_VERSION:
+        log.warning("%s has kernel ABI %d, this code needs %d: using the numpy paths; %s", library.name, abi, ABI_VERSION, fix)
+        return None
+    if native_build.stale():
+        log.warning("%s is older than fastpath.c; %s", library.name, fix)
     lib.engram_dedup.argtypes = [_P, _I64, _INT, _INT, _P, _P, _P]
     lib.engram_dedup.restype = _I64
     lib.engram_inverse.argtypes = [_P, _I64, _INT, _P]

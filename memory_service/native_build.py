@@ -1,7 +1,7 @@
 """Compile memory_service/fastpath.c into a shared library beside it (no numpy, no Python API).
 
-Used by setup.py's build step and, when the library is missing or older than its source
-(a source checkout, an edited kernel), by memory_service.native on first import.
+Used by setup.py's build step (pip install) and by `python -m memory_service.native_build`
+(after editing the kernel in a source checkout). Never run at import time.
 """
 
 from __future__ import annotations
@@ -56,3 +56,7 @@ def build(force: bool = False) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return LIBRARY
+
+
+if __name__ == "__main__":
+    print(build(force=True))

@@ -9,9 +9,12 @@ decay. The update is vectorised over the rows; the caller gathers and scatters t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from memory_service.errors import InvalidArgument
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,23 +31,45 @@ class RowAdamConfig:
     """Decoupled weight decay (the paper uses 0 for Engram rows)."""
 
 
+# An Adam step moves each value by about the learning rate (the normalised update is about +-1): a rate above this
+# is a mistake that would throw rows to the edge of their dtype's range.
+MAX_LEARNING_RATE = 1e3
+
+
+def check_learning_rate(lr: float) -> float:
+    """A learning rate in [0, MAX_LEARNING_RATE] (InvalidArgument otherwise)."""
+    if not math.isfinite(lr) or not 0 <= lr <= MAX_LEARNING_RATE:
+        raise InvalidArgument(f"learning rate must be a number in [0, {MAX_LEARNING_RATE:g}] (an Adam step moves each "
+                              f"value by about the learning rate), got {lr}", reason="LEARNING_RATE_OUT_OF_RANGE")
+    return float(lr)
+
+
 def row_adam_update(rows: np.ndarray, m: np.ndarray, v: np.ndarray, steps: np.ndarray,
                     grads: np.ndarray, lr: float, config: RowAdamConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One Adam step on gathered rows.
 
     rows: [N, D] (table dtype), m, v: [N, D] float32, steps: [N] int64, grads: [N, D].
     Returns new (rows, m, v, steps) for the same N rows; the inputs are not modified.
+    Raises InvalidArgument (reason NON_FINITE_UPDATE) when a new row (in its own dtype) or
+    moment would not be finite: a gradient or learning rate too large for the table, which
+    would otherwise corrupt the row for good.
     """
-    g = grads.astype(np.float32, copy=False)
-    new_steps = steps.astype(np.int64) + 1  # [N]
-    new_m = config.beta1 * m + (1.0 - config.beta1) * g
-    new_v = config.beta2 * v + (1.0 - config.beta2) * (g * g)
-    t = new_steps.astype(np.float64)[:, None]  # [N, 1]
-    bias1 = (1.0 - config.beta1 ** t).astype(np.float32)
-    bias2 = (1.0 - config.beta2 ** t).astype(np.float32)
-    update = (new_m / bias1) / (np.sqrt(new_v / bias2) + np.float32(config.eps))  # [N, D]
-    w = rows.astype(np.float32)
-    if config.weight_decay:
-        w = w * np.float32(1.0 - lr * config.weight_decay)
-    w = w - np.float32(lr) * update
-    return w.astype(rows.dtype, copy=False), new_m.astype(np.float32, copy=False), new_v.astype(np.float32, copy=False), new_steps
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked below, not warned about
+        g = grads.astype(np.float32, copy=False)
+        new_steps = steps.astype(np.int64) + 1  # [N]
+        new_m = config.beta1 * m + (1.0 - config.beta1) * g
+        new_v = config.beta2 * v + (1.0 - config.beta2) * (g * g)
+        t = new_steps.astype(np.float64)[:, None]  # [N, 1]
+        bias1 = (1.0 - config.beta1 ** t).astype(np.float32)
+        bias2 = (1.0 - config.beta2 ** t).astype(np.float32)
+        update = (new_m / bias1) / (np.sqrt(new_v / bias2) + np.float32(config.eps))  # [N, D]
+        w = rows.astype(np.float32)
+        if config.weight_decay:
+            w = w * np.float32(1.0 - lr * config.weight_decay)
+        w = w - np.float32(lr) * update
+        new_rows = w.astype(rows.dtype, copy=False)
+    if not (np.isfinite(new_rows).all() and np.isfinite(new_v).all() and np.isfinite(new_m).all()):
+        raise InvalidArgument(f"this update would store non-finite values (learning rate {lr}, largest |gradient| "
+                              f"{float(np.abs(g).max()):.3g}) in a {rows.dtype.name} table: lower the learning rate or "
+                              "clip the gradients; nothing was changed", reason="NON_FINITE_UPDATE")
+    return new_rows, new_m.astype(np.float32, copy=False), new_v.astype(np.float32, copy=False), new_steps

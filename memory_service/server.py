@@ -6,6 +6,7 @@ the Ray shard actors host the same server inside each actor.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from memory_service.servicer import EngramMemoryServicer, add_servicer_to_server
 from memory_service.store import TableStore
-from memory_service.wire import GRPC_MESSAGE_LIMIT
+from memory_service.wire import channel_options
 from protos import engram_pb2 as pb
 
 # Handler threads: rows are gathered under the GIL, so more threads than cores only contend
@@ -29,15 +30,36 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EngramMemory"].full_name
 log = logging.getLogger("engram.server")
 
 
-def channel_options() -> list[tuple[str, int]]:
-    """Message size limits shared by server and client."""
-    return [("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT), ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT)]
+def is_loopback(host: str) -> bool:
+    """Whether a bind address is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def check_exposure(host: str, token: str | None, tls: bool, allow_unauthenticated: bool) -> None:
+    """Refuse a server reachable from other machines with writes and admin open to anyone (unless asked for)."""
+    if is_loopback(host):
+        return
+    if not token and not allow_unauthenticated:
+        raise ValueError(f"binding {host} makes the service reachable from other machines, and without a token anyone "
+                         "there could write and drop tables: give --token (or $ENGRAM_TOKEN), or pass "
+                         "--allow-unauthenticated if that is really what you want")
+    if token and not tls:
+        log.warning("serving on %s without TLS: the token travels in clear text (give --tls-cert and --tls-key)", host)
 
 
 def build_server(store: TableStore, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None,
-                 max_workers: int = DEFAULT_WORKERS) -> tuple[grpc.Server, int, EngramMemoryServicer]:
-    """A started-ready (not yet started) server for a store; returns (server, bound port, servicer)."""
+                 tls_cert: str | None = None, tls_key: str | None = None, max_workers: int = DEFAULT_WORKERS,
+                 allow_unauthenticated: bool = False) -> tuple[grpc.Server, int, EngramMemoryServicer]:
+    """A started-ready (not yet started) server for a store; returns (server, bound port, servicer).
+
+    A host other than loopback needs a token unless allow_unauthenticated (see check_exposure).
+    """
+    check_exposure(host, token, bool(tls_cert or tls_key), allow_unauthenticated)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="engram-rpc"),
                          options=channel_options())
     servicer = EngramMemoryServicer(store, token=token)
@@ -62,13 +84,19 @@ def build_server(store: TableStore, host: str = "127.0.0.1", port: int = 0, toke
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 50051, token: str | None = None,
           tls_cert: str | None = None, tls_key: str | None = None, ready=None, max_workers: int | None = None,
-          metrics_port: int | None = None, max_delta_rows: int | None = None) -> None:
+          metrics_port: int | None = None, max_delta_rows: int | None = None, allow_unauthenticated: bool = False) -> None:
     """Run a server on a store directory until SIGTERM/SIGINT, then stop gracefully (and /metrics on metrics_port)."""
     from memory_service.metrics import MetricsServer
 
+    check_exposure(host, token, bool(tls_cert or tls_key), allow_unauthenticated)  # before opening anything
     store = TableStore(path, **({"max_delta_rows": max_delta_rows} if max_delta_rows else {}))
     workers = max_workers or int(os.environ.get("ENGRAM_SERVER_THREADS", DEFAULT_WORKERS))
-    server, bound, servicer = build_server(store, host, port, token, tls_cert, tls_key, max_workers=workers)
+    try:
+        server, bound, servicer = build_server(store, host, port, token, tls_cert, tls_key, max_workers=workers,
+                                               allow_unauthenticated=allow_unauthenticated)
+    except BaseException:
+        store.close()
+        raise
     server.start()
     metrics = None
     if metrics_port is not None:

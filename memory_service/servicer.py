@@ -1,52 +1,82 @@
-"""gRPC servicer of engram.v1.EngramMemory: decode raw bytes, call the store, encode raw bytes.
+"""gRPC servicer of engram.v1.EngramMemory: decode raw bytes, check them, call the store, encode raw bytes.
 
-Thin by design: all logic lives in TableStore (and the hashing modules for token
-lookups). Every error a caller can cause maps to a precise status code and leaves the
-server up and the store unchanged.
+This is the edge where untrusted requests arrive: sizes, string lengths, specs and
+epochs are checked here; the store checks what only it can (ids against its tables,
+values that would store non-finite rows). Our own errors (memory_service.errors) leave
+as their status code plus an ErrorInfo reason (status.py); any other exception is a bug
+of ours: INTERNAL, logged here with its traceback. A refused request changes nothing.
 """
 
 from __future__ import annotations
 
 import functools
 import hmac
+import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
 from memory_service.compression import CompressedTokenizer
-from memory_service.errors import EngramError, FailedPrecondition, InvalidArgument, ResourceExhausted, ShardUnavailable
+from memory_service.errors import (
+    EngramError,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    ShardUnavailable,
+    StaleShardMap,
+    Unauthenticated,
+    shown,
+)
 from memory_service.hashing import NgramHasher
+from memory_service.spec import EngramSpec
+from memory_service.status import abort
 from memory_service.store import TableStore
+from memory_service.store.ledger import MAX_REQUEST_ID_BYTES
 from memory_service.table_meta import TableMeta
-from memory_service.wire import (MAX_PAYLOAD_BYTES, RawLookup, decode_array, dtype_enum, encode_ids,
-                                 encode_lookup_response, enum_dtype, lookup_reply)
+from memory_service.wire import (
+    MAX_PAYLOAD_BYTES,
+    RawLookup,
+    decode_array,
+    dtype_enum,
+    encode_ids,
+    encode_lookup_response,
+    enum_dtype,
+    lookup_reply,
+)
 from protos import engram_pb2 as pb
 from protos import engram_pb2_grpc as pb_grpc
 
 log = logging.getLogger("engram.server")
 
+MAX_SPEC_JSON_BYTES = 64 << 10
+HASHERS_KEPT = 16  # token hashers of recently asked tables (each holds a compression map)
+
 
 def rpc(kind: str):
-    """Wrap a handler: auth for writes/admin, error -> status code mapping, counters."""
+    """Wrap a handler: auth for writes/admin, our errors -> their status, anything else -> INTERNAL (logged)."""
 
     def wrap(method):
         @functools.wraps(method)
         def handler(self, request, context):
-            if kind in ("write", "admin"):
-                self._authorize(context)
             started = time.perf_counter()
             try:
+                if kind in ("write", "admin"):
+                    self._authorize(context)
                 return method(self, request, context)
             except EngramError as e:
                 self.errors += 1
-                context.abort(getattr(grpc.StatusCode, e.code), str(e))
-            except (ValueError, KeyError) as e:
+                abort(context, e)
+            except Exception as e:  # noqa: BLE001 - a bug of ours, not the caller's: say so, keep the traceback
                 self.errors += 1
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                log.exception("%s failed", method.__name__)
+                abort(context, EngramError(f"internal error in {method.__name__} ({type(e).__name__}); "
+                                           "the server logged its traceback"))
             finally:
                 with self._seconds_lock:
                     self.seconds[method.__name__] = self.seconds.get(method.__name__, 0.0) + time.perf_counter() - started
@@ -59,10 +89,33 @@ def table_info_message(meta: TableMeta) -> pb.TableInfo:
     return pb.TableInfo(
         name=meta.name, spec_json=meta.spec.to_json(), spec_fingerprint=meta.spec.fingerprint(),
         active_version=meta.active,
-        versions=[pb.VersionInfo(version=v, source=info["source"], created_unix=info["created"]) for v, info in sorted(meta.versions.items())],
+        versions=[pb.VersionInfo(version=v, source=info["source"], created_unix=info["created"])
+                  for v, info in sorted(meta.versions.items())],
         layer_rows=meta.layer_rows, chunk_rows=meta.chunk_rows, dtype=dtype_enum(meta.dtype), head_dim=meta.head_dim,
         has_compression_map=meta.has_compression, swap_history=meta.history,
     )
+
+
+def parse_spec(spec_json: str) -> EngramSpec:
+    """The EngramSpec of a request (InvalidArgument when it is too large, not JSON, or not a valid spec)."""
+    if len(spec_json) > MAX_SPEC_JSON_BYTES:
+        raise InvalidArgument(f"spec_json is {len(spec_json)} bytes, over the {MAX_SPEC_JSON_BYTES}-byte limit")
+    try:
+        data = json.loads(spec_json)
+        if not isinstance(data, dict):
+            raise ValueError("it is not a JSON object")
+        return EngramSpec.from_dict(data)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise InvalidArgument(f"spec_json is not a valid EngramSpec: {str(e)[:300]}", reason="INVALID_SPEC") from None
+
+
+def request_id_of(request) -> str | None:
+    """The request's idempotency id (None when empty; InvalidArgument when too long)."""
+    request_id = request.request_id
+    if len(request_id.encode()) > MAX_REQUEST_ID_BYTES:
+        raise InvalidArgument(f"request_id is {len(request_id.encode())} bytes; at most {MAX_REQUEST_ID_BYTES} "
+                              "(a uuid is 32)")
+    return request_id or None
 
 
 class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
@@ -75,34 +128,40 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
         self.errors = 0
         self.seconds: dict[str, float] = {}
         self._seconds_lock = threading.Lock()
-        self._hashers: dict[str, tuple[CompressedTokenizer | None, NgramHasher]] = {}
+        self._hashers: OrderedDict[str, tuple[CompressedTokenizer | None, NgramHasher]] = OrderedDict()
+        self._hashers_lock = threading.Lock()
         self._echo = b""
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ checks at the edge
     def _authorize(self, context) -> None:
         if not self.token:
             return
-        metadata = dict(context.invocation_metadata())
-        given = metadata.get("authorization", "")
+        given = dict(context.invocation_metadata()).get("authorization", "")
         if not given:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "this call writes or administers tables: send 'authorization: Bearer <token>'")
+            raise Unauthenticated("this call writes or administers tables: send 'authorization: Bearer <token>'")
         if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "the bearer token is not valid for this server")
+            raise PermissionDenied("the bearer token is not valid for this server")
 
     def _check_epoch(self, epoch: int) -> None:
         current = self.store.shard_state["epoch"]
-        if epoch and current and epoch < current:
-            raise FailedPrecondition(f"stale shard map: request epoch {epoch}, shard epoch {current}; refresh the map")
-        if epoch and epoch > current:
-            raise ShardUnavailable(f"shard is at map epoch {current}, behind the request's {epoch}: being updated, retry")
+        if epoch and not current:
+            raise FailedPrecondition(f"the request names shard map epoch {epoch}, but this server is not a shard of a "
+                                     "pool: send epoch 0", reason="NOT_A_SHARD")
+        if epoch and epoch < current:
+            raise StaleShardMap(f"stale shard map: request epoch {epoch}, shard epoch {current}; refresh the map")
+        if epoch > current:
+            raise ShardUnavailable(f"shard is at map epoch {current}, behind the request's {epoch}: being updated, retry",
+                                   reason="SHARD_BEHIND")
 
     def _check_size(self, num_rows: int, row_nbytes: int, what: str) -> None:
         size = num_rows * row_nbytes
         if size > self.max_payload_bytes:
-            raise ResourceExhausted(f"{what} of {num_rows} rows is {size / 2**20:.1f} MiB, over the {self.max_payload_bytes / 2**20:.1f} MiB "
+            raise ResourceExhausted(f"{what} of {num_rows} rows is {size / 2**20:.1f} MiB, over the "
+                                    f"{self.max_payload_bytes / 2**20:.1f} MiB "
                                     f"limit: split it into batches of at most {self.max_payload_bytes // row_nbytes} rows")
 
-    def _fingerprint(self, value: str) -> str:
+    @staticmethod
+    def _fingerprint(value: str) -> str:
         if not value:
             raise InvalidArgument("spec_fingerprint is required (GetTableInfo returns it)")
         return value
@@ -124,41 +183,59 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
                           out=into_reply, max_bytes=self.max_payload_bytes)
         return reply[0]  # complete wire bytes: rows were gathered straight into the message
 
-    def _hasher(self, meta: TableMeta):
+    def _hasher(self, meta: TableMeta) -> tuple[CompressedTokenizer | None, NgramHasher]:
         key = f"{meta.name}:{meta.spec.fingerprint()}"
-        if key not in self._hashers:
-            cmap = self.store.compression_map(meta.name)
-            compressor = CompressedTokenizer(cmap) if cmap is not None else None
-            hasher = (NgramHasher.from_compressor(meta.spec, compressor) if compressor is not None
-                      else NgramHasher(meta.spec, meta.spec.compressed_vocab_size))
+        with self._hashers_lock:
+            if key in self._hashers:
+                self._hashers.move_to_end(key)
+                return self._hashers[key]
+        cmap = self.store.compression_map(meta.name)
+        compressor = CompressedTokenizer(cmap) if cmap is not None else None
+        hasher = (NgramHasher.from_compressor(meta.spec, compressor) if compressor is not None
+                  else NgramHasher(meta.spec, meta.spec.compressed_vocab_size))
+        with self._hashers_lock:
             self._hashers[key] = (compressor, hasher)
-        return self._hashers[key]
+            while len(self._hashers) > HASHERS_KEPT:
+                self._hashers.popitem(last=False)
+        return compressor, hasher
 
     @rpc("read")
     def LookupTokens(self, request, context):
         meta = self.store.table_info(request.table)
-        if request.spec_fingerprint and request.spec_fingerprint != meta.spec.fingerprint():
-            raise FailedPrecondition(f"spec fingerprint {request.spec_fingerprint!r} does not match table {meta.name!r}")
+        if request.spec_fingerprint:
+            meta.check_request(request.layer, request.spec_fingerprint)
         tokens = decode_array(request.token_ids, "<i8", "token_ids")
         shape = tuple(request.shape) or (1, tokens.size)
         if len(shape) != 2 or shape[0] * shape[1] != tokens.size:
-            raise InvalidArgument(f"shape {list(shape)} does not fit {tokens.size} token ids (give [batch, time])")
+            raise InvalidArgument(f"shape {list(shape)[:4]} does not fit {tokens.size} token ids (give [batch, time])")
         if meta.spec.compressed_vocab_size is None:
-            raise FailedPrecondition(f"table {meta.name!r} has no compressed vocabulary size in its spec: use Lookup with row ids")
+            raise FailedPrecondition(f"table {shown(meta.name)} has no compressed vocabulary size in its spec: use Lookup "
+                                     "with row ids", reason="NO_COMPRESSION")
+        meta.check_request(request.layer, None)
         compressor, hasher = self._hasher(meta)
         tokens = tokens.reshape(shape)
         if not request.compressed:
             if compressor is None:
-                raise FailedPrecondition(f"table {meta.name!r} has no compression map: send compressed ids (compressed=true)")
+                raise FailedPrecondition(f"table {shown(meta.name)} has no compression map: send compressed ids "
+                                         "(compressed=true)", reason="NO_COMPRESSION")
             tokens = compressor(tokens)
-        if request.layer not in meta.layer_rows:
-            raise InvalidArgument(f"table {meta.name!r} has no layer {request.layer}; its layers are {sorted(meta.layer_rows)}")
-        row_ids = hasher.row_ids(tokens, layers=(request.layer,))[request.layer]
-        self._check_size(row_ids.size, meta.row_nbytes, "token lookup response")
+        self._check_size(tokens.size * meta.spec.num_heads, meta.row_nbytes if not request.row_ids_only else 8,
+                         "token lookup response")
+        row_ids = hasher.row_ids(tokens, layers=(request.layer,))[request.layer]  # [B, T, heads]
+        out_shape = [*row_ids.shape, meta.head_dim]
+        if request.row_ids_only:
+            return pb.LookupTokensResponse(shape=out_shape, dtype=dtype_enum(meta.dtype), row_ids=encode_ids(row_ids))
+        owned = self.store.shard_state["owned"].get(meta.name) is not None
         unique, inverse = np.unique(row_ids.reshape(-1), return_inverse=True)
+        if owned:  # a shard of a pool holds a range of the rows: the caller looks the rows up by shard
+            try:
+                self.store.check_owned(meta.name, request.layer, unique)
+            except StaleShardMap:
+                raise FailedPrecondition("the hashed rows lie on several shards of a pool: ask for row ids only "
+                                         "(row_ids_only) and look them up by shard", reason="ROWS_ON_OTHER_SHARDS") from None
         rows, version = self.store.lookup(meta.name, request.layer, unique, request.version)
-        full = rows[inverse].reshape(*row_ids.shape, meta.head_dim)
-        return pb.LookupTokensResponse(rows=full.tobytes(), shape=list(full.shape), dtype=dtype_enum(full.dtype),
+        full = rows[inverse].reshape(out_shape)
+        return pb.LookupTokensResponse(rows=full.tobytes(), shape=out_shape, dtype=dtype_enum(full.dtype),
                                        version=version, row_ids=encode_ids(row_ids))
 
     @rpc("read")
@@ -191,8 +268,8 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
 
     @rpc("read")
     def Echo(self, request, context):
-        if request.size > self.max_payload_bytes * 4:
-            raise ResourceExhausted(f"echo of {request.size} bytes is over the limit")
+        if request.size > self.max_payload_bytes:
+            raise ResourceExhausted(f"echo of {request.size} bytes is over the {self.max_payload_bytes}-byte payload limit")
         if len(self._echo) != request.size:
             self._echo = bytes(request.size)
         return pb.EchoResponse(payload=self._echo)
@@ -201,23 +278,25 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
     @rpc("write")
     def WriteRows(self, request, context):
         meta = self.store.table_info(request.table)
+        request_id = request_id_of(request)
         ids = decode_array(request.row_ids, "<i8", "row_ids")
         dtype = enum_dtype(request.dtype)
         if dtype != meta.dtype:
-            raise InvalidArgument(f"rows are {dtype.name} but table {meta.name!r} stores {meta.dtype.name}")
+            raise InvalidArgument(f"rows are {dtype.name} but table {shown(meta.name)} stores {meta.dtype.name}")
         rows = decode_array(request.rows, dtype, "rows", width=meta.head_dim)
         self.store.check_owned(request.table, request.layer, ids, write=True)
         if rows.shape[0] != ids.size:
             raise InvalidArgument(f"{ids.size} row ids but {rows.shape[0]} rows of width {meta.head_dim}")
         self._check_size(ids.size, meta.row_nbytes, "write")
         version = self.store.write_rows(request.table, request.layer, ids, rows, request.version,
-                                        self._fingerprint(request.spec_fingerprint), request.request_id or None)
+                                        self._fingerprint(request.spec_fingerprint), request_id)
         return pb.WriteRowsResponse(version=version, rows_written=ids.size)
 
     @rpc("write")
     def ApplyGradients(self, request, context):
         self._check_epoch(request.shard_epoch)
         meta = self.store.table_info(request.table)
+        request_id = request_id_of(request)
         ids = decode_array(request.row_ids, "<i8", "row_ids")
         grads = decode_array(request.gradients, "<f4", "gradients", width=meta.head_dim)
         self.store.check_owned(request.table, request.layer, ids, write=True)
@@ -225,19 +304,13 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
             raise InvalidArgument(f"{ids.size} row ids but {grads.shape[0]} gradient rows of width {meta.head_dim}")
         self._check_size(ids.size, meta.head_dim * 4, "gradient push")
         version = self.store.apply_gradients(request.table, request.layer, ids, grads, float(request.learning_rate),
-                                             request.version, self._fingerprint(request.spec_fingerprint),
-                                             request.request_id or None)
+                                             request.version, self._fingerprint(request.spec_fingerprint), request_id)
         return pb.ApplyGradientsResponse(version=version, rows_updated=ids.size)
 
     # ------------------------------------------------------------------ admin
     @rpc("admin")
     def CreateTable(self, request, context):
-        from memory_service.spec import EngramSpec
-
-        try:
-            spec = EngramSpec.from_json(request.spec_json)
-        except (ValueError, TypeError) as e:
-            raise InvalidArgument(f"spec_json is not a valid EngramSpec: {e}") from e
+        spec = parse_spec(request.spec_json)
         cmap = decode_array(request.compression_map, "<i8", "compression_map") if request.compression_map else None
         meta = self.store.create_table(request.table, spec, cmap, request.init_std, request.init_seed, request.chunk_rows or None)
         return table_info_message(meta)
@@ -282,8 +355,8 @@ def _parsing(handler, request_cls):
     def parse_then_handle(raw: bytes, context):
         try:
             request = request_cls.FromString(raw)
-        except DecodeError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {request_cls.__name__}: {e}")
+        except (DecodeError, RecursionError) as e:
+            abort(context, InvalidArgument(f"malformed {request_cls.__name__}: {str(e)[:200]}", reason="MALFORMED_REQUEST"))
         return handler(request, context)
     return parse_then_handle
 

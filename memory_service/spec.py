@@ -23,6 +23,17 @@ ROW_DTYPES = ("float32", "float16")
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
 
+# Limits that keep a spec workable (tables, primes and records a store can build); far above any real model's
+# (DeepSeek-V4.1: n-grams 2..4, 8 heads of 256 per order, layers 1 and 14).
+MAX_NGRAM_SIZE = 16
+MAX_HEADS_PER_NGRAM = 256
+MAX_EMBED_PER_NGRAM = 1 << 16
+MAX_LAYER_ID = 4095
+MAX_LAYERS = 64
+MAX_TOTAL_HEADS = 1 << 14  # layers x orders x heads: each head's prime is searched for
+MAX_KERNEL_SIZE = 64
+MAX_PAD_ID = (1 << 40) - 1
+
 
 def _as_int_tuple(name: str, value) -> tuple[int, ...]:
     """Turn a list/tuple/array of integers into a tuple of Python ints, or raise ValueError."""
@@ -83,8 +94,9 @@ class EngramSpec:
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         """Raise ValueError naming the first field whose value cannot work."""
-        if self.max_ngram_size < 2:
-            raise ValueError(f"max_ngram_size must be >= 2 (bigrams are the smallest order), got {self.max_ngram_size}")
+        if not 2 <= self.max_ngram_size <= MAX_NGRAM_SIZE:
+            raise ValueError(f"max_ngram_size must be in [2, {MAX_NGRAM_SIZE}] (bigrams are the smallest order), "
+                             f"got {self.max_ngram_size}")
         num_orders = self.max_ngram_size - 1
         if len(self.engram_vocab_size) != num_orders:
             raise ValueError(
@@ -96,10 +108,10 @@ class EngramSpec:
                 raise ValueError(f"engram_vocab_size for {order}-grams must be >= 2, got {size}")
             if size > 2**40:
                 raise ValueError(f"engram_vocab_size for {order}-grams is {size}; above 2**40 rows per head is not supported")
-        if self.n_head_per_ngram < 1:
-            raise ValueError(f"n_head_per_ngram must be >= 1, got {self.n_head_per_ngram}")
-        if self.n_embed_per_ngram < 1:
-            raise ValueError(f"n_embed_per_ngram must be >= 1, got {self.n_embed_per_ngram}")
+        if not 1 <= self.n_head_per_ngram <= MAX_HEADS_PER_NGRAM:
+            raise ValueError(f"n_head_per_ngram must be in [1, {MAX_HEADS_PER_NGRAM}], got {self.n_head_per_ngram}")
+        if not 1 <= self.n_embed_per_ngram <= MAX_EMBED_PER_NGRAM:
+            raise ValueError(f"n_embed_per_ngram must be in [1, {MAX_EMBED_PER_NGRAM}], got {self.n_embed_per_ngram}")
         if self.n_embed_per_ngram % self.n_head_per_ngram:
             raise ValueError(
                 f"n_embed_per_ngram ({self.n_embed_per_ngram}) must be divisible by "
@@ -109,12 +121,18 @@ class EngramSpec:
             raise ValueError("layer_ids must name at least one layer")
         if len(set(self.layer_ids)) != len(self.layer_ids):
             raise ValueError(f"layer_ids must not repeat a layer, got {list(self.layer_ids)}")
-        if min(self.layer_ids) < 0:
-            raise ValueError(f"layer_ids must be >= 0, got {list(self.layer_ids)}")
-        if self.pad_id < 0:
-            raise ValueError(f"pad_id must be >= 0, got {self.pad_id}")
-        if self.kernel_size < 1:
-            raise ValueError(f"kernel_size must be >= 1, got {self.kernel_size}")
+        if len(self.layer_ids) > MAX_LAYERS or min(self.layer_ids) < 0 or max(self.layer_ids) > MAX_LAYER_ID:
+            raise ValueError(f"layer_ids must be at most {MAX_LAYERS} layers in [0, {MAX_LAYER_ID}], "
+                             f"got {list(self.layer_ids)[:8]}{'...' if len(self.layer_ids) > 8 else ''}")
+        if len(self.layer_ids) * num_orders * self.n_head_per_ngram > MAX_TOTAL_HEADS:
+            raise ValueError(f"{len(self.layer_ids)} layers x {num_orders} orders x {self.n_head_per_ngram} heads is over "
+                             f"the {MAX_TOTAL_HEADS} hash heads a table set may have")
+        if not 0 <= self.pad_id <= MAX_PAD_ID:
+            raise ValueError(f"pad_id must be in [0, 2**40), got {self.pad_id}")
+        if not 0 <= self.seed <= _INT64_MAX:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if not 1 <= self.kernel_size <= MAX_KERNEL_SIZE:
+            raise ValueError(f"kernel_size must be in [1, {MAX_KERNEL_SIZE}], got {self.kernel_size}")
         if self.dtype not in ROW_DTYPES:
             raise ValueError(f"dtype must be one of {ROW_DTYPES}, got {self.dtype!r}")
         if self.compressed_vocab_size is not None:

@@ -14,17 +14,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from memory_service.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from memory_service.hashing import head_sizes_for_spec
 from memory_service.spec import EngramSpec
 
 TABLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEFAULT_CHUNK_ROWS = 4096  # rows per stored chunk (one LMDB value) unless a table says otherwise
+META_PREFIX = b"table:"  # key prefix of table metadata in a store's meta database
 
 
 def check_table_name(name: str) -> str:
     """Table names are 1-128 characters of letters, digits, '.', '_' and '-'."""
     if not isinstance(name, str) or not TABLE_NAME.match(name):
-        raise ValueError(f"invalid table name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        raise InvalidArgument(f"invalid table name {shown(name)}: use 1-128 letters, digits, '.', '_' or '-', starting "
+                              "with a letter or digit", reason="INVALID_TABLE_NAME")
     return name
+
+
+def meta_key(name: str) -> bytes:
+    """Key of a table's metadata document."""
+    return META_PREFIX + name.encode()
 
 
 def layer_rows_for_spec(spec: EngramSpec) -> dict[int, int]:
@@ -67,11 +76,23 @@ class TableMeta:
         return -(-self.layer_rows[layer] // self.chunk_rows)
 
     def resolve_version(self, version: int) -> int:
-        """0 -> the active version; otherwise the version itself, which must exist (KeyError)."""
+        """0 -> the active version; otherwise the version itself, which must exist (NotFound)."""
         v = self.active if version == 0 else int(version)
         if v not in self.versions:
-            raise KeyError(f"table {self.name!r} has no version {v}; versions are {sorted(self.versions)}")
+            raise NotFound(f"table {shown(self.name)} has no version {v}; versions are {sorted(self.versions)}",
+                           reason="VERSION_NOT_FOUND")
         return v
+
+    def check_request(self, layer: int, fingerprint: str | None) -> int:
+        """Rows of `layer`, after checking a request's spec fingerprint (None: not given) and layer."""
+        if fingerprint is not None and fingerprint != self.spec.fingerprint():
+            raise FailedPrecondition(f"spec fingerprint {shown(fingerprint)} does not match table {shown(self.name)} "
+                                     f"({self.spec.fingerprint()}): client and table disagree on hashing or layout",
+                                     reason="SPEC_MISMATCH")
+        if layer not in self.layer_rows:
+            raise InvalidArgument(f"table {shown(self.name)} has no layer {layer}; its layers are {sorted(self.layer_rows)}",
+                                  reason="LAYER_NOT_FOUND")
+        return self.layer_rows[layer]
 
     def add_version(self, source: str) -> int:
         """Register a new version number (not yet active)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 from memory_service.errors import InvalidArgument
@@ -10,9 +12,16 @@ from protos import engram_pb2 as pb
 DTYPE_TO_ENUM = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "int64": pb.INT64}
 ENUM_TO_DTYPE = {v: np.dtype(k).newbyteorder("<") for k, v in DTYPE_TO_ENUM.items()}
 
-# Responses stay under this many bytes; clients split bigger batches (gRPC's own cap is set above it).
-MAX_PAYLOAD_BYTES = 4 << 20
-GRPC_MESSAGE_LIMIT = 16 << 20
+# Every message, header included, fits in gRPC's default 4 MiB, so any language's default client reads it.
+MAX_MESSAGE_BYTES = 4 << 20
+# Payload bytes (rows, ids, gradients) per message; the rest is room for the header fields.
+MAX_PAYLOAD_BYTES = MAX_MESSAGE_BYTES - (4 << 10)
+ID_BYTES = 8  # one int64 row id
+
+
+def channel_options() -> list[tuple[str, int]]:
+    """Message size limits shared by servers and clients (gRPC's defaults, stated)."""
+    return [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
 
 def dtype_enum(dtype) -> int:
@@ -89,7 +98,7 @@ def encode_lookup_response(message) -> bytes:
         return message
     if isinstance(message, pb.LookupResponse):
         return message.SerializeToString()
-    rows = np.ascontiguousarray(message.rows)
+    rows = np.ascontiguousarray(message.rows).reshape(-1).view(np.uint8)  # 1-D bytes: an empty range encodes too
     packed = b"".join(_varint(d) for d in message.shape)
     head = b"\x0a" + _varint(rows.nbytes)  # field 1 (rows), length-delimited
     tail = b"\x12" + _varint(len(packed)) + packed  # field 2 (shape), packed int64
@@ -97,7 +106,7 @@ def encode_lookup_response(message) -> bytes:
         tail += b"\x18" + _varint(message.dtype)  # field 3 (dtype)
     if message.version:
         tail += b"\x20" + _varint(message.version)  # field 4 (version)
-    return b"".join((head, rows.data.cast("B"), tail))
+    return b"".join((head, rows.data, tail))
 
 
 def decode_lookup_response(data: bytes) -> RawLookup:
@@ -136,14 +145,12 @@ def decode_lookup_response(data: bytes) -> RawLookup:
 
 # A bytes object filled in place: PyBytes_FromStringAndSize(NULL, n) is the C API's way to build a
 # bytes object before anyone else sees it, which saves one full copy of the rows per reply.
-import ctypes as _ctypes
-
-_new_bytes = _ctypes.pythonapi.PyBytes_FromStringAndSize
-_new_bytes.restype = _ctypes.py_object
-_new_bytes.argtypes = (_ctypes.c_void_p, _ctypes.c_ssize_t)
-_bytes_address = _ctypes.pythonapi.PyBytes_AsString
-_bytes_address.restype = _ctypes.c_void_p
-_bytes_address.argtypes = (_ctypes.py_object,)
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype = ctypes.py_object
+_new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_bytes_address = ctypes.pythonapi.PyBytes_AsString
+_bytes_address.restype = ctypes.c_void_p
+_bytes_address.argtypes = (ctypes.py_object,)
 
 
 def lookup_reply(num_rows: int, head_dim: int, dtype, version: int) -> tuple[bytes, np.ndarray]:
@@ -158,7 +165,7 @@ def lookup_reply(num_rows: int, head_dim: int, dtype, version: int) -> tuple[byt
     prefix = ((b"\x20" + _varint(version)) if version else b"") + b"\x18" + _varint(dtype_enum(dtype)) \
         + b"\x12" + _varint(len(packed)) + packed + b"\x0a" + _varint(nbytes)
     message = _new_bytes(None, len(prefix) + nbytes)
-    buffer = (_ctypes.c_uint8 * (len(prefix) + nbytes)).from_address(_bytes_address(message))
+    buffer = (ctypes.c_uint8 * (len(prefix) + nbytes)).from_address(_bytes_address(message))
     raw = np.frombuffer(buffer, dtype=np.uint8)
     raw[:len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
     rows = raw[len(prefix):].view(dtype).reshape(num_rows, head_dim)

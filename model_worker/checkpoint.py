@@ -64,6 +64,16 @@ def commit_write(tmp: Path, directory: Path) -> None:
         shutil.rmtree(old)
 
 
+def remote_tables(directory: Path) -> dict | None:
+    """{"memory", "table", "version"} of a checkpoint whose rows stay on the memory service (None: rows saved here)."""
+    path = Path(directory) / REMOTE_TABLES_FILE
+    if not path.is_file():
+        return None
+    where = json.loads(path.read_text())
+    where.setdefault("version", 0)
+    return where
+
+
 def require_checkpoint(directory: str | Path) -> Path:
     """The checkpoint directory, or FileNotFoundError saying what is missing."""
     directory = Path(directory)

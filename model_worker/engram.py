@@ -122,7 +122,8 @@ class EngramLayer(nn.Module):
         return value + self.short_conv(value, conv_state)
 
 
-def load_reference_engram(state_dict: dict, spec: EngramSpec, layer_id: int, hidden_size: int, hc_mult: int) -> tuple[EngramLayer, torch.Tensor]:
+def load_reference_engram(state_dict: dict, spec: EngramSpec, layer_id: int, hidden_size: int,
+                          hc_mult: int) -> tuple[EngramLayer, torch.Tensor]:
     """Build our layer from a reference `Engram` module's state dict.
 
     Returns (layer, table rows [total_rows, head_dim]); the rows are the reference's

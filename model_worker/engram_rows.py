@@ -153,10 +153,11 @@ class EngramRowFetcher:
         """Rows of raw tokens [B, T] for all Engram layers (one lookup of unique ids per layer).
 
         prefetch=True sends every layer's lookup now and returns at once; each layer's rows
-        are awaited when the model first uses them (backends with lookup_unique_async).
+        are awaited when the model first uses them (remote backends; an in-process table
+        answers at once, so it is looked up directly).
         """
         layers = {}
-        can_prefetch = prefetch and hasattr(self.backend, "lookup_unique_async")
+        can_prefetch = prefetch and self.backend.remote
         for layer_id, ids in self.row_ids(tokens, context).items():
             batch = dedup_ids(ids.reshape(-1))
             if can_prefetch:  # send first, then work out the inverse while the rows travel

@@ -7,23 +7,20 @@ position through the model, reusing attention keys/values and the Engram conv st
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from memory_service.backend import TableBackend
 from memory_service.compression import CompressedTokenizer
 from memory_service.hashing import NgramHasher
-from memory_service.local_table import LocalTable
 from model_worker import checkpoint as ckpt
 from model_worker.data import load_tokenizer
+from model_worker.device import pick_device
 from model_worker.engram_rows import EngramRowFetcher
 from model_worker.model import EngramMoEModel
-from model_worker.tables import open_tables
-from model_worker.train import pick_device
+from model_worker.tables import TableSource, table_source
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
@@ -48,8 +45,9 @@ class Generator:
         self.device = next(model.parameters()).device
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path, backend: TableBackend | None = None, memory: str | None = None) -> "Generator":
-        """Load model, compression map, tokenizer and the tables: the checkpoint's own, or those on a memory service."""
+    def from_checkpoint(cls, directory: str | Path, tables: TableSource | None = None) -> "Generator":
+        """Load model, compression map, tokenizer and the tables: `tables` when given, else where the checkpoint's
+        rows are (saved in it, or on the memory service it names)."""
         directory = ckpt.require_checkpoint(directory)
         device = pick_device()
         state = torch.load(directory / ckpt.MODEL_FILE, map_location=device, weights_only=False)
@@ -61,14 +59,11 @@ class Generator:
         if spec.compressed_vocab_size != len(compressor):
             raise ValueError(f"compression map in {directory} has {len(compressor)} ids but the model expects {spec.compressed_vocab_size}")
         hasher = NgramHasher.from_compressor(spec, compressor)
-        remote = directory / ckpt.REMOTE_TABLES_FILE
-        if backend is None and (memory or remote.is_file()):
-            where = json.loads(remote.read_text()) if remote.is_file() else {}
-            table = where.get("table") or "engram-" + json.loads((directory / ckpt.CONFIG_FILE).read_text())["train"]["preset"]
-            backend = open_tables(hasher, compressor, memory or where["memory"], table,
-                                  token=os.environ.get("ENGRAM_TOKEN"), create=False)
-        if backend is None:
-            backend = LocalTable.for_hasher(hasher)
+        if tables is None:
+            where = ckpt.remote_tables(directory) or {"memory": None, "table": None, "version": 0}
+            tables = table_source(where["memory"], where["table"], os.environ.get("ENGRAM_TOKEN"), where["version"])
+        backend = tables.open(spec, compressor.lookup_table, create=False)
+        if not backend.remote:
             backend.load(directory / ckpt.TABLES_FILE)
         fetcher = EngramRowFetcher(backend, compressor, hasher, device)
         return cls(model, fetcher, load_tokenizer(directory / ckpt.TOKENIZER_FILE))
@@ -82,7 +77,8 @@ class Generator:
             raise ValueError(f"prompt ids must be a non-empty [batch, time] array, got shape {list(prompt.shape)}")
         total = prompt.shape[1] + max_new_tokens
         if total > self.model.config.max_seq_len:
-            raise ValueError(f"prompt ({prompt.shape[1]}) + new tokens ({max_new_tokens}) exceed max_seq_len {self.model.config.max_seq_len}")
+            raise ValueError(f"prompt ({prompt.shape[1]}) + new tokens ({max_new_tokens}) exceed max_seq_len "
+                             f"{self.model.config.max_seq_len}")
         generator = torch.Generator().manual_seed(seed)
         cache = self.model.new_cache(prompt.shape[0], total)
         logits, _ = self.model(prompt, self.fetcher.fetch(prompt, prefetch=True), cache, start_pos=0)  # prefill

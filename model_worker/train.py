@@ -20,17 +20,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memory_service.backend import TableBackend
 from memory_service.compression import CompressedTokenizer
 from memory_service.hashing import NgramHasher
-from memory_service.local_table import LocalTable
 from model_worker import checkpoint as ckpt
-from model_worker.data_parallel import DataParallel
 from model_worker.data import Corpus, eval_batches, load_corpus, sample_batch, unigram_cross_entropy
+from model_worker.data_parallel import DataParallel
+from model_worker.device import pick_device
 from model_worker.engram_rows import EngramRowFetcher
 from model_worker.model import EngramMoEModel, ModelConfig
 from model_worker.presets import build_preset, count_parameters
-from model_worker.tables import open_tables
+from model_worker.tables import TableSource, table_source
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +78,9 @@ class TrainConfig:
     """Where the tables live: None (in-process), grpc://HOST:PORT (one service) or pool[:NAME] (a Ray memory pool)."""
     table: str | None = None
     """Table name on the memory service (default engram-<preset>)."""
+    version: int = 0
+    """Table version to train on the memory service (0: the active one, followed through swaps). Training a new
+    version (engram table new-version) while the active one keeps serving, then swapping, is the update workflow."""
     prefetch: bool = True
     """Send all Engram layers' lookups at the start of a step; each layer waits only for its rows."""
     mode: str = "sync"
@@ -99,11 +101,6 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
-def pick_device() -> torch.device:
-    """CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy; logits [B, T, V], targets [B, T]."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -112,9 +109,12 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """Owns the model, optimizer, table backend and data of one run."""
 
-    def __init__(self, config: TrainConfig, backend: TableBackend | None = None, log=print, progress: bool = True,
-                 token: str | None = None, parallel: DataParallel | None = None):
+    def __init__(self, config: TrainConfig, tables: TableSource | None = None, log=print, progress: bool = True,
+                 token: str | None = None, parallel: DataParallel | None = None, on_step=None):
+        """tables: where the Engram tables live (default: from config.memory; a Ray pool is handed in by orchestration).
+        on_step(step, steps, loss, tokens_per_s): called after every step (progress reporting)."""
         self.config = config
+        self.on_step = on_step
         self.parallel = parallel or DataParallel()
         self.parallel.local_slice(config.batch_size)  # the batch must split evenly over the workers
         self.log = log
@@ -136,8 +136,8 @@ class Trainer:
         self.table_name = config.table or f"engram-{config.preset}"
         if not self.is_leader:
             self.parallel.barrier()  # the leader opens (and if need be creates) the tables first
-        self.backend = backend or open_tables(self.hasher, self.compressor, config.memory, self.table_name, token,
-                                              config.row_init_std, config.seed, log=log)
+        self.tables = tables or table_source(config.memory, self.table_name, token, config.version)
+        self.backend = self.tables.open(spec, self.compressor.lookup_table, config.row_init_std, config.seed, log=log)
         if self.is_leader:
             self.parallel.barrier()
         self.fetcher = EngramRowFetcher(self.backend, self.compressor, self.hasher, self.device)
@@ -199,8 +199,7 @@ class Trainer:
         step's push, then sends this one in the background.
         """
         self.wait_for_push()  # async: at most one push in flight, so lookups lag by at most one step
-        shared = not isinstance(self.backend, LocalTable)  # in-process tables are replicas: each takes every row
-        combined = {layer: self.parallel.combine_row_gradients(ids, grads, split=shared)
+        combined = {layer: self.parallel.combine_row_gradients(ids, grads, split=self.backend.remote)  # replicas take all
                     for layer, (ids, grads) in fetched.row_gradients().items()}
         if self.config.mode == "async":
             if self._pusher is None:
@@ -279,9 +278,12 @@ class Trainer:
                 self._record_val(self.evaluate())
             if self.step % config.ckpt_every == 0 or self.step == config.steps or (self.step == last and save_at_stop):
                 self.save()
+            if self.on_step is not None:
+                self.on_step(self.step, config.steps, stats["loss"], tokens / max(seconds, 1e-9))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", val=f"{self.history['val'][-1][1]:.3f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", val=f"{self.history['val'][-1][1]:.3f}",
+                                tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
         self.wait_for_push()
         if bar is not None:
             bar.close()
@@ -300,7 +302,7 @@ class Trainer:
             "compression_reduction": self.compressor.reduction,
             "parameters": counts,
             "checkpoint": str(self.out_dir / "checkpoint"),
-            "tables": f"{self.config.memory}/{self.table_name}" if self.config.memory else "in-process",
+            "tables": self.tables.description,
             "workers": self.parallel.world_size,
             "mode": config.mode,
             "overlapped_fetches": self.overlapped_fetches,
@@ -356,10 +358,11 @@ class Trainer:
         directory = self.out_dir / "checkpoint"
         tmp = ckpt.begin_write(directory)
         torch.save(self.state(), tmp / ckpt.MODEL_FILE)
-        if isinstance(self.backend, LocalTable):
+        if not self.backend.remote:
             self.backend.save(tmp / ckpt.TABLES_FILE)
         else:  # the rows stay on the memory service; record where
-            (tmp / ckpt.REMOTE_TABLES_FILE).write_text(json.dumps({"memory": self.config.memory, "table": self.table_name}))
+            (tmp / ckpt.REMOTE_TABLES_FILE).write_text(json.dumps({"memory": self.tables.memory, "table": self.tables.table,
+                                                                   "version": self.config.version}))
         self.compressor.save(tmp / ckpt.COMPRESSION_FILE)
         (tmp / ckpt.TOKENIZER_FILE).write_bytes(self.tokenizer_json)
         (tmp / ckpt.CONFIG_FILE).write_text(json.dumps({
@@ -372,7 +375,7 @@ class Trainer:
         directory = ckpt.require_checkpoint(directory)
         state = torch.load(directory / ckpt.MODEL_FILE, map_location=self.device, weights_only=False)
         self.load_state(state, f"checkpoint {directory}")
-        if isinstance(self.backend, LocalTable):
+        if not self.backend.remote:
             self.backend.load(directory / ckpt.TABLES_FILE)
         # remote tables continue from the service's current rows
 

@@ -111,11 +111,11 @@ def bench_lookup(num_rows: int = 1 << 24, dim: int = 64, dtype: str = "float16",
     from memory_service import native
     from memory_service.client import MemoryClient
     from memory_service.row_init import init_rows
-    from orchestration.local_server import start_server
     from memory_service.spec import EngramSpec
     from memory_service.store import TableStore
     from memory_service.table_meta import layer_rows_for_spec
     from memory_service.wire import MAX_PAYLOAD_BYTES
+    from orchestration.local_server import start_server
     from protos import engram_pb2 as pb
 
     spec = EngramSpec(engram_vocab_size=(num_rows,), max_ngram_size=2, n_embed_per_ngram=dim, n_head_per_ngram=1,
@@ -148,18 +148,18 @@ def bench_lookup(num_rows: int = 1 << 24, dim: int = 64, dtype: str = "float16",
             got, _ = client.lookup_raw(0, ids)
             assert np.array_equal(got, table[ids]), "service rows differ from the table"
 
-            def gather():
+            def gather(ids=ids):
                 np.take(table, ids, axis=0, out=out, mode="clip")
 
-            def echo():  # the same bytes both ways in the same message plan as our path for `unique` rows
+            def echo(unique=unique):  # the same bytes both ways in the same message plan as our path for `unique` rows
                 counts = [min(per_message, unique - s) for s in range(0, unique, per_message)]
                 calls = [(0, "Echo", pb.EchoRequest(size=n * row_nbytes, payload=id_bytes[:n * 8])) for n in counts]
-                client._call_all(calls)
+                client.channels.call_all(calls)
 
-            def ours():  # dedup + all parts in flight: unique rows and the inverse (what the model receives)
+            def ours(ids=ids):  # dedup + all parts in flight: unique rows and the inverse (what the model receives)
                 client.lookup_batch(0, ids, out=unique_out)
 
-            def ours_expanded():  # ... plus the expansion to batch order in host memory
+            def ours_expanded(ids=ids):  # ... plus the expansion to batch order in host memory
                 client.lookup_raw(0, ids, out=out)
 
             rounds = round_times({"a_inprocess": gather, "b_echo": echo, "c_ours": ours, "c_expanded": ours_expanded}, repeats)
@@ -189,7 +189,8 @@ def bench_lookup(num_rows: int = 1 << 24, dim: int = 64, dtype: str = "float16",
         lines.append(f"    a  in-process gather       {rps['a_inprocess'] / 1e6:7.2f} M rows/s")
         lines.append(f"    b  gRPC echo, same bytes   {rps['b_echo'] / 1e6:7.2f} M rows/s")
         q25, q75 = r["c_over_b_quartiles"]
-        lines.append(f"    c  ours (unique + inverse) {rps['c_ours'] / 1e6:7.2f} M rows/s   c/a {r['c_over_a']:.2f}   c/b {r['c_over_b']:.2f}"
+        lines.append(f"    c  ours (unique + inverse) {rps['c_ours'] / 1e6:7.2f} M rows/s   c/a {r['c_over_a']:.2f}   "
+                     f"c/b {r['c_over_b']:.2f}"
                      f" (rounds' middle half {q25:.2f}-{q75:.2f}; of best times {r['c_over_b_of_best_times']:.2f})")
         lines.append(f"    c' ours, expanded on host  {rps['c_expanded'] / 1e6:7.2f} M rows/s   c'/b {r['c_expanded_over_b']:.2f}")
     lines.append(f"  zipf vs uniform (ours): {results['zipf']['rows_per_s']['c_ours'] / results['uniform']['rows_per_s']['c_ours']:.2f}x")
@@ -277,7 +278,7 @@ def bench_step(preset: str = "small", steps: int = 12, warmup: int = 3, batch_si
     import shutil
     import tempfile
 
-    from model_worker.train import Trainer, TrainConfig
+    from model_worker.train import TrainConfig, Trainer
     from orchestration.local_server import start_server
 
     path = tempfile.mkdtemp(prefix="engram-bench-step-")
@@ -298,7 +299,7 @@ def bench_step(preset: str = "small", steps: int = 12, warmup: int = 3, batch_si
         waits = {mode: [] for mode in modes}
         from model_worker.data import sample_batch
 
-        for mode, trainer in trainers.items():  # warm-up
+        for trainer in trainers.values():  # warm-up
             for _ in range(warmup):
                 trainer.train_step(*sample_batch(trainer.corpus.train_ids, batch_size, seq_len, trainer.rng))
             trainer.wait_for_push()

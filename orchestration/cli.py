@@ -1,8 +1,10 @@
 """The `engram` command line.
 
     engram train | generate | compress        model side (commands_model.py)
-    engram serve | table ... | query          memory service (commands_memory.py)
-    engram bench hash | lookup                benchmarks with same-run baselines (bench.py)
+    engram serve | table ... | query          memory service or pool (commands_memory.py)
+    engram demo                               the whole system (demo.py)
+    engram cluster | shards | workers         a Ray cluster's pool and training job (commands_cluster.py)
+    engram bench hash|lookup|push|step        benchmarks with same-run baselines (bench.py)
 
 Heavy imports happen inside each command so `engram --help` is instant. Errors a user
 can cause print one line naming the problem and exit with status 2.
@@ -16,20 +18,32 @@ import sys
 
 from memory_service.errors import EngramError
 
+# Sizes of each benchmark when not given (--rows, --batch, --repeats).
+BENCH_DEFAULTS = {
+    "hash": {"repeats": 5},
+    "lookup": {"rows": 1 << 24, "batch": 262144, "repeats": 15},
+    "push": {"rows": 1 << 20, "batch": 5400, "repeats": 30},
+}
+
 
 def _bench(args) -> int:
     from orchestration import bench
 
-    log = (lambda *a: print(*a, file=sys.stderr))
+    def log(*parts):
+        print(*parts, file=sys.stderr)
+
+    defaults = BENCH_DEFAULTS.get(args.what, {})
+    for name, value in defaults.items():  # each benchmark's own sizes, unless given
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.what == "hash":
-        result = bench.bench_hash(args.tokens, args.repeats or 5)
+        result = bench.bench_hash(args.tokens, args.repeats)
     elif args.what == "push":
-        result = bench.bench_push(args.rows if args.rows != 1 << 24 else 1 << 20, args.dim, args.dtype,
-                                  args.batch if args.batch != 262144 else 5400, args.repeats or 30, log=log)
+        result = bench.bench_push(args.rows, args.dim, args.dtype, args.batch, args.repeats, log=log)
     elif args.what == "step":
         result = bench.bench_step(args.preset, args.steps)
     else:
-        result = bench.bench_lookup(args.rows, args.dim, args.dtype, args.batch, args.repeats or 15, args.path, log=log)
+        result = bench.bench_lookup(args.rows, args.dim, args.dtype, args.batch, args.repeats, args.path, log=log)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "lines"}, indent=2))
     else:
@@ -52,7 +66,7 @@ def _service_args(p, table: bool = True, table_required: bool = True) -> None:
     p.add_argument("--tls-ca", help="PEM root certificate: connect with TLS")
     if table:
         p.add_argument("--table", required=table_required, help="table name")
-    p.add_argument("--ray", help="Ray cluster address: act on the memory pool's tables through its directory")
+    p.add_argument("--ray", help="Ray cluster address: act on a memory pool's tables through its directory (instead of --address)")
     p.add_argument("--pool", default="default", help="pool name (with --ray)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -76,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer.json to use instead of training one")
     p.add_argument("--memory", help="grpc://HOST:PORT: keep the Engram tables on the memory service (default in-process)")
     p.add_argument("--table", help="table name on the memory service (default engram-<preset>; created if missing)")
+    p.add_argument("--version", type=int, help="train this table version (engram table new-version) while the active one "
+                   "keeps serving; default: the active version")
     p.add_argument("--token", help="memory service token (default $ENGRAM_TOKEN)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
     p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) once this many steps are done")
@@ -117,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="also serve Prometheus /metrics on this port (0 = any free port)")
     p.add_argument("--max-delta-rows", type=int,
                    help="recent pushed rows per layer kept beside the chunks before they are folded in (default 65536)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve a non-loopback --host without a token (anyone who reaches it can write and drop tables)")
     p.set_defaults(func=_lazy("commands_memory", "serve"))
 
     p = sub.add_parser("table", help="create, import, export, inspect and version tables")
@@ -137,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         _service_args(a)
     a = actions.add_parser("list", help="every table on the service")
     _service_args(a, table=False)
+    a = actions.add_parser("new-version", help="a new inactive version: a copy (default: of the active one), seeded, or empty")
+    _service_args(a)
+    source = a.add_mutually_exclusive_group()
+    source.add_argument("--copy-of", type=int, help="copy this version's rows and optimizer state (default: the active one)")
+    source.add_argument("--empty", action="store_true", help="zero rows (for imports)")
+    source.add_argument("--init-std", type=float, help="seeded N(0, std^2) rows")
+    a.add_argument("--seed", type=int, default=0, help="with --init-std")
     a = actions.add_parser("swap", help="activate a version (atomically)")
     _service_args(a)
     a.add_argument("--version", type=int, required=True)
@@ -165,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--token-ids", help="token ids, comma or space separated")
     what.add_argument("--row-ids", help="row ids of the layer's table")
     p.add_argument("--compressed", action="store_true", help="--token-ids are already compressed")
+    p.add_argument("--version", type=int, default=0, help="table version to read (default: the active one)")
     p.add_argument("--tokenizer", help="tokenizer.json for --text (default: the cached built-in one)")
     p.add_argument("--full", action="store_true", help="print every row, not a summary")
     p.set_defaults(func=_lazy("commands_memory", "query"))
@@ -201,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="token the shards require for writes and admin calls")
     p.add_argument("--stop-ray", action="store_true", help="down: also stop the local Ray head")
     p.add_argument("--metrics-port", type=int, help="up: each shard serves Prometheus /metrics on this port + its id")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="up: let shards on a non-loopback host serve without --token (writes open to the network)")
     p.set_defaults(func=_lazy("commands_cluster", "cluster"))
 
     p = sub.add_parser("shards", help="change the number of memory shards while traffic continues")
@@ -222,10 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="small", help="step: model preset")
     p.add_argument("--steps", type=int, default=12, help="step: timed steps per mode")
     p.add_argument("--tokens", type=int, default=262144, help="hash: tokens")
-    p.add_argument("--rows", type=int, default=1 << 24, help="lookup: table rows (push: default 2^20)")
+    p.add_argument("--rows", type=int, help="lookup, push: rows of the table's layer (default: lookup 2^24, push 2^20)")
     p.add_argument("--dim", type=int, default=64, help="lookup: row width")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    p.add_argument("--batch", type=int, default=262144, help="lookup: ids per batch (push: rows per push, default 5400)")
+    p.add_argument("--batch", type=int, help="lookup: ids per batch (default 262144); push: rows per push (default 5400)")
     p.add_argument("--path", help="lookup: store directory to create or reuse (default: a temporary one)")
     p.add_argument("--repeats", type=int, help="timed rounds (default: hash 5, lookup 15, push 30)")
     p.add_argument("--json", action="store_true")

@@ -1,4 +1,4 @@
-"""`engram serve | table ... | query`: the memory-service commands."""
+"""`engram serve | table ... | query`: the memory-service commands (a service or a pool, through TableAdmin)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestration.commands_model import token_from
-
-IMPORT_BLOCK_ROWS = 1 << 20  # rows read from a table file and sent per step of an import
+from memory_service.admin.table_admin import TableAdmin
+from orchestration.targets import open_admin, open_data_client, token_from
 
 
 def serve(args) -> int:
@@ -21,95 +20,9 @@ def serve(args) -> int:
         print(f"engram memory service on {args.host}:{port} (store {args.path}); Ctrl-C to stop", flush=True)
 
     run_server(args.path, args.host, args.port, token_from(args), args.tls_cert, args.tls_key, ready=ready,
-               metrics_port=args.metrics_port, max_delta_rows=args.max_delta_rows)
+               metrics_port=args.metrics_port, max_delta_rows=args.max_delta_rows,
+               allow_unauthenticated=args.allow_unauthenticated)
     return 0
-
-
-def _client(args, table: str | None = None, connect: bool = True):
-    from memory_service.client import AdminClient, MemoryClient
-
-    name = table if table is not None else args.table
-    tls = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-    cls = MemoryClient if connect else AdminClient
-    return cls(args.address, name, token=token_from(args), deadline_s=args.deadline, tls_root_cert=tls)
-
-
-class ServiceTables:
-    """Table operations on one memory service (--address)."""
-
-    def __init__(self, args):
-        self.args = args
-
-    def client(self):
-        """A MemoryClient for args.table."""
-        return _client(self.args)
-
-    def create(self, spec, compression_map, init_std: float, init_seed: int, chunk_rows: int):
-        """Create args.table; returns a client for it."""
-        admin = _client(self.args, connect=False)
-        admin.create_table(spec, compression_map, init_std=init_std, init_seed=init_seed, chunk_rows=chunk_rows)
-        return admin
-
-    def create_version(self, client) -> int:
-        """A new version copied from the active one."""
-        return client.create_version(copy_of=0)
-
-    def swap(self, client, version: int) -> tuple[int, int]:
-        """Activate a version; (active, previous)."""
-        return client.swap(version)
-
-    def drop_table(self, client) -> None:
-        """Delete the table."""
-        client.drop_table()
-
-
-class PoolTables(ServiceTables):
-    """The same operations on every shard of a Ray memory pool, through its directory (--ray)."""
-
-    def __init__(self, args):
-        from orchestration.commands_cluster import connect_ray
-        from orchestration.pool import MemoryPool
-
-        super().__init__(args)
-        connect_ray(args.ray)
-        self.pool = MemoryPool.attach(args.pool)
-
-    def client(self):
-        if self.args.table not in self.pool.tables():
-            from memory_service.errors import NotFound
-
-            raise NotFound(f"the memory pool {self.args.pool!r} has no table {self.args.table!r}")
-        return self.pool.client(self.args.table, token=token_from(self.args), deadline_s=self.args.deadline)
-
-    def create(self, spec, compression_map, init_std: float, init_seed: int, chunk_rows: int):
-        if self.args.table in self.pool.tables():
-            from memory_service.errors import AlreadyExists
-
-            raise AlreadyExists(f"table {self.args.table!r} already exists on the memory pool {self.args.pool!r}")
-        self.pool.create_table(self.args.table, spec, compression_map, init_std=init_std, init_seed=init_seed,
-                               chunk_rows=chunk_rows or 4096)
-        return self.client()
-
-    def create_version(self, client) -> int:
-        return self.pool.create_version(self.args.table, copy_of=self.pool.shard_map(self.args.table)[1])
-
-    def swap(self, client, version: int) -> tuple[int, int]:
-        previous = self.pool.shard_map(self.args.table)[1]
-        self.pool.swap(self.args.table, version)
-        return version, previous
-
-    def drop_table(self, client) -> None:
-        self.pool.drop_table(self.args.table, token=token_from(self.args))
-
-
-def _info_dict(info) -> dict:
-    return {
-        "name": info.name, "fingerprint": info.spec_fingerprint, "active_version": info.active_version,
-        "versions": [{"version": v.version, "source": v.source, "created_unix": round(v.created_unix, 3)} for v in info.versions],
-        "swap_history": list(info.swap_history), "layer_rows": {str(k): v for k, v in sorted(info.layer_rows.items())},
-        "head_dim": info.head_dim, "chunk_rows": info.chunk_rows, "has_compression_map": info.has_compression_map,
-        "spec": json.loads(info.spec_json),
-    }
 
 
 def _spec_for_create(args):
@@ -148,93 +61,107 @@ def _spec_for_create(args):
 
 
 def table(args) -> int:
-    """engram table create|import|export|info|list|swap|rollback|drop (--ray: through a pool's directory)."""
-    action = args.action
-    if getattr(args, "ray", None) and action in ("info", "list", "swap", "rollback"):
-        from orchestration.commands_cluster import pool_table
+    """engram table create|new-version|import|export|info|list|swap|rollback|drop, through one TableAdmin."""
+    admin = open_admin(args)
+    try:
+        return TABLE_ACTIONS[args.action](admin, args)
+    finally:
+        admin.close()
 
-        args.address = args.ray
-        return pool_table(args)
-    target = PoolTables(args) if getattr(args, "ray", None) else ServiceTables(args)
-    if action == "list":
-        tables = _client(args, "", connect=False).list_tables()
-        out = [_info_dict(t) for t in tables]
-        if args.json:
-            print(json.dumps(out, indent=2))
-        else:
-            for t in out:
-                print(f"{t['name']}: active v{t['active_version']}, versions {[v['version'] for v in t['versions']]}, "
-                      f"layers {t['layer_rows']}, head_dim {t['head_dim']}, fingerprint {t['fingerprint']}")
-            if not out:
-                print("no tables")
-        return 0
-    if action == "create":
-        spec, compressor = _spec_for_create(args)
-        init_std = 0.0 if args.from_checkpoint else args.init_std
-        admin = target.create(spec, compressor.lookup_table if compressor is not None else None,
-                              init_std, args.seed, args.chunk_rows)
-        if args.from_checkpoint:
-            from model_worker import checkpoint as ckpt
 
-            tables = Path(args.from_checkpoint) / ckpt.TABLES_FILE
-            with np.load(tables) as z:
-                for layer in spec.layer_ids:
-                    rows = z[f"rows/{layer}"]
-                    for start in range(0, rows.shape[0], IMPORT_BLOCK_ROWS):
-                        block = rows[start:start + IMPORT_BLOCK_ROWS]
-                        admin.write_rows(layer, np.arange(start, start + block.shape[0]), block, version=1)
-        info = admin.info()
-        print(json.dumps(_info_dict(info), indent=2) if args.json else
-              f"created table {info.name!r}: version 1 active, layers {dict(info.layer_rows)}, fingerprint {info.spec_fingerprint}")
-        return 0
-
-    client = target.client()
-    if action == "info":
-        info = _info_dict(client.info())
-        print(json.dumps(info, indent=2))
-    elif action == "swap":
-        active, previous = client.swap(args.version)
-        print(f"{args.table}: active version {active} (was {previous})")
-    elif action == "rollback":
-        active, previous = client.rollback()
-        print(f"{args.table}: rolled back to version {active} (was {previous})")
-    elif action == "drop":
-        if args.version:
-            client.drop_version(args.version)
-            print(f"{args.table}: dropped version {args.version}")
-        else:
-            target.drop_table(client)
-            print(f"dropped table {args.table!r}")
-    elif action == "import":
-        from memory_service.table_io import read_table_file
-
-        rows = read_table_file(args.file, args.key)
-        expected = (client.num_rows(args.layer), client.spec.head_dim)
-        if tuple(rows.shape) != expected:
-            raise ValueError(f"{args.file} holds rows {list(rows.shape)}, layer {args.layer} of {args.table!r} needs {list(expected)}")
-        # a new version (a copy of the active one, so rows outside this layer stay) unless one is named
-        version = args.version if args.version else target.create_version(client)
-        for start in range(0, rows.shape[0], IMPORT_BLOCK_ROWS):
-            block = np.asarray(rows[start:start + IMPORT_BLOCK_ROWS]).astype(client.dtype)
-            client.write_rows(args.layer, np.arange(start, start + block.shape[0]), block, version=version)
-        print(f"imported {rows.shape[0]} rows into {args.table!r} layer {args.layer}, version {version}")
-        if args.activate:
-            active, previous = target.swap(client, version)
-            print(f"{args.table}: active version {active} (was {previous})")
-    elif action == "export":
-        from memory_service.table_io import write_table_file
-
-        layers = [args.layer] if args.layer is not None else sorted(client.layer_rows)
-        out = {}
-        for layer in layers:
-            parts = [client.read_layer(layer, args.version, s, min(s + IMPORT_BLOCK_ROWS, client.num_rows(layer)))
-                     for s in range(0, client.num_rows(layer), IMPORT_BLOCK_ROWS)]
-            out[layer] = np.concatenate(parts)
-        write_table_file(args.out, out)
-        print(f"exported layers {layers} of {args.table!r} to {args.out}")
-    else:
-        raise ValueError(f"unknown table action {action!r}")
+def _list(admin: TableAdmin, args) -> int:
+    out = [t.to_dict() for t in admin.list_tables()]
+    if args.json:
+        print(json.dumps(out, indent=2))
+    for t in [] if args.json else out:
+        print(f"{t['name']}: active v{t['active_version']}, versions {[v['version'] for v in t['versions']]}, "
+              f"layers {t['layer_rows']}, head_dim {t['head_dim']}, fingerprint {t['fingerprint']}")
+    if not out and not args.json:
+        print(f"no tables on the {admin.where}")
     return 0
+
+
+def _create(admin: TableAdmin, args) -> int:
+    spec, compressor = _spec_for_create(args)
+    init_std = 0.0 if args.from_checkpoint else args.init_std
+    info = admin.create_table(args.table, spec, compressor.lookup_table if compressor is not None else None,
+                              init_std, args.seed, args.chunk_rows)
+    if args.from_checkpoint:
+        from model_worker import checkpoint as ckpt
+
+        with np.load(Path(args.from_checkpoint) / ckpt.TABLES_FILE) as z:
+            for layer in spec.layer_ids:
+                admin.import_rows(args.table, layer, z[f"rows/{layer}"], version=1)
+    print(json.dumps(info.to_dict(), indent=2) if args.json else
+          f"created table {info.name!r} on the {admin.where}: version 1 active, layers {info.layer_rows}, "
+          f"fingerprint {info.fingerprint}")
+    return 0
+
+
+def _new_version(admin: TableAdmin, args) -> int:
+    if args.empty:
+        version = admin.create_version(args.table)
+        source = "empty"
+    elif args.init_std is not None:
+        version = admin.create_version(args.table, init_std=args.init_std, init_seed=args.seed)
+        source = f"seeded rows (std {args.init_std}, seed {args.seed})"
+    else:
+        copy_of = args.copy_of or 0
+        version = admin.create_version(args.table, copy_of=copy_of)
+        source = f"a copy of version {copy_of}" if copy_of else "a copy of the active version"
+    print(json.dumps({"table": args.table, "version": version}) if args.json else
+          f"{args.table}: created version {version} ({source}); not active until `engram table swap --version {version}`")
+    return 0
+
+
+def _info(admin: TableAdmin, args) -> int:
+    print(json.dumps(admin.info(args.table).to_dict(), indent=2))
+    return 0
+
+
+def _swap(admin: TableAdmin, args) -> int:
+    active, previous = admin.swap(args.table, args.version)
+    print(f"{args.table}: active version {active} (was {previous})")
+    return 0
+
+
+def _rollback(admin: TableAdmin, args) -> int:
+    active, previous = admin.rollback(args.table)
+    print(f"{args.table}: rolled back to version {active} (was {previous})")
+    return 0
+
+
+def _drop(admin: TableAdmin, args) -> int:
+    if args.version:
+        admin.drop_version(args.table, args.version)
+        print(f"{args.table}: dropped version {args.version}")
+    else:
+        admin.drop_table(args.table)
+        print(f"dropped table {args.table!r}")
+    return 0
+
+
+def _import(admin: TableAdmin, args) -> int:
+    from memory_service.table_io import read_table_file
+
+    rows = read_table_file(args.file, args.key)
+    version = admin.import_rows(args.table, args.layer, rows, version=args.version or 0, activate=args.activate)
+    print(f"imported {rows.shape[0]} rows into {args.table!r} layer {args.layer}, version {version}"
+          + (" (now active)" if args.activate else ""))
+    return 0
+
+
+def _export(admin: TableAdmin, args) -> int:
+    from memory_service.table_io import write_table_file
+
+    layers = [args.layer] if args.layer is not None else sorted(admin.info(args.table).layer_rows)
+    write_table_file(args.out, {layer: admin.export_rows(args.table, layer, args.version) for layer in layers})
+    print(f"exported layers {layers} of {args.table!r} to {args.out}")
+    return 0
+
+
+TABLE_ACTIONS = {"list": _list, "create": _create, "new-version": _new_version, "info": _info, "swap": _swap,
+                 "rollback": _rollback, "drop": _drop, "import": _import, "export": _export}
 
 
 def _parse_ids(text: str) -> np.ndarray:
@@ -245,8 +172,15 @@ def _parse_ids(text: str) -> np.ndarray:
 
 
 def query(args) -> int:
-    """engram query: rows for text, token ids or row ids, printed as a summary (or in full)."""
-    client = _client(args)
+    """engram query: rows for text, token ids or row ids (of one service or a pool), printed as a summary or in full."""
+    client = open_data_client(args, args.table, args.version)
+    try:
+        return _query(client, args)
+    finally:
+        client.close()
+
+
+def _query(client, args) -> int:
     if args.row_ids is not None:
         ids = _parse_ids(args.row_ids)
         rows, version = client.lookup_raw(args.layer, ids)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
+
+from orchestration.pool_tables import is_pool, tables_for
+from orchestration.targets import token_from
 
 # Per-preset defaults for `engram train` (flags override them).
 TRAIN_DEFAULTS = {
@@ -15,14 +17,9 @@ TRAIN_DEFAULTS = {
 }
 
 
-def token_from(args) -> str | None:
-    """The write/admin token: --token, else $ENGRAM_TOKEN."""
-    return getattr(args, "token", None) or os.environ.get("ENGRAM_TOKEN") or None
-
-
 def train(args) -> int:
     """engram train."""
-    from model_worker.train import Trainer, TrainConfig, train_config_from_checkpoint
+    from model_worker.train import TrainConfig, Trainer, train_config_from_checkpoint
 
     out_dir = args.out or f"runs/{args.preset}"
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "lr", "eval_every", "ckpt_every", "seed")}
@@ -34,7 +31,7 @@ def train(args) -> int:
         values = dict(TRAIN_DEFAULTS[args.preset])
         values.update({k: v for k, v in overrides.items() if v is not None})
         config = TrainConfig(preset=args.preset, out_dir=out_dir, data=args.data, tokenizer=args.tokenizer,
-                             memory=args.memory, table=args.table, prefetch=not args.no_prefetch,
+                             memory=args.memory, table=args.table, version=args.version or 0, prefetch=not args.no_prefetch,
                              mode=args.mode or "sync", **values)
         if (Path(out_dir) / "metrics.jsonl").exists():
             (Path(out_dir) / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
@@ -45,7 +42,8 @@ def train(args) -> int:
         summary = train_on_workers(config, args, log)
         print_train_summary(summary, out_dir, args.json)
         return 0
-    trainer = Trainer(config, log=log, progress=not args.no_progress, token=token_from(args))
+    tables = tables_for(config.memory, config.table or f"engram-{config.preset}", token_from(args), config.version)
+    trainer = Trainer(config, tables, log=log, progress=not args.no_progress, token=token_from(args))
     if args.resume:
         trainer.load(Path(out_dir) / "checkpoint")
         log(f"resumed {out_dir} at step {trainer.step}")
@@ -58,10 +56,10 @@ def train_on_workers(config, args, log) -> dict:
     """Train with --workers data-parallel Ray actors on the memory pool (a training job `engram workers` can scale)."""
     from model_worker import checkpoint as ckpt
     from model_worker.data import load_corpus
-    from orchestration.commands_cluster import connect_ray
-    from orchestration.workers import start_job
+    from orchestration.ray_cluster import connect_ray
+    from orchestration.workers import follow_job, start_job
 
-    if not config.memory or not (config.memory == "pool" or config.memory.startswith("pool:")):
+    if not is_pool(config.memory):
         raise ValueError("--workers trains on a Ray memory pool: pass --memory pool[:NAME]")
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
@@ -81,9 +79,9 @@ def train_on_workers(config, args, log) -> dict:
     job = start_job(dataclasses.asdict(config), args.workers, pool, token_from(args), state=state, stop_after=steps)
     log(f"training on {args.workers} data-parallel workers (pool {pool!r}; scale with: engram workers scale N --pool {pool})")
     try:
-        return ray.get(job.run.remote())
+        return follow_job(job, log)
     finally:
-        ray.get(job.stop.remote())
+        ray.get(job.stop.remote(), timeout=120)
         ray.kill(job)
 
 
@@ -101,10 +99,14 @@ def print_train_summary(summary: dict, out_dir: str, as_json: bool) -> None:
 
 def generate(args) -> int:
     """engram generate."""
+    from model_worker import checkpoint as ckpt
     from model_worker.generate import Generator
 
-    checkpoint = args.checkpoint or f"runs/{args.preset}/checkpoint"
-    generator = Generator.from_checkpoint(checkpoint, memory=args.memory)
+    checkpoint = ckpt.require_checkpoint(args.checkpoint or f"runs/{args.preset}/checkpoint")
+    where = ckpt.remote_tables(checkpoint) or {"memory": None, "table": None, "version": 0}
+    memory = args.memory or where["memory"]
+    table = where["table"] or (f"engram-{args.preset}" if memory else None)
+    generator = Generator.from_checkpoint(checkpoint, tables_for(memory, table, token_from(args), where["version"]))
     text = generator.generate(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     print(text)
     return 0

@@ -9,6 +9,7 @@ completion through the service, and prints a summary.
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import sys
 import tempfile
@@ -28,20 +29,29 @@ def run_demo(args) -> int:
 
     if args.address is None:  # a local cluster: keep Ray's own traffic on loopback (read when ray is imported)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Ray's token authentication, chosen rather than defaulted: on (Ray keeps the token in ~/.ray/auth_token),
+        # so the demo's cluster runs nobody else's code; said once, in our words, instead of Ray's banner.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     from orchestration.pool import MemoryPool, PoolConfig
-    from orchestration.workers import start_job
+    from orchestration.pool_admin import PoolAdmin
+    from orchestration.workers import follow_job, start_job
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     started = time.perf_counter()
     own_cluster = args.address is None
     if own_cluster:
-        ray.init(num_cpus=max(2, args.shards + 1, args.workers + 1), resources={"engram_memory": args.shards}, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        log(f"[demo] starting a local Ray cluster (Ray token authentication {os.environ['RAY_AUTH_MODE']}; "
+            "set RAY_AUTH_MODE to choose)")
+        ray.init(num_cpus=max(2, args.shards + 1, args.workers + 1), resources={"engram_memory": args.shards},
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
     else:
         ray.init(address=args.address, log_to_driver=False, configure_logging=False)
     base_dir = args.pool_dir or tempfile.mkdtemp(prefix="engram-demo-")
+    if not own_cluster and not args.token:  # shards on other machines: never serve writes without a token
+        args.token = secrets.token_hex(16)
+        log("[demo] shards on a joined cluster need a token for writes; generated one for this run")
     pool = job = None
     try:
         log(f"[demo] memory pool: {args.shards} shards (stores under {base_dir})")
@@ -59,7 +69,7 @@ def run_demo(args) -> int:
         if args.table in pool.tables():
             log(f"[demo] table {args.table!r} exists on the pool: training continues on it")
         else:
-            pool.create_table(args.table, spec, compressor.lookup_table, init_std=1.0, init_seed=args.seed)
+            PoolAdmin(pool).create_table(args.table, spec, compressor.lookup_table, init_std=1.0, init_seed=args.seed)
         shard_map, version = pool.shard_map(args.table)
         log(f"[demo] table {args.table!r}: version {version}, epoch {shard_map.epoch}, shards {shard_map.addresses}")
         if config["batch_size"] % args.workers:
@@ -67,14 +77,15 @@ def run_demo(args) -> int:
         job = start_job(config, args.workers, pool.config.name, args.token)
         log(f"[demo] training {args.preset} for {args.steps} steps through the pool on {args.workers} worker(s), "
             f"{args.mode} mode, prefetch {'off' if args.no_prefetch else 'on'} ...")
-        summary = ray.get(job.run.remote())
-        text = ray.get(job.generate.remote(args.prompt, args.max_new_tokens, 0.8, args.seed))
+        summary = follow_job(job, log)
+        text = ray.get(job.generate.remote(args.prompt, args.max_new_tokens, 0.8, args.seed), timeout=600)
         state = pool.state()
         served = sum(s["rows_served"] for s in state["shards"])
         lookup_seconds = sum(s.get("seconds.Lookup", 0.0) for s in state["shards"])
         result = {
             "val_loss_start": summary["val_loss_start"], "val_loss": summary["val_loss"], "unigram_loss": summary["unigram_loss"],
-            "steps": summary["step"], "workers": summary["workers"], "mode": args.mode, "tokens_per_s": summary["tokens_per_s"], "step_seconds": summary["step_seconds"],
+            "steps": summary["step"], "workers": summary["workers"], "mode": args.mode, "tokens_per_s": summary["tokens_per_s"],
+            "step_seconds": summary["step_seconds"],
             "prefetch_wait_ms_per_step": summary["prefetch_wait_ms_per_step"], "unique_id_ratio": summary["unique_id_ratio"],
             "rows_served": served, "lookup_rows_per_s": served / summary["wall_seconds"] if summary["wall_seconds"] else 0.0,
             "shard_lookup_handler_seconds": lookup_seconds,
@@ -98,7 +109,7 @@ def run_demo(args) -> int:
         return 130
     finally:
         if job is not None:
-            ray.get(job.stop.remote())
+            ray.get(job.stop.remote(), timeout=120)
             ray.kill(job)
         if pool is not None and not (args.keep_serving and not own_cluster):
             pool.shutdown()

@@ -57,10 +57,10 @@ class Directory:
         self.tables.pop(name, None)
         self.epoch += 1
 
-    def shard_map(self, name: str) -> dict:
-        """{addresses, bounds, epoch, active} of a table (KeyError if unknown)."""
+    def shard_map(self, name: str) -> dict | None:
+        """{addresses, bounds, epoch, active, layer_rows, chunk_rows} of a table (None if unknown)."""
         if name not in self.tables:
-            raise KeyError(f"no table named {name!r} in the pool; tables are {sorted(self.tables)}")
+            return None
         table = self.tables[name]
         return {"addresses": list(self.addresses), "bounds": table["bounds"], "epoch": self.epoch, "active": table["active"],
                 "layer_rows": table["layer_rows"], "chunk_rows": table["chunk_rows"]}

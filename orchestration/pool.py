@@ -3,9 +3,11 @@
 Driver-side API used by the CLI, the demo and the tests:
 
     pool = MemoryPool(PoolConfig(num_shards=2)).start()
-    pool.create_table("engram-small", spec, compression_map)
+    admin = PoolAdmin(pool)                     # table administration (orchestration/pool_admin.py)
+    admin.create_table("engram-small", spec, compression_map)
     client = pool.client("engram-small")        # a MemoryClient that follows the directory
-    pool.swap("engram-small", 2)                # every shard, one epoch
+    admin.swap("engram-small", 2)               # every shard, one epoch
+    pool.scale(3)                               # rows move while traffic continues
 
 Shards run only on nodes offering the memory resource (a custom Ray resource, default
 `engram_memory`), each pinned to its node (its LMDB files live there) and restarted by
@@ -15,15 +17,12 @@ Ray when it dies. All shards of a table hold the same version numbers.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from memory_service.client import MemoryClient, ShardMap
-from memory_service.spec import EngramSpec
-from memory_service.table_meta import layer_rows_for_spec
+from memory_service.client import MemoryClient
+from memory_service.errors import NotFound, shown
+from memory_service.shard_map import ShardMap
 from orchestration.directory import Directory
 from orchestration.shard import ShardServer
 
@@ -61,6 +60,8 @@ class PoolConfig:
     """Each shard serves Prometheus /metrics on this port + its shard id (0: any free port; None: off)."""
     detached: bool = False
     """Keep shards and the directory alive after this driver exits (engram cluster up, --keep-serving)."""
+    allow_unauthenticated: bool = False
+    """Let shards bound to a non-loopback host serve without a token (writes and admin open to the network)."""
 
     def resolved_base_dir(self) -> str:
         """base_dir, or the default under the user's cache."""
@@ -104,7 +105,7 @@ class MemoryPool:
         state = ray.get(self.directory.state.remote(), timeout=RAY_TIMEOUT_S)
         if state["addresses"] != addresses:
             ray.get(self.directory.set_shards.remote(addresses), timeout=RAY_TIMEOUT_S)
-            self._push_ownership()
+            self.push_ownership()
         return self
 
     def _start_shard(self, shard: int, node_id: str):
@@ -118,7 +119,8 @@ class MemoryPool:
             name=shard_name(cfg.name, shard), namespace=NAMESPACE, get_if_exists=True, num_cpus=0,
             resources={cfg.memory_resource: 1}, max_restarts=-1, max_task_retries=-1,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False), **lifetime,
-        ).remote(shard, str(Path(cfg.resolved_base_dir()) / cfg.name), cfg.host, cfg.token, cfg.metrics_port)
+        ).remote(shard, str(Path(cfg.resolved_base_dir()) / cfg.name), cfg.host, cfg.token, cfg.metrics_port,
+                 cfg.allow_unauthenticated)
 
     @classmethod
     def attach(cls, name: str = "default") -> "MemoryPool":
@@ -153,9 +155,11 @@ class MemoryPool:
         """(ShardMap, active version) of a table, from the directory."""
         ray = _ray()
         m = ray.get(self.directory.shard_map.remote(name), timeout=RAY_TIMEOUT_S)
+        if m is None:
+            raise NotFound(f"the memory pool {self.config.name!r} has no table {shown(name)}", reason="TABLE_NOT_FOUND")
         return ShardMap(m["addresses"], {int(k): v for k, v in m["bounds"].items()}, m["epoch"]), m["active"]
 
-    def _push_ownership(self) -> int:
+    def push_ownership(self) -> int:
         """Tell every shard the current epoch and the rows it owns in every table."""
         ray = _ray()
         state = ray.get(self.directory.state.remote(), timeout=RAY_TIMEOUT_S)
@@ -168,71 +172,14 @@ class MemoryPool:
         return state["epoch"]
 
     def client(self, name: str, **kwargs) -> MemoryClient:
-        """A MemoryClient for a table that re-reads the directory when its map goes stale."""
-        directory = self.directory
-
-        def provider():
-            ray = _ray()
-            m = ray.get(directory.shard_map.remote(name), timeout=RAY_TIMEOUT_S)
-            return ShardMap(m["addresses"], {int(k): v for k, v in m["bounds"].items()}, m["epoch"]), m["active"]
-
-        shard_map, _ = provider()
+        """A MemoryClient for a table that re-reads the directory when its map goes stale (kwargs: MemoryClient's)."""
+        shard_map, _ = self.shard_map(name)
         kwargs.setdefault("token", self.config.token)
-        return MemoryClient(shard_map, name, map_provider=provider, **kwargs)
-
-    # ------------------------------------------------------------------ tables
-    def create_table(self, name: str, spec: EngramSpec, compression_map: np.ndarray | None = None,
-                     init_std: float = 1.0, init_seed: int = 0, chunk_rows: int = 4096) -> ShardMap:
-        """Create a table split into equal row ranges over the shards (each shard materializes only its rows)."""
-        ray = _ray()
-        layer_rows = layer_rows_for_spec(spec)
-        addresses = ray.get(self.directory.state.remote(), timeout=RAY_TIMEOUT_S)["addresses"]
-        bounds = ShardMap.even(addresses, layer_rows, chunk_rows).bounds
-        ray.get(self.directory.set_table.remote(name, bounds, 1, layer_rows, chunk_rows), timeout=RAY_TIMEOUT_S)
-        self._push_ownership()
-        cmap = None if compression_map is None else np.ascontiguousarray(compression_map, dtype="<i8").tobytes()
-        ray.get([s.create_table.remote(name, spec.to_json(), cmap, init_std, init_seed, chunk_rows) for s in self.shards],
-                timeout=RAY_TIMEOUT_S)
-        return self.shard_map(name)[0]
-
-    def drop_table(self, name: str, token: str | None = None) -> None:
-        """Delete a table from every shard and from the directory."""
-        ray = _ray()
-        self.client(name, token=token or self.config.token).drop_table()
-        ray.get(self.directory.drop_table.remote(name), timeout=RAY_TIMEOUT_S)
+        return MemoryClient(shard_map, name, map_provider=lambda: self.shard_map(name), **kwargs)
 
     def tables(self) -> list[str]:
         """Names of the pool's tables."""
         return sorted(_ray().get(self.directory.state.remote(), timeout=RAY_TIMEOUT_S)["tables"])
-
-    def create_version(self, name: str, copy_of: int | None = None, init_std: float | None = None, init_seed: int = 0) -> int:
-        """A new (inactive) version on every shard; returns its number."""
-        ray = _ray()
-        versions = set(ray.get([s.create_version.remote(name, copy_of, init_std, init_seed) for s in self.shards],
-                               timeout=RAY_TIMEOUT_S))
-        if len(versions) != 1:
-            raise PoolError(f"shards disagree on the new version of {name!r}: {sorted(versions)}")
-        return versions.pop()
-
-    def rollback(self, name: str) -> tuple[int, int]:
-        """Re-activate the version active before the last swap, on every shard; returns (version, epoch)."""
-        ray = _ray()
-        previous = ray.get(self.directory.previous_active.remote(name), timeout=RAY_TIMEOUT_S)
-        if previous is None:
-            raise PoolError(f"table {name!r} has no earlier active version to roll back to")
-        epoch = self.swap(name, previous, remember=False)
-        ray.get(self.directory.forget_previous.remote(name), timeout=RAY_TIMEOUT_S)
-        return previous, epoch
-
-    def swap(self, name: str, version: int, remember: bool = True) -> int:
-        """Make `version` active on every shard as one step (the directory's epoch); returns the new epoch."""
-        ray = _ray()
-        for shard, versions in enumerate(ray.get([s.versions.remote(name) for s in self.shards], timeout=RAY_TIMEOUT_S)):
-            if version not in versions:
-                raise PoolError(f"shard {shard} has no version {version} of {name!r} (it has {versions})")
-        ray.get([s.swap.remote(name, version) for s in self.shards], timeout=RAY_TIMEOUT_S)
-        ray.get(self.directory.set_active.remote(name, version, remember), timeout=RAY_TIMEOUT_S)
-        return self._push_ownership()
 
     def scale(self, num_shards: int, log=lambda *a: None) -> dict:
         """Change the number of shards while lookups and gradient pushes continue.
@@ -282,7 +229,7 @@ class MemoryPool:
         for name, table in state["tables"].items():
             ray.get(self.directory.set_table.remote(name, new_bounds[name], table["active"], table["layer_rows"], table["chunk_rows"]),
                     timeout=RAY_TIMEOUT_S)
-        epoch = self._push_ownership()
+        epoch = self.push_ownership()
         ray.get([s.unfreeze.remote(name) for s in self.shards for name in state["tables"]], timeout=RAY_TIMEOUT_S)
         ray.get([s.drop_unowned.remote(name) for s in self.shards[:num_shards] for name in state["tables"]], timeout=RAY_TIMEOUT_S)
         removed = self.shards[num_shards:]
@@ -297,7 +244,3 @@ class MemoryPool:
     def kill_shard(self, shard: int) -> None:
         """Kill a shard's process (Ray restarts it; for tests and chaos drills)."""
         _ray().kill(self.shards[shard], no_restart=False)
-
-def default_base_dir() -> str:
-    """Where local pools keep their stores."""
-    return os.environ.get("ENGRAM_POOL_DIR", str(Path.home() / ".cache" / "engram" / "pool"))

@@ -32,7 +32,7 @@ class ShardServer:
     """Store + gRPC server of shard `shard_id` under `base_dir/shard-<id>`."""
 
     def __init__(self, shard_id: int, base_dir: str, host: str = "127.0.0.1", token: str | None = None,
-                 metrics_port: int | None = None):
+                 metrics_port: int | None = None, allow_unauthenticated: bool = False):
         """metrics_port: serve /metrics on metrics_port + shard_id (0: any free port; None: no metrics)."""
         from memory_service.malloc_tuning import tune_glibc_malloc
 
@@ -44,7 +44,8 @@ class ShardServer:
         saved = self.path / SHARD_FILE
         port = json.loads(saved.read_text())["port"] if saved.exists() else 0
         self.store = TableStore(self.path / "lmdb")
-        self.server, self.port, self.servicer = build_server(self.store, host, port, token)
+        self.server, self.port, self.servicer = build_server(self.store, host, port, token,
+                                                             allow_unauthenticated=allow_unauthenticated)
         self.server.start()
         self.host = host
         self.metrics = None
@@ -84,8 +85,21 @@ class ShardServer:
         return {"layer_rows": meta.layer_rows, "chunk_rows": meta.chunk_rows, "active": meta.active}
 
     def create_version(self, name: str, copy_of: int | None = None, init_std: float | None = None, init_seed: int = 0) -> int:
-        """A new version of this shard's rows."""
+        """A new version of this shard's rows (a copy, seeded rows, or zeros when neither is given)."""
         return self.store.create_version(name, copy_of=copy_of, init_std=init_std, init_seed=init_seed)
+
+    def table_meta(self, name: str) -> bytes:
+        """The table's metadata document as this shard stores it (TableMeta JSON)."""
+        return self.store.table_info(name).to_json()
+
+    def drop_version(self, name: str, version: int) -> None:
+        """Delete an inactive version of this shard's rows."""
+        self.store.drop_version(name, version)
+
+    def drop_table_if_present(self, name: str) -> None:
+        """Delete a table's rows and versions here (nothing when this shard has no such table)."""
+        if name in {m.name for m in self.store.list_tables()}:
+            self.store.drop_table(name)
 
     def swap(self, name: str, version: int) -> None:
         """Make a version this shard's active one (the directory's active version decides for clients)."""

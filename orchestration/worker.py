@@ -13,14 +13,19 @@ import os
 import time
 from pathlib import Path
 
-from model_worker.train import Trainer, TrainConfig
+from model_worker.device import pick_device
+from model_worker.train import TrainConfig, Trainer
+from orchestration.pool_tables import tables_for
+
+REPORT_EVERY_S = 0.5  # progress sent to the training job at most this often
 
 
 class TrainWorker:
     """Trains (and generates) with tables on the memory pool; one rank of a data-parallel group."""
 
-    def __init__(self, config: dict, token: str | None = None, tokenizer_json: bytes | None = None):
-        """tokenizer_json: the driver's tokenizer file, written here when its path does not exist on this node."""
+    def __init__(self, config: dict, token: str | None = None, tokenizer_json: bytes | None = None, reporter=None):
+        """tokenizer_json: the driver's tokenizer file, written here when its path does not exist on this node.
+        reporter: an actor with report(progress) (the training job): rank 0 sends its progress there."""
         from memory_service.malloc_tuning import tune_glibc_malloc
 
         tune_glibc_malloc()  # step buffers stay mapped between steps (a Ray worker starts with glibc defaults)
@@ -29,6 +34,8 @@ class TrainWorker:
             config["tokenizer"] = str(local_tokenizer_copy(tokenizer_json))
         self.config = TrainConfig(**config)
         self.token = token
+        self.reporter = reporter
+        self._reported = 0.0
         self._trainer: Trainer | None = None
 
     def rendezvous(self) -> str:
@@ -43,13 +50,23 @@ class TrainWorker:
     def setup(self, rank: int = 0, world_size: int = 1, master: str | None = None, state: dict | None = None) -> int:
         """Join the data-parallel group (every rank at once), build the Trainer, continue from `state`; returns the step."""
         from model_worker.data_parallel import DataParallel
-        from model_worker.train import pick_device
 
         parallel = DataParallel.join(master, rank, world_size, pick_device()) if world_size > 1 else None
-        self._trainer = Trainer(self.config, progress=False, log=lambda *a: None, token=self.token, parallel=parallel)
+        tables = tables_for(self.config.memory, self.config.table or f"engram-{self.config.preset}", self.token,
+                            self.config.version)
+        self._trainer = Trainer(self.config, tables, progress=False, log=lambda *a: None, token=self.token,
+                                parallel=parallel, on_step=self._report if rank == 0 and self.reporter else None)
         if state is not None:
             self._trainer.load_state(state)
         return self._trainer.step
+
+    def _report(self, step: int, steps: int, loss: float, tokens_per_s: float) -> None:
+        """Send rank 0's progress to the reporter (fire and forget, throttled)."""
+        now = time.monotonic()
+        if now - self._reported >= REPORT_EVERY_S or step == steps:
+            self._reported = now
+            self.reporter.report.remote({"step": step, "steps": steps, "loss": loss, "tokens_per_s": tokens_per_s,
+                                         "val_loss": self._trainer.history["val"][-1][1] if self._trainer.history["val"] else None})
 
     @property
     def trainer(self) -> Trainer:

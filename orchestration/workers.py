@@ -42,16 +42,44 @@ def _results_or_lost(refs: list, doing: str) -> list:
         except Exception as e:  # noqa: BLE001 - a dead actor, or a rank whose peer died mid-collective
             cause = getattr(e, "cause", None) or e  # a task error carries the worker's own exception
             raise WorkerLost(f"a model worker failed while {doing}: {type(cause).__name__}: {str(cause)[:300]}") from e
-    return ray.get(refs)
+    return ray.get(refs, timeout=RAY_TIMEOUT_S)
+
+
+def follow_job(job, log=print, poll_s: float = 1.0) -> dict:
+    """Wait for a training job's run() while showing rank 0's progress (a line rewritten in place on a terminal,
+    a line every 10% of the steps otherwise); returns the run's summary."""
+    import sys
+
+    import ray
+
+    running = job.run.remote()
+    tty = sys.stderr.isatty()
+    shown_tenth = -1
+    while not ray.wait([running], timeout=poll_s)[0]:
+        progress = ray.get(job.status.remote(), timeout=RAY_TIMEOUT_S)["progress"]
+        if not progress:
+            continue
+        val = f"  val {progress['val_loss']:.3f}" if progress.get("val_loss") is not None else ""
+        line = (f"step {progress['step']}/{progress['steps']}  loss {progress['loss']:.3f}{val}  "
+                f"{progress['tokens_per_s']:,.0f} tokens/s")
+        if tty:
+            print(f"\r[train] {line}   ", end="", file=sys.stderr, flush=True)
+        elif progress["step"] * 10 // max(progress["steps"], 1) > shown_tenth:
+            shown_tenth = progress["step"] * 10 // max(progress["steps"], 1)
+            log(f"[train] {line}")
+    if tty:
+        print(file=sys.stderr)
+    return ray.get(running, timeout=RAY_TIMEOUT_S)
 
 
 class WorkerGroup:
     """M TrainWorker actors training data-parallel."""
 
-    def __init__(self, config: dict, token: str | None = None, tokenizer_json: bytes | None = None):
+    def __init__(self, config: dict, token: str | None = None, tokenizer_json: bytes | None = None, reporter=None):
         self.config = config
         self.token = token
         self.tokenizer_json = tokenizer_json  # shipped to workers on nodes without the driver's tokenizer file
+        self.reporter = reporter  # the actor rank 0 reports its progress to (the training job)
         self.workers: list = []
 
     def start(self, num_workers: int, state: dict | None = None) -> int:
@@ -64,8 +92,9 @@ class WorkerGroup:
             raise ValueError(f"batch size {self.config['batch_size']} does not split evenly over {num_workers} workers")
         options = worker_options(ray)
         tokenizer = ray.put(self.tokenizer_json) if self.tokenizer_json is not None else None
-        self.workers = [ray.remote(TrainWorker).options(**options).remote(self.config, self.token, tokenizer)
-                        for _ in range(num_workers)]
+        self.workers = [ray.remote(TrainWorker).options(**options).remote(self.config, self.token, tokenizer,
+                                                                          self.reporter if rank == 0 else None)
+                        for rank in range(num_workers)]
         master = ray.get(self.workers[0].rendezvous.remote(), timeout=RAY_TIMEOUT_S) if num_workers > 1 else None
         state_ref = ray.put(state) if state is not None else None
         try:  # a rank that fails to set up leaves the others waiting in the first broadcast: stop them all
@@ -142,7 +171,11 @@ class TrainingJob:
     def __init__(self, config: dict, num_workers: int = 1, token: str | None = None, segment_steps: int = 10,
                  state: dict | None = None, stop_after: int | None = None, tokenizer_json: bytes | None = None,
                  max_failures: int = 3):
-        self.group = WorkerGroup(config, token, tokenizer_json)
+        import ray
+
+        me = ray.get_runtime_context().current_actor if ray.is_initialized() else None
+        self.group = WorkerGroup(config, token, tokenizer_json, reporter=me)
+        self.progress: dict = {}  # rank 0's latest report: step, steps, loss, val_loss, tokens_per_s
         self.steps = config["steps"] if stop_after is None else min(config["steps"], stop_after)
         self.segment_steps = max(1, segment_steps)
         self.wanted = num_workers
@@ -214,16 +247,21 @@ class TrainingJob:
             self.wanted = num_workers
         return self.status()
 
+    def report(self, progress: dict) -> None:
+        """Rank 0's progress (called by the worker, fire and forget)."""
+        self.progress = progress
+
     def status(self) -> dict:
-        """Workers now, workers wanted, step, scaling events so far."""
+        """Workers now, workers wanted, step, scaling events so far, and rank 0's latest progress."""
         return {"workers": self.group.size, "wanted": self.wanted, "step": self.step, "steps": self.steps,
-                "events": list(self.events)}
+                "events": list(self.events), "progress": dict(self.progress)}
 
     def generate(self, prompt: str, max_new_tokens: int = 80, temperature: float = 0.8, seed: int = 0) -> str:
         """A completion from rank 0 (through the pool)."""
         import ray
 
-        return ray.get(self.group.workers[0].generate.remote(prompt, max_new_tokens, temperature, seed))
+        return ray.get(self.group.workers[0].generate.remote(prompt, max_new_tokens, temperature, seed),
+                       timeout=RAY_TIMEOUT_S)
 
     def stop(self) -> None:
         """Stop the workers."""

@@ -1,15 +1,17 @@
 """gRPC definitions of the Engram memory service (package `engram.v1`).
 
 The Python stubs (`engram_pb2.py`, `engram_pb2_grpc.py`) are generated from
-`engram.proto` with grpcio-tools when the project is installed (setup.py's build
-step). If they are missing or older than the .proto (a source checkout, an edited
-proto), importing this package generates them again; they are never committed.
+`engram.proto` with grpcio-tools when the project is installed (setup.py's build step),
+or by `python -m protos` after editing the .proto; they are never committed, and
+importing this package never generates them: stubs older than the .proto give one
+warning, missing stubs an ImportError that says what to run.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parent
@@ -46,5 +48,15 @@ def generate(out_dir: str | os.PathLike | None = None, force: bool = False) -> l
     return written
 
 
-if any(_stale(PROTO_DIR / name) for name in PROTO_FILES) and os.access(PROTO_DIR, os.W_OK):
-    generate()
+_FIX = "run `python -m protos` (or reinstall: pip install -e .)"
+
+
+def __getattr__(name: str):
+    """Missing generated stubs: an ImportError that says how to make them (present ones import normally)."""
+    if name.endswith(("_pb2", "_pb2_grpc")) and not (PROTO_DIR / f"{name}.py").exists():
+        raise ImportError(f"protos/{name}.py has not been generated from the .proto: {_FIX}")
+    raise AttributeError(name)
+
+
+if any(_stale(PROTO_DIR / name) for name in PROTO_FILES):
+    warnings.warn(f"the gRPC stubs in {PROTO_DIR} are older than their .proto: {_FIX}", stacklevel=2)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from model_worker.data_parallel import free_port
-from orchestration.commands_cluster import _alive, _process_tree
+from orchestration.ray_cluster import _alive, _process_tree
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_cluster_up_train_on_two_workers_scale_both_sides_and_down(env, tmp_path
         assert grown.returncode == 0 and json.loads(grown.stdout)["moves"] > 0, grown.stderr
         info = engram(env, "table", "info", "--ray", f"127.0.0.1:{port}", "--pool", "cli", "--table", "t", "--json")
         assert info.returncode == 0, info.stderr
-        assert len(json.loads(info.stdout)["addresses"]) == 3
+        assert len(json.loads(info.stdout)["placement"]["addresses"]) == 3
         ray = ("--ray", f"127.0.0.1:{port}", "--pool", "cli")
         exported = engram(env, "table", "export", *ray, "--table", "t", "--layer", 1, "--out", tmp_path / "l1.npy")
         assert exported.returncode == 0, exported.stderr

@@ -7,13 +7,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from memory_service.compression import CompressedTokenizer
 from memory_service.hashing import NgramHasher
 from memory_service.row_init import init_rows
 from memory_service.spec import EngramSpec
 from orchestration.local_server import start_server
-from tokenizers import Tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,8 @@ import signal
 
 import numpy as np
 
-from memory_service.client import AdminClient, MemoryClient
+from memory_service.admin import ServiceAdmin
+from memory_service.client import MemoryClient
 from memory_service.spec import EngramSpec
 from orchestration.local_server import start_server
 
@@ -16,15 +17,16 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
     path = tmp_path / "store"
     proc, address = start_server(path, token="t")
     try:
-        AdminClient(address, "tbl", token="t").create_table(SPEC, init_std=1.0)
+        ServiceAdmin(address, token="t").create_table("tbl", SPEC, init_std=1.0)
         client = MemoryClient(address, "tbl", token="t")
         ids = np.arange(100, 140)
         client.write_rows(1, ids, np.full((ids.size, SPEC.head_dim), 3.25, np.float32))
         grads = np.ones((5, SPEC.head_dim), np.float32)
         client.apply_gradients(1, np.arange(5), grads, lr=0.5)
         after_adam = client.lookup(1, np.arange(5)).copy()
-        v2 = client.create_version(copy_of=1)
-        client.swap(v2)
+        admin = ServiceAdmin(address, token="t")
+        v2 = admin.create_version("tbl", copy_of=1)
+        admin.swap("tbl", v2)
         os.kill(proc.pid, signal.SIGKILL)  # right after the acknowledgements, no shutdown
         proc.wait()
     finally:
@@ -54,10 +56,10 @@ def test_pushes_survive_sigkill_between_folds(tmp_path):
     rng = np.random.default_rng(0)
     proc, address = start_server(path, token="t", extra_args=("--max-delta-rows", "300"))
     try:
-        AdminClient(address, "tbl", token="t").create_table(SPEC, init_std=1.0)
+        ServiceAdmin(address, token="t").create_table("tbl", SPEC, init_std=1.0)
         client = MemoryClient(address, "tbl", token="t")
         folds = held = 0
-        for step in range(40):  # until rows have been folded twice and others are held in segments only
+        for _ in range(40):  # until rows have been folded twice and others are held in segments only
             ids = np.unique(rng.integers(0, local.num_rows(1), 150))
             grads = rng.standard_normal((ids.size, SPEC.head_dim)).astype(np.float32)
             client.apply_gradients(1, ids, grads, lr=0.05)
@@ -87,7 +89,7 @@ def test_client_retries_while_the_server_restarts(tmp_path):
     path = tmp_path / "store"
     proc, address = start_server(path, token="t")
     port = int(address.rsplit(":", 1)[1])
-    AdminClient(address, "tbl", token="t").create_table(SPEC, init_std=1.0)
+    ServiceAdmin(address, token="t").create_table("tbl", SPEC, init_std=1.0)
     client = MemoryClient(address, "tbl", retry_budget_s=60, deadline_s=5)
     expected = client.lookup(1, np.arange(50)).copy()
     os.kill(proc.pid, signal.SIGKILL)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from memory_service.backend import TableError
+from memory_service.errors import InvalidArgument
 from memory_service.local_table import LocalTable
 from memory_service.row_init import INIT_BLOCK_ROWS, init_rows
 from memory_service.row_optim import RowAdamConfig, row_adam_update
@@ -54,24 +54,24 @@ def test_lookup_and_errors():
     rows = table.lookup(1, ids)
     assert rows.shape == (4, 4) and rows.dtype == np.float32
     np.testing.assert_array_equal(rows, table.table(1)[ids])
-    with pytest.raises(TableError, match="row id 50 is out of range for layer 1 \\(table has 50 rows\\)"):
+    with pytest.raises(InvalidArgument, match="row id 50 is out of range for layer 1 \\(table has 50 rows\\)"):
         table.lookup(1, np.array([1, 50]))
-    with pytest.raises(TableError, match="row id -1"):
+    with pytest.raises(InvalidArgument, match="row id -1"):
         table.lookup(1, np.array([-1]))
-    with pytest.raises(TableError, match="no table for layer 2"):
+    with pytest.raises(InvalidArgument, match="no table for layer 2"):
         table.lookup(2, np.array([0]))
-    with pytest.raises(TableError, match="1-D"):
+    with pytest.raises(InvalidArgument, match="1-D"):
         table.lookup(1, np.zeros((2, 2), dtype=np.int64))
-    with pytest.raises(TableError, match="integers"):
+    with pytest.raises(InvalidArgument, match="integers"):
         table.lookup(1, np.array([0.5]))
     before = table.table(1).copy()
-    with pytest.raises(TableError, match="unique"):
+    with pytest.raises(InvalidArgument, match="unique"):
         table.apply_gradients(1, np.array([1, 1]), np.zeros((2, 4)), 0.1)
-    with pytest.raises(TableError, match=r"gradients must be \[2, 4\]"):
+    with pytest.raises(InvalidArgument, match=r"gradients must be \[2, 4\]"):
         table.apply_gradients(1, np.array([1, 2]), np.zeros((2, 5)), 0.1)
-    with pytest.raises(TableError, match="NaN"):
+    with pytest.raises(InvalidArgument, match="NaN"):
         table.apply_gradients(1, np.array([1, 2]), np.full((2, 4), np.nan), 0.1)
-    with pytest.raises(TableError, match="learning rate"):
+    with pytest.raises(InvalidArgument, match="learning rate"):
         table.apply_gradients(1, np.array([1, 2]), np.zeros((2, 4)), float("nan"))
     np.testing.assert_array_equal(table.table(1), before)  # nothing changed by rejected writes
 
@@ -85,6 +85,7 @@ def test_save_load_roundtrip(tmp_path):
     for layer in (1, 3):
         np.testing.assert_array_equal(other.table(layer), table.table(layer))
     np.testing.assert_array_equal(other._m[3], table._m[3])
-    wrong = LocalTable(EngramSpec(engram_vocab_size=[101, 103], n_embed_per_ngram=8, n_head_per_ngram=2, layer_ids=[1, 3], seed=1), {1: 50, 3: 60})
-    with pytest.raises(TableError, match="another spec"):
+    other = EngramSpec(engram_vocab_size=[101, 103], n_embed_per_ngram=8, n_head_per_ngram=2, layer_ids=[1, 3], seed=1)
+    wrong = LocalTable(other, {1: 50, 3: 60})
+    with pytest.raises(InvalidArgument, match="another spec"):
         wrong.load(tmp_path / "t.npz")

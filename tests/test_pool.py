@@ -5,8 +5,9 @@ import time
 import numpy as np
 import pytest
 
-from model_worker.train import Trainer, TrainConfig
+from model_worker.train import TrainConfig, Trainer
 from orchestration.pool import MemoryPool, PoolConfig
+from orchestration.pool_admin import PoolAdmin
 from orchestration.worker import TrainWorker, worker_options
 
 pytestmark = pytest.mark.slow
@@ -85,8 +86,9 @@ def test_hot_swap_during_training(pool, tmp_path, small_corpus, small_tokenizer)
     worker = ray.remote(TrainWorker).options(**worker_options(ray)).remote(config, "tok")
     running = worker.run.remote()
     wait_for_training(pool, worker)
-    v2 = pool.create_version("t", copy_of=1)
-    pool.swap("t", v2)
+    admin = PoolAdmin(pool)
+    v2 = admin.create_version("t", copy_of=1)
+    admin.swap("t", v2)
     remote = ray.get(running, timeout=600)
     versions = remote["history"]["versions"]
     assert all(len(v) == 1 for v in versions)  # every batch saw one version
@@ -104,7 +106,7 @@ def test_scale_2_3_1_while_lookups_and_pushes_continue(ray_cluster, tmp_path):
     spec = EngramSpec(engram_vocab_size=[20011, 20011], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1, 3])
     pool = MemoryPool(PoolConfig(name="scaling", num_shards=2, base_dir=str(tmp_path / "pool"), token="tok")).start()
     try:
-        pool.create_table("s", spec, init_std=1.0, chunk_rows=1024)
+        PoolAdmin(pool).create_table("s", spec, init_std=1.0, chunk_rows=1024)
         client = pool.client("s", retry_budget_s=120)
         sizes = dict(client.layer_rows)
         acked, failures, lookups = [], [], [0]

@@ -6,7 +6,7 @@ import pytest
 from memory_service.server import build_server
 from memory_service.store import TableStore
 from model_worker.generate import Generator
-from model_worker.train import Trainer, TrainConfig
+from model_worker.train import TrainConfig, Trainer
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from memory_service.client import AdminClient, MemoryClient
+from memory_service.admin import ServiceAdmin
+from memory_service.client import MemoryClient
 from memory_service.compression import CompressedTokenizer
 from memory_service.hashing import NgramHasher
 from memory_service.server import build_server
@@ -30,7 +31,7 @@ def service(tmp_path_factory, data_dir):
     server, port, servicer = build_server(store, token=TOKEN)
     server.start()
     address = f"127.0.0.1:{port}"
-    AdminClient(address, "t", token=TOKEN).create_table(spec, compressor.lookup_table, init_std=1.0)
+    ServiceAdmin(address, token=TOKEN).create_table("t", spec, compressor.lookup_table, init_std=1.0)
     yield {"address": address, "store": store, "spec": spec, "compressor": compressor, "servicer": servicer}
     server.stop(0)
     store.close()
@@ -154,16 +155,17 @@ def test_batches_split_dedup_and_match_the_store(service):
 def test_swap_under_concurrent_lookups(service, tmp_path):
     """Readers loop multi-part batches while versions are swapped and rolled back: no failure, no mixed batch."""
     address = service["address"]
-    admin = MemoryClient(address, "t", token=TOKEN)
+    admin = ServiceAdmin(address, token=TOKEN)
+    writer = MemoryClient(address, "t", token=TOKEN)
     head = service["spec"].head_dim
-    sizes = dict(admin.layer_rows)
+    sizes = dict(writer.layer_rows)
     versions = []
     for marker in (10.0, 20.0, 30.0):
-        v = admin.create_version(empty=True)
+        v = admin.create_version("t")
         for layer, n in sizes.items():
-            admin.write_rows(layer, np.arange(n), np.full((n, head), marker + v, np.float32), version=v)
+            writer.write_rows(layer, np.arange(n), np.full((n, head), marker + v, np.float32), version=v)
         versions.append(v)
-    admin.swap(versions[0])
+    admin.swap("t", versions[0])
     failures, mixed, served = [], [], []
     stop = threading.Event()
 
@@ -186,14 +188,14 @@ def test_swap_under_concurrent_lookups(service, tmp_path):
     for t in threads:
         t.start()
     for i in range(12):
-        admin.swap(versions[i % 3]) if i % 4 else admin.rollback()  # rollbacks may return to version 1 too
+        admin.swap("t", versions[i % 3]) if i % 4 else admin.rollback("t")  # rollbacks may return to version 1 too
         time.sleep(0.02)
     stop.set()
     for t in threads:
         t.join()
     assert not failures and not mixed
     assert len(set(served)) >= 2 and len(served) > 10
-    admin.swap(1)
+    admin.swap("t", 1)
 
 
 def test_tls(tmp_path):
@@ -211,7 +213,7 @@ def test_tls(tmp_path):
     server.start()
     try:
         spec = EngramSpec(engram_vocab_size=[1009], max_ngram_size=2, n_embed_per_ngram=8, n_head_per_ngram=1, layer_ids=[0])
-        AdminClient(f"127.0.0.1:{port}", "t", token=TOKEN, tls_root_cert=cert.read_bytes()).create_table(spec)
+        ServiceAdmin(f"127.0.0.1:{port}", token=TOKEN, tls_root_cert=cert.read_bytes()).create_table("t", spec)
         client = MemoryClient(f"127.0.0.1:{port}", "t", tls_root_cert=cert.read_bytes())
         np.testing.assert_array_equal(client.lookup(0, np.array([1, 2])), store.lookup("t", 0, np.array([1, 2]))[0])
         plain = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -223,8 +225,8 @@ def test_tls(tmp_path):
 
 
 def test_two_shards_split_batches_and_updates(tmp_path):
-    from memory_service.client import ShardMap
     from memory_service.local_table import LocalTable
+    from memory_service.shard_map import ShardMap
     from memory_service.table_meta import layer_rows_for_spec
 
     spec = EngramSpec(engram_vocab_size=[3001, 3001], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1, 2])
@@ -234,7 +236,7 @@ def test_two_shards_split_batches_and_updates(tmp_path):
         server, port, _ = build_server(store)
         server.start()
         servers.append(server), stores.append(store), addresses.append(f"127.0.0.1:{port}")
-    shard_map = ShardMap.even(addresses, layer_rows_for_spec(spec), chunk_rows=256, epoch=1)
+    shard_map = ShardMap.even(addresses, layer_rows_for_spec(spec), 256, epoch=1)
     for i, store in enumerate(stores):  # what a pool does: ownership first, then only owned chunks exist
         store.set_shard_state(1, {"t": shard_map.owned(i)})
         store.create_table("t", spec)

@@ -117,23 +117,23 @@ def test_hot_rows_pushed_again_and_again_do_not_pile_up_segments(tmp_path):
     local = LocalTable(SPEC, layer_rows_for_spec(SPEC))
     ids = np.arange(100, 300)
     rng = np.random.default_rng(4)
-    for step in range(60):
+    for _ in range(60):
         grads = rng.standard_normal((ids.size, SPEC.head_dim)).astype(np.float32)
         store.apply_gradients("t", 1, ids, grads, lr=0.01)
         local.apply_gradients(1, ids, grads, lr=0.01)
     store.apply_gradients("t", 1, np.empty(0, dtype=np.int64), np.empty((0, SPEC.head_dim), np.float32), lr=0.01)
-    with store.env.begin() as txn:
-        segments = sum(1 for _ in txn.cursor(db=store.delta_db))
+    with store.dbs.env.begin() as txn:
+        segments = sum(1 for _ in txn.cursor(db=store.dbs.delta))
     assert store.counters["folds"] >= 2 and segments <= 4 * 1000 // ids.size + 1
     _assert_same_as(store, local)
     store.close()
     store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=1000)  # the count of stored rows survives a reopen
-    for step in range(20):
+    for _ in range(20):
         grads = rng.standard_normal((ids.size, SPEC.head_dim)).astype(np.float32)
         store.apply_gradients("t", 1, ids, grads, lr=0.01)
         local.apply_gradients(1, ids, grads, lr=0.01)
-    with store.env.begin() as txn:
-        assert sum(1 for _ in txn.cursor(db=store.delta_db)) <= 4 * 1000 // ids.size + 1
+    with store.dbs.env.begin() as txn:
+        assert sum(1 for _ in txn.cursor(db=store.dbs.delta)) <= 4 * 1000 // ids.size + 1
     _assert_same_as(store, local)
     store.close()
 
@@ -280,7 +280,7 @@ def test_concurrent_lookups_during_pushes_and_folds_see_whole_pushes(tmp_path):
     all_ids = np.arange(local.num_rows(1))
     rng = np.random.default_rng(7)
     pushes = []
-    for step in range(16):
+    for _ in range(16):
         ids = np.unique(rng.integers(0, local.num_rows(1), 400))
         pushes.append((ids, rng.standard_normal((ids.size, SPEC.head_dim)).astype(np.float32)))
     states = {local.table(1).tobytes()}  # the table after 0, 1, 2, ... pushes

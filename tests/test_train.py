@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from model_worker.generate import Generator
-from model_worker.train import Trainer, TrainConfig, lr_at
+from model_worker.train import TrainConfig, Trainer, lr_at
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from memory_service.row_init import init_rows
-from model_worker.train import Trainer, TrainConfig
+from model_worker.train import TrainConfig, Trainer
 from orchestration.workers import WorkerGroup, attach_job, start_job
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,104 @@
+"""Moving rows between shards of a pool: a table's blueprint, chunks out, chunks in, unowned chunks dropped.
+
+A scale (orchestration/pool.py) gives a new shard the table's blueprint (spec, chunking,
+version numbers), freezes the moving ranges on their old shard, exports their chunks
+with every version and the Adam state (recent pushed rows folded in first), imports them
+on the new owner, flips the map, and finally drops what each shard no longer owns.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import numpy as np
+
+from memory_service.errors import FailedPrecondition, shown
+from memory_service.spec import EngramSpec
+from memory_service.store.catalog import Catalog
+from memory_service.store.layout import OPT, ROWS, Databases, chunk_key
+from memory_service.store.ownership import Ownership
+from memory_service.store.snapshots import Snapshots
+from memory_service.store.versions import Versions
+from memory_service.store.write_path import WritePath
+
+_SUFFIX = struct.Struct(">BIII")  # kind, version, layer, chunk: a chunk's key without the table id
+
+
+class ShardMoves:
+    """Export, import and drop the chunks of row ranges that change shards."""
+
+    def __init__(self, dbs: Databases, catalog: Catalog, ownership: Ownership, versions: Versions, writes: WritePath,
+                 snapshots: Snapshots, write_lock: threading.Lock):
+        self.dbs, self.catalog, self.ownership, self.versions = dbs, catalog, ownership, versions
+        self.writes, self.snapshots, self.write_lock = writes, snapshots, write_lock
+
+    def blueprint(self, name: str) -> dict:
+        """What another shard needs to hold this table: spec, compression map, chunking, versions, active."""
+        meta = self.catalog.info(name)
+        cmap = self.catalog.compression_map(name)
+        return {"spec_json": meta.spec.to_json(), "compression_map": None if cmap is None else cmap.tobytes(),
+                "chunk_rows": meta.chunk_rows, "versions": sorted(meta.versions), "active": meta.active}
+
+    def adopt_table(self, name: str, blueprint: dict) -> None:
+        """Create a table with another shard's spec and version numbers but no rows (rows arrive by import_chunks)."""
+        spec = EngramSpec.from_json(blueprint["spec_json"])
+        cmap = None if blueprint["compression_map"] is None else np.frombuffer(blueprint["compression_map"], dtype="<i8")
+        if name not in {m.name for m in self.catalog.list()}:
+            self.versions.create_table(name, spec, cmap, init_std=0.0, chunk_rows=blueprint["chunk_rows"])
+        wanted = set(blueprint["versions"])
+        while max(self.catalog.info(name).versions) < max(wanted):
+            self.versions.create_version(name, init_std=0.0)
+        if self.catalog.info(name).active != blueprint["active"]:
+            self.versions.swap(name, blueprint["active"])
+        for version in sorted(set(self.catalog.info(name).versions) - wanted):
+            self.versions.drop_version(name, version)
+
+    def export_chunks(self, name: str, layer: int, start_row: int, stop_row: int) -> list[tuple[bytes, bytes]]:
+        """Every version's chunks (rows and Adam state) covering rows [start, stop): [(key suffix, value)]."""
+        meta = self.catalog.info(name)
+        with self.write_lock:
+            self.writes.fold_table(meta, layers={layer})  # recent rows into the chunks that travel
+        first, end = start_row // meta.chunk_rows, -(-stop_row // meta.chunk_rows)
+        out = []
+        with self.dbs.env.begin() as txn:
+            for version in meta.versions:
+                for kind in (ROWS, OPT):
+                    for chunk in range(first, end):
+                        value = txn.get(chunk_key(kind, meta.table_id, version, layer, chunk), db=self.dbs.db_of(kind))
+                        if value is not None:
+                            out.append((_SUFFIX.pack(kind, version, layer, chunk), bytes(value)))
+        return out
+
+    def import_chunks(self, name: str, chunks: list[tuple[bytes, bytes]]) -> int:
+        """Store chunks exported by another shard for this table (same version numbers); returns how many."""
+        meta = self.catalog.info(name)
+        with self.write_lock, self.dbs.env.begin(write=True) as txn:
+            for suffix, value in chunks:
+                kind, version, layer, chunk = _SUFFIX.unpack(suffix)
+                if version not in meta.versions:
+                    raise FailedPrecondition(f"version {version} of {shown(name)} does not exist on this shard")
+                txn.put(chunk_key(kind, meta.table_id, version, layer, chunk), value, db=self.dbs.db_of(kind))
+        self.snapshots.committed()
+        return len(chunks)
+
+    def drop_unowned_chunks(self, name: str) -> int:
+        """Delete chunks of rows this shard no longer owns (after a move); returns how many."""
+        meta = self.catalog.info(name)
+        dropped = 0
+        with self.write_lock:  # one hold: no push (ownership is checked under this lock) lands between fold and drop
+            self.writes.fold_table(meta)  # a later fold must not bring dropped chunks back
+            for layer in meta.layer_rows:
+                owned = self.ownership.owned_range(name, layer)
+                if owned is None:
+                    continue
+                keep = range(owned[0] // meta.chunk_rows, -(-owned[1] // meta.chunk_rows))
+                with self.dbs.env.begin(write=True) as txn:
+                    for version in meta.versions:
+                        for kind in (ROWS, OPT):
+                            for chunk in range(meta.num_chunks(layer)):
+                                if chunk not in keep and txn.delete(chunk_key(kind, meta.table_id, version, layer, chunk),
+                                                                    db=self.dbs.db_of(kind)):
+                                    dropped += 1
+            self.snapshots.committed()
+        return dropped
