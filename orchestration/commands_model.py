@@ -79,7 +79,7 @@ def train_on_workers(config, args, log) -> dict:
     job = start_job(dataclasses.asdict(config), args.workers, pool, token_from(args), state=state, stop_after=steps)
     log(f"training on {args.workers} data-parallel workers (pool {pool!r}; scale with: engram workers scale N --pool {pool})")
     try:
-        return follow_job(job, log)
+        return follow_job(job, None if args.no_progress else log)
     finally:
         ray.get(job.stop.remote(), timeout=120)
         ray.kill(job)

@@ -42,7 +42,7 @@ def run_demo(args) -> int:
     started = time.perf_counter()
     own_cluster = args.address is None
     if own_cluster:
-        log(f"[demo] starting a local Ray cluster (Ray token authentication {os.environ['RAY_AUTH_MODE']}; "
+        log(f"[demo] starting a local Ray cluster (Ray authentication mode: {os.environ['RAY_AUTH_MODE']}; "
             "set RAY_AUTH_MODE to choose)")
         ray.init(num_cpus=max(2, args.shards + 1, args.workers + 1), resources={"engram_memory": args.shards},
                  include_dashboard=False, log_to_driver=False, configure_logging=False)

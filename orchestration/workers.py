@@ -47,25 +47,28 @@ def _results_or_lost(refs: list, doing: str) -> list:
 
 def follow_job(job, log=print, poll_s: float = 1.0) -> dict:
     """Wait for a training job's run() while showing rank 0's progress (a line rewritten in place on a terminal,
-    a line every 10% of the steps otherwise); returns the run's summary."""
+    a line every 10% of the steps otherwise; none with log=None); returns the run's summary."""
     import sys
 
     import ray
 
     running = job.run.remote()
-    tty = sys.stderr.isatty()
+    tty = log is not None and sys.stderr.isatty()
     shown_tenth = -1
-    while not ray.wait([running], timeout=poll_s)[0]:
+    while not ray.wait([running], timeout=poll_s)[0]:  # every wait bounded; the run takes as long as it takes
+        if log is None:
+            continue
         progress = ray.get(job.status.remote(), timeout=RAY_TIMEOUT_S)["progress"]
         if not progress:
             continue
         val = f"  val {progress['val_loss']:.3f}" if progress.get("val_loss") is not None else ""
         line = (f"step {progress['step']}/{progress['steps']}  loss {progress['loss']:.3f}{val}  "
                 f"{progress['tokens_per_s']:,.0f} tokens/s")
+        tenth = progress["step"] * 10 // max(progress["steps"], 1)
         if tty:
             print(f"\r[train] {line}   ", end="", file=sys.stderr, flush=True)
-        elif progress["step"] * 10 // max(progress["steps"], 1) > shown_tenth:
-            shown_tenth = progress["step"] * 10 // max(progress["steps"], 1)
+        elif tenth > shown_tenth:
+            shown_tenth = tenth
             log(f"[train] {line}")
     if tty:
         print(file=sys.stderr)

@@ -44,7 +44,7 @@ def test_cluster_up_train_on_two_workers_scale_both_sides_and_down(env, tmp_path
         assert len(json.loads(up.stdout)["shards"]) == 2
         args = ["train", "--preset", "tiny", "--steps", "200", "--batch-size", "4", "--seq-len", "48", "--eval-every", "100",
                 "--data", str(small_corpus), "--tokenizer", str(small_tokenizer), "--memory", "pool:cli", "--table", "t",
-                "--workers", "2", "--out", str(tmp_path / "run"), "--json", "--no-progress"]
+                "--workers", "2", "--out", str(tmp_path / "run"), "--json"]
         train = subprocess.Popen([sys.executable, "-m", "orchestration.cli", *args], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, env=env)
         deadline = time.time() + 300
@@ -61,6 +61,7 @@ def test_cluster_up_train_on_two_workers_scale_both_sides_and_down(env, tmp_path
         assert train.returncode == 0, err
         summary = json.loads(out)
         assert summary["step"] == 200 and summary["workers"] == 1
+        assert re.search(r"\[train\] step \d+/200  loss \d", err), err[-2000:]  # rank 0's progress reached the user
         assert [(e["from"], e["to"]) for e in summary["scaling"]] == [(2, 1)]
         assert summary["val_loss"] < summary["val_loss_start"]
         assert (tmp_path / "run" / "checkpoint").is_dir()

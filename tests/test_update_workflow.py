@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from model_worker.data_parallel import free_port
@@ -90,6 +91,17 @@ def test_snapshot_train_swap_and_roll_back_while_lookups_continue(where, tmp_pat
         wait_for(log, lambda lines: lines and lines[-1].get("version") == 1 and any(x.get("version") == 2 for x in lines))
         stop.touch()
         assert reader.wait(timeout=60) == 0, reader.stderr.read()
+
+        # the rest of the table commands, the same on both
+        assert "t" in [t["name"] for t in json.loads(engram(env, "table", "list", *target, "--json").stdout)]
+        engram(env, "table", "export", *target, "--table", "t", "--layer", 1, "--version", 2, "--out", tmp_path / "v2.npy")
+        exported = np.load(tmp_path / "v2.npy")
+        again = json.loads(engram(env, "query", *target, "--table", "t", "--layer", 1, "--row-ids", "0,7,14", "--version", 2,
+                                  "--full").stdout)
+        np.testing.assert_array_equal(np.asarray(again["rows"], np.float32), exported[[0, 7, 14]])
+        engram(env, "table", "drop", *target, "--table", "t", "--version", 2)
+        info = json.loads(engram(env, "table", "info", *target, "--table", "t", "--json").stdout)
+        assert [v["version"] for v in info["versions"]] == [1] and info["active_version"] == 1
     finally:
         stop.touch()
         if reader is not None and reader.poll() is None:
