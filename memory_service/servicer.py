@@ -40,6 +40,7 @@ from memory_service.store import TableStore
 from memory_service.store.ledger import MAX_REQUEST_ID_BYTES
 from memory_service.table_meta import TableMeta
 from memory_service.wire import (
+    ID_BYTES,
     MAX_PAYLOAD_BYTES,
     RawLookup,
     decode_array,
@@ -206,7 +207,7 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
             meta.check_request(request.layer, request.spec_fingerprint)
         tokens = decode_array(request.token_ids, "<i8", "token_ids")
         shape = tuple(request.shape) or (1, tokens.size)
-        if len(shape) != 2 or shape[0] * shape[1] != tokens.size:
+        if len(shape) != 2 or min(shape) < 0 or shape[0] * shape[1] != tokens.size:
             raise InvalidArgument(f"shape {list(shape)[:4]} does not fit {tokens.size} token ids (give [batch, time])")
         if meta.spec.compressed_vocab_size is None:
             raise FailedPrecondition(f"table {shown(meta.name)} has no compressed vocabulary size in its spec: use Lookup "
@@ -219,8 +220,8 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
                 raise FailedPrecondition(f"table {shown(meta.name)} has no compression map: send compressed ids "
                                          "(compressed=true)", reason="NO_COMPRESSION")
             tokens = compressor(tokens)
-        self._check_size(tokens.size * meta.spec.num_heads, meta.row_nbytes if not request.row_ids_only else 8,
-                         "token lookup response")
+        per_row = ID_BYTES + (0 if request.row_ids_only else meta.row_nbytes)  # every reply carries the row ids
+        self._check_size(tokens.size * meta.spec.num_heads, per_row, "token lookup response")
         row_ids = hasher.row_ids(tokens, layers=(request.layer,))[request.layer]  # [B, T, heads]
         out_shape = [*row_ids.shape, meta.head_dim]
         if request.row_ids_only:

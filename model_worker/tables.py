@@ -1,18 +1,20 @@
 """Where a model's Engram tables live: a TableSource opens them once the model's spec is known.
 
 The trainer and the generator take a TableSource from whoever starts them and never
-look at what it is. Here: the in-process LocalTable and one memory service
-(`grpc://HOST:PORT`, the table created there with the same seeded init when missing).
-A Ray memory pool is opened by orchestration (orchestration/pool_tables.py), which
-hands its own TableSource in: this package imports nothing of orchestration.
+look at what it is: the in-process LocalTable, or a table on the memory service opened
+through a TableAdmin (created there with the same seeded init when missing). This
+module builds the one for `grpc://HOST:PORT`; a Ray memory pool's TableAdmin comes from
+orchestration (orchestration/pool_tables.py): this package imports nothing of it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import numpy as np
 
+from memory_service.admin.table_admin import TableAdmin
 from memory_service.backend import TableBackend
 from memory_service.errors import NotFound
 from memory_service.local_table import LocalTable
@@ -44,34 +46,32 @@ class InProcessTables(TableSource):
         return LocalTable(spec, layer_rows_for_spec(spec), init_std=init_std, init_seed=init_seed)
 
 
-class ServiceTables(TableSource):
-    """A table on one memory service (`engram serve`), read and written through a MemoryClient."""
+class AdminTables(TableSource):
+    """A table on a memory service or a pool, opened through its TableAdmin (and created there when missing)."""
 
-    def __init__(self, address: str, table: str, token: str | None = None, version: int = 0):
-        """version: read and write that version (0: the active one)."""
+    def __init__(self, memory: str, table: str, open_admin: Callable[[], TableAdmin], version: int = 0):
+        """open_admin() -> the TableAdmin of the place (called when the tables are opened); version: read and write
+        that version (0: the active one)."""
         if not table:
-            raise ValueError("a table name is needed with a memory service address")
-        self.memory, self.table, self.token, self.version = address, table, token, version
-        self.description = f"{address}/{table}" + (f" (version {version})" if version else "")
+            raise ValueError(f"a table name is needed with --memory {memory}")
+        self.memory, self.table, self.open_admin, self.version = memory, table, open_admin, version
+        self.description = f"{memory}/{table}" + (f" (version {version})" if version else "")
 
     def open(self, spec: EngramSpec, compression_map: np.ndarray, init_std: float = 1.0, init_seed: int = 0,
              create: bool = True, log=print) -> TableBackend:
         """A MemoryClient of the table (refused when its spec differs from this model's)."""
-        from memory_service.admin import ServiceAdmin
-        from memory_service.client import MemoryClient
-
+        admin = self.open_admin()
         try:
-            return MemoryClient(self.memory, self.table, token=self.token, spec=spec, version=self.version)
-        except NotFound:
-            if not create or self.version:
-                raise
-        log(f"creating table {self.table!r} on {self.memory} (seeded init, std {init_std}, seed {init_seed})")
-        admin = ServiceAdmin(self.memory, token=self.token)
-        try:
+            try:
+                return admin.data_client(self.table, self.version, spec=spec)
+            except NotFound as e:
+                if not create or e.reason != "TABLE_NOT_FOUND":
+                    raise
+            log(f"creating table {self.table!r} on {admin.where} (seeded init, std {init_std}, seed {init_seed})")
             admin.create_table(self.table, spec, compression_map, init_std=init_std, init_seed=init_seed)
+            return admin.data_client(self.table, self.version, spec=spec)
         finally:
             admin.close()
-        return MemoryClient(self.memory, self.table, token=self.token, spec=spec)
 
 
 def table_source(memory: str | None, table: str | None = None, token: str | None = None, version: int = 0) -> TableSource:
@@ -82,5 +82,7 @@ def table_source(memory: str | None, table: str | None = None, token: str | None
         return InProcessTables()
     if memory == "pool" or memory.startswith("pool:"):
         raise ValueError(f"--memory {memory}: a Ray memory pool is opened by orchestration (use the engram command, "
-                         "or pass orchestration.pool_tables.PoolTables)")
-    return ServiceTables(memory, table, token, version)
+                         "or pass orchestration.pool_tables.tables_for(...))")
+    from memory_service.admin import ServiceAdmin
+
+    return AdminTables(memory, table, lambda: ServiceAdmin(memory, token=token), version)

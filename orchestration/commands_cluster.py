@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from orchestration.commands_memory import token_from
 from orchestration.ray_cluster import connect_ray, start_local_head, stop_local_head
-from orchestration.targets import token_from
 
 RAY_CALL_TIMEOUT_S = 120
 
@@ -30,6 +30,8 @@ def cluster(args) -> int:
     ray = connect_ray(args.address)
     if args.action == "status":
         state = MemoryPool.attach(args.pool).state()
+        if state.get("config", {}).get("token"):
+            state["config"]["token"] = "(set)"  # never printed
         print(json.dumps(state, indent=2, default=str))
     elif args.action == "down":
         MemoryPool.attach(args.pool).shutdown()

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from orchestration.commands_memory import token_from
 from orchestration.pool_tables import is_pool, tables_for
-from orchestration.targets import token_from
 
 # Per-preset defaults for `engram train` (flags override them).
 TRAIN_DEFAULTS = {
@@ -22,7 +22,8 @@ def train(args) -> int:
     from model_worker.train import TrainConfig, Trainer, train_config_from_checkpoint
 
     out_dir = args.out or f"runs/{args.preset}"
-    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "lr", "eval_every", "ckpt_every", "seed")}
+    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "lr", "eval_every", "ckpt_every", "seed",
+                                               "version")}
     if args.resume:
         config = train_config_from_checkpoint(Path(out_dir) / "checkpoint", out_dir=out_dir, **overrides)
     else:
@@ -31,7 +32,7 @@ def train(args) -> int:
         values = dict(TRAIN_DEFAULTS[args.preset])
         values.update({k: v for k, v in overrides.items() if v is not None})
         config = TrainConfig(preset=args.preset, out_dir=out_dir, data=args.data, tokenizer=args.tokenizer,
-                             memory=args.memory, table=args.table, version=args.version or 0, prefetch=not args.no_prefetch,
+                             memory=args.memory, table=args.table, prefetch=not args.no_prefetch,
                              mode=args.mode or "sync", **values)
         if (Path(out_dir) / "metrics.jsonl").exists():
             (Path(out_dir) / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
@@ -105,7 +106,8 @@ def generate(args) -> int:
     checkpoint = ckpt.require_checkpoint(args.checkpoint or f"runs/{args.preset}/checkpoint")
     where = ckpt.remote_tables(checkpoint) or {"memory": None, "table": None, "version": 0}
     memory = args.memory or where["memory"]
-    table = where["table"] or (f"engram-{args.preset}" if memory else None)
+    trained = json.loads((checkpoint / ckpt.CONFIG_FILE).read_text())["train"]
+    table = where["table"] or (trained.get("table") or f"engram-{trained['preset']}" if memory else None)
     generator = Generator.from_checkpoint(checkpoint, tables_for(memory, table, token_from(args), where["version"]))
     text = generator.generate(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     print(text)

@@ -14,8 +14,14 @@ class Directory:
 
     def __init__(self):
         self.epoch = 0
+        self.config: dict = {}  # the pool's PoolConfig, for drivers that attach later (a scale starts shards with it)
         self.addresses: list[str] = []
         self.tables: dict[str, dict] = {}  # name -> {"bounds": {layer: [...]}, "active": v, "layer_rows": {...}}
+
+    def set_config(self, config: dict) -> None:
+        """Record the pool's settings (the first driver's; a pool keeps them for its life)."""
+        if not self.config:
+            self.config = dict(config)
 
     def set_shards(self, addresses: list[str]) -> int:
         """Record the shard addresses (index = shard id); bumps the epoch."""
@@ -52,6 +58,11 @@ class Directory:
         if history:
             history.pop()
 
+    def forget_version(self, name: str, version: int) -> None:
+        """A dropped version leaves the swap history (rollback never returns to it)."""
+        table = self.tables[name]
+        table["history"] = [v for v in table.get("history", []) if v != version]
+
     def drop_table(self, name: str) -> None:
         """Forget a table."""
         self.tables.pop(name, None)
@@ -67,4 +78,4 @@ class Directory:
 
     def state(self) -> dict:
         """Everything, for `engram cluster status`."""
-        return {"epoch": self.epoch, "addresses": list(self.addresses), "tables": self.tables}
+        return {"epoch": self.epoch, "addresses": list(self.addresses), "tables": self.tables, "config": self.config}

@@ -102,6 +102,7 @@ class MemoryPool:
                             f"--resources '{{\"{cfg.memory_resource}\": 4}}' (engram cluster up does this locally)")
         self.shards = [self._start_shard(shard, nodes[shard % len(nodes)]["NodeID"]) for shard in range(cfg.num_shards)]
         addresses = ray.get([s.address.remote() for s in self.shards], timeout=RAY_TIMEOUT_S)
+        ray.get(self.directory.set_config.remote(dataclasses.asdict(cfg)), timeout=RAY_TIMEOUT_S)
         state = ray.get(self.directory.state.remote(), timeout=RAY_TIMEOUT_S)
         if state["addresses"] != addresses:
             ray.get(self.directory.set_shards.remote(addresses), timeout=RAY_TIMEOUT_S)
@@ -131,8 +132,11 @@ class MemoryPool:
             pool.directory = ray.get_actor(directory_name(name), namespace=NAMESPACE)
         except ValueError:
             raise PoolError(f"no memory pool named {name!r} runs in this Ray cluster: start one (engram cluster up)") from None
-        addresses = ray.get(pool.directory.state.remote(), timeout=RAY_TIMEOUT_S)["addresses"]
+        state = ray.get(pool.directory.state.remote(), timeout=RAY_TIMEOUT_S)
+        addresses = state["addresses"]
         pool.shards = [ray.get_actor(shard_name(name, i), namespace=NAMESPACE) for i in range(len(addresses))]
+        if state.get("config"):  # the pool's own settings (token, host, stores): shards started by a scale get them too
+            pool.config = dataclasses.replace(PoolConfig(**state["config"]), detached=True)
         pool.config = dataclasses.replace(pool.config, num_shards=len(addresses))
         return pool
 

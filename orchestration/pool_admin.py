@@ -45,9 +45,9 @@ class PoolAdmin(TableAdmin):
     def _directory(self) -> dict:
         return ray_get(self.pool.directory.state.remote())
 
-    def _require(self, table: str) -> dict:
+    def _require(self, table: str, state: dict | None = None) -> dict:
         """The directory's record of a table (NotFound if the pool has none)."""
-        tables = self._directory()["tables"]
+        tables = (state or self._directory())["tables"]
         if table not in tables:
             raise NotFound(f"the {self.where} has no table {shown(table)}", reason="TABLE_NOT_FOUND")
         return tables[table]
@@ -57,11 +57,9 @@ class PoolAdmin(TableAdmin):
         return [self.info(name) for name in sorted(self._directory()["tables"])]
 
     def info(self, table: str) -> TableInfo:
-        """A table as shard 0 holds it, with the directory's active version and swap history."""
+        """A table as shard 0 holds it, with the directory's active version, swap history and shard map."""
         state = self._directory()
-        if table not in state["tables"]:
-            raise NotFound(f"the {self.where} has no table {shown(table)}", reason="TABLE_NOT_FOUND")
-        record = state["tables"][table]
+        record = self._require(table, state)
         meta = TableMeta.from_json(ray_get(self.pool.shards[0].table_meta.remote(table)))
         placement = {"addresses": state["addresses"], "epoch": state["epoch"], "bounds": record["bounds"]}
         return TableInfo.from_meta(meta, active=record["active"], history=record.get("history", []), placement=placement)
@@ -83,6 +81,7 @@ class PoolAdmin(TableAdmin):
             ray_get([s.create_table.remote(table, spec.to_json(), cmap, init_std, init_seed, chunk_rows) for s in self.pool.shards])
         except Exception:
             ray_get(self.pool.directory.drop_table.remote(table))  # a refused table leaves nothing behind
+            self.pool.push_ownership()  # the shards follow the directory's epoch
             ray_get([s.drop_table_if_present.remote(table) for s in self.pool.shards])
             raise
         return self.info(table)
@@ -132,6 +131,7 @@ class PoolAdmin(TableAdmin):
             raise FailedPrecondition(f"version {version} of {shown(table)} is active; swap to another version first",
                                      reason="VERSION_ACTIVE")
         ray_get([s.drop_version.remote(table, version) for s in self.pool.shards])
+        ray_get(self.pool.directory.forget_version.remote(table, version))  # rollback never returns to it
 
     def drop_table(self, table: str) -> None:
         """Delete a table from every shard, then from the directory."""
@@ -140,7 +140,7 @@ class PoolAdmin(TableAdmin):
         ray_get(self.pool.directory.drop_table.remote(table))
         self.pool.push_ownership()
 
-    def data_client(self, table: str, version: int = 0) -> MemoryClient:
+    def data_client(self, table: str, version: int = 0, spec: EngramSpec | None = None) -> MemoryClient:
         """A MemoryClient of the table that follows the directory (pinned to `version` when given)."""
         self._require(table)
-        return self.pool.client(table, token=self.token, deadline_s=self.deadline_s, version=version)
+        return self.pool.client(table, token=self.token, deadline_s=self.deadline_s, version=version, spec=spec)

@@ -146,3 +146,86 @@ def test_scale_2_3_1_while_lookups_and_pushes_continue(ray_cluster, tmp_path):
             np.testing.assert_allclose(final.read_layer(layer), replay.table(layer), atol=1e-6)
     finally:
         pool.shutdown()
+
+
+def _admin_script(admin, spec) -> list:
+    """The same table operations on any TableAdmin; each step's result, or the reason it was refused."""
+    from memory_service.errors import EngramError
+
+    steps = [
+        ("create", lambda: admin.create_table("a", spec, init_std=0.5, chunk_rows=256).active_version),
+        ("create again", lambda: admin.create_table("a", spec)),
+        ("create, bad chunks", lambda: admin.create_table("b", spec, chunk_rows=10)),
+        ("create, nan init", lambda: admin.create_table("b", spec, init_std=float("nan"))),
+        ("copy of active", lambda: admin.create_version("a", copy_of=0)),
+        ("seeded", lambda: admin.create_version("a", init_std=0.25, init_seed=3)),
+        ("empty", lambda: admin.create_version("a")),
+        ("swap 2", lambda: admin.swap("a", 2)),
+        ("swap 3", lambda: admin.swap("a", 3)),
+        ("swap missing", lambda: admin.swap("a", 99)),
+        ("drop active", lambda: admin.drop_version("a", 3)),
+        ("drop 2", lambda: admin.drop_version("a", 2)),
+        ("rollback past a dropped version", lambda: admin.rollback("a")),
+        ("rollback with nothing left", lambda: admin.rollback("a")),
+        ("import, wrong shape", lambda: admin.import_rows("a", 1, np.zeros((3, spec.head_dim), np.float32))),
+        ("versions", lambda: [v.version for v in admin.info("a").versions]),
+        ("import", lambda: admin.import_rows("a", 1, np.full((admin.info("a").layer_rows[1], spec.head_dim), 2.5, np.float32),
+                                             activate=True)),
+        ("export", lambda: float(admin.export_rows("a", 1).mean())),
+        ("export seeded", lambda: round(float(admin.export_rows("a", 1, version=3).std()), 2)),
+        ("info", lambda: (admin.info("a").active_version, admin.info("a").swap_history)),
+        ("list", lambda: [t.name for t in admin.list_tables()]),
+        ("drop table", lambda: admin.drop_table("a")),
+        ("info of a dropped table", lambda: admin.info("a")),
+    ]
+    results = []
+    for name, step in steps:
+        try:
+            results.append((name, step()))
+        except EngramError as e:
+            results.append((name, e.reason))
+    return results
+
+
+def test_a_service_and_a_pool_behave_the_same_through_table_admin(make_pool, tmp_path):
+    from memory_service.admin import ServiceAdmin
+    from memory_service.server import build_server
+    from memory_service.spec import EngramSpec
+    from memory_service.store import TableStore
+
+    spec = EngramSpec(engram_vocab_size=[3001], max_ngram_size=2, n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1])
+    store = TableStore(tmp_path / "service")
+    server, port, _ = build_server(store, token="tok")
+    server.start()
+    try:
+        service = _admin_script(ServiceAdmin(f"127.0.0.1:{port}", token="tok"), spec)
+    finally:
+        server.stop(0)
+        store.close()
+    pool = make_pool(num_shards=2)
+    pooled = _admin_script(PoolAdmin(pool), spec)
+    assert pooled == service
+    assert dict(service)["rollback past a dropped version"] == (1, 3)
+    assert dict(service)["versions"] == [1, 3, 4]  # the refused import left no version behind
+
+
+def test_a_refused_create_leaves_the_pool_usable(make_pool):
+    """The directory and the shards stay at one epoch, so new clients of other tables work at once."""
+    from memory_service.errors import InvalidArgument
+    from memory_service.spec import EngramSpec
+
+    spec = EngramSpec(engram_vocab_size=[3001], max_ngram_size=2, n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1])
+    pool = make_pool(num_shards=2)
+    admin = PoolAdmin(pool)
+    admin.create_table("ok", spec, chunk_rows=256)
+    with pytest.raises(InvalidArgument):
+        admin.create_table("bad", spec, chunk_rows=10)
+    assert pool.tables() == ["ok"]
+    client = pool.client("ok", retry_budget_s=5)
+    assert client.lookup(1, np.arange(100)).shape == (100, spec.head_dim)
+    v2 = admin.create_version("ok")  # zeros
+    admin.swap("ok", v2)
+    old_map = pool.client("ok", retry_budget_s=5)  # holds this epoch's map
+    admin.create_table("other", spec, chunk_rows=256)  # a new epoch: old_map's next request is refused as stale
+    rows, version = old_map.lookup_raw(1, np.arange(50), version=1)  # ... and re-asked for the version it named
+    assert version == 1 and np.abs(rows).sum() > 0

@@ -85,11 +85,11 @@ class ServiceAdmin(TableAdmin):
         """Delete the table with all its versions."""
         self.channels.broadcast("DropTable", pb.DropTableRequest(table=table))
 
-    def data_client(self, table: str, version: int = 0) -> MemoryClient:
+    def data_client(self, table: str, version: int = 0, spec: EngramSpec | None = None) -> MemoryClient:
         """A MemoryClient of the table on the same addresses, with the same token."""
         channels = self.channels
         return MemoryClient(channels.shard_map, table, token=channels.token, deadline_s=channels.deadline_s,
-                            tls_root_cert=channels.tls_root_cert, version=version)
+                            tls_root_cert=channels.tls_root_cert, version=version, spec=spec)
 
     def close(self) -> None:
         """Close the channels."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from memory_service.client import MemoryClient
+from memory_service.errors import InvalidArgument
 from memory_service.spec import EngramSpec
 from memory_service.table_meta import TableMeta
 
@@ -119,8 +120,9 @@ class TableAdmin(ABC):
         """Delete a table with all its versions."""
 
     @abstractmethod
-    def data_client(self, table: str, version: int = 0) -> MemoryClient:
-        """A data-plane client of a table (pinned to `version`, 0: the active one); the caller closes it."""
+    def data_client(self, table: str, version: int = 0, spec: EngramSpec | None = None) -> MemoryClient:
+        """A data-plane client of a table (pinned to `version`, 0: the active one; refused when the table's spec is not
+        `spec`, if given); the caller closes it."""
 
     def close(self) -> None:
         """Release connections (no-op by default)."""
@@ -129,16 +131,24 @@ class TableAdmin(ABC):
     def import_rows(self, table: str, layer: int, rows, version: int = 0, activate: bool = False) -> int:
         """Write a whole layer's rows [num_rows, head_dim] into `version` (0: a new copy of the active one, so the other
         layers stay); returns the version written, made active with activate=True."""
-        if not version:
+        info = self.info(table)
+        if layer not in info.layer_rows:
+            raise InvalidArgument(f"table {table!r} has no layer {layer}; its layers are {sorted(info.layer_rows)}")
+        expected = (info.layer_rows[layer], info.head_dim)
+        if tuple(rows.shape) != expected:
+            raise InvalidArgument(f"the rows are {list(rows.shape)}, layer {layer} of {table!r} needs {list(expected)}")
+        new = not version
+        if new:
             version = self.create_version(table, copy_of=0)
         client = self.data_client(table, version)
         try:
-            expected = (client.num_rows(layer), client.spec.head_dim)
-            if tuple(rows.shape) != expected:
-                raise ValueError(f"the rows are {list(rows.shape)}, layer {layer} of {table!r} needs {list(expected)}")
             for start in range(0, rows.shape[0], IMPORT_BLOCK_ROWS):
                 block = np.asarray(rows[start:start + IMPORT_BLOCK_ROWS]).astype(client.dtype)
                 client.write_rows(layer, np.arange(start, start + block.shape[0]), block)
+        except BaseException:
+            if new:  # a refused import leaves no half-written version behind
+                self.drop_version(table, version)
+            raise
         finally:
             client.close()
         if activate:

@@ -85,6 +85,7 @@ class MemoryClient(TableBackend):
 
     def _plan(self, layer: int, sorted_ids: np.ndarray, item_nbytes: int) -> list[tuple[int, int, int]]:
         """(shard, start, stop) contiguous parts of sorted ids, each message under the payload limit."""
+        item_nbytes = max(item_nbytes, ID_BYTES)  # a request carries 8 bytes per id whatever the reply's rows weigh
         return self.shard_map.plan(layer, sorted_ids, max(1, self.max_payload_bytes // item_nbytes))
 
     # ------------------------------------------------------------------ lookups
@@ -103,12 +104,12 @@ class MemoryClient(TableBackend):
         return self.channels.with_fresh_map(lambda: self._start_lookup(layer_id, unique_ids, version, out))
 
     def _start_lookup(self, layer_id: int, unique_ids: np.ndarray, version: int, out: np.ndarray | None) -> "PendingLookup":
-        version = version or self.version_pin
+        requested, version = version, version or self.version_pin
         if out is None or out.shape != (unique_ids.size, self.spec.head_dim) or out.dtype != self.dtype:
             out = np.empty((unique_ids.size, self.spec.head_dim), dtype=self.dtype)
         parts = self._plan(layer_id, unique_ids, self.row_nbytes) if unique_ids.size else []
         calls = self._lookup_calls(layer_id, unique_ids, parts, version)
-        return PendingLookup(self, layer_id, unique_ids, parts, calls, self.channels.send(calls), out, version)
+        return PendingLookup(self, layer_id, unique_ids, parts, calls, self.channels.send(calls), out, version, requested)
 
     def _lookup_calls(self, layer_id: int, unique: np.ndarray, parts, version: int) -> list:
         return [(shard, "Lookup", pb.LookupRequest(
@@ -203,7 +204,8 @@ class MemoryClient(TableBackend):
             batch = dedup.result()
             return self.lookup_unique_async(layer_id, batch.unique, requested, out[:batch.unique.size]), batch
         batch = dedup.result()
-        pending = PendingLookup(self, layer_id, batch.unique, parts, calls, futures, out[:batch.unique.size], version)
+        pending = PendingLookup(self, layer_id, batch.unique, parts, calls, futures, out[:batch.unique.size], version,
+                                requested)
         return pending, batch
 
     def lookup(self, layer_id: int, row_ids: np.ndarray) -> np.ndarray:
@@ -217,11 +219,10 @@ class MemoryClient(TableBackend):
         With several shards, the first one hashes (row ids only) and the rows are looked up by shard.
         """
         tokens = np.atleast_2d(np.asarray(token_ids, dtype=np.int64))
-        version = version or self.version_pin
         sharded = self.shard_map.num_shards > 1
         reply = self.channels.call(0, "LookupTokens", pb.LookupTokensRequest(
             table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, token_ids=encode_ids(tokens),
-            shape=list(tokens.shape), compressed=compressed, version=version, row_ids_only=sharded))
+            shape=list(tokens.shape), compressed=compressed, version=version or self.version, row_ids_only=sharded))
         row_ids = decode_array(reply.row_ids, "<i8", "row_ids").reshape(tuple(reply.shape)[:3])
         if sharded:
             rows, served = self.lookup_raw(layer_id, row_ids.reshape(-1), version)
@@ -278,7 +279,7 @@ class MemoryClient(TableBackend):
         if values.shape != (ids.size, self.spec.head_dim):
             raise InvalidArgument(f"rows must be [{ids.size}, {self.spec.head_dim}], got {list(values.shape)}")
         ids, values = _sorted(ids, values.astype(self.dtype, copy=False))
-        version = version or self.version_pin
+        version = version or self.version  # 0: each shard's active one (writes carry no epoch to refresh a pin by)
         calls = [(shard, "WriteRows", pb.WriteRowsRequest(
             table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, version=version,
             row_ids=encode_ids(ids[a:b]), rows=np.ascontiguousarray(values[a:b]).tobytes(), dtype=dtype_enum(self.dtype),
@@ -305,10 +306,12 @@ def _sorted(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray
 class PendingLookup:
     """A lookup whose parts are in flight; result() waits for them (and re-fetches after a mid-batch swap)."""
 
-    def __init__(self, client: MemoryClient, layer_id: int, unique: np.ndarray, parts, calls, futures, out: np.ndarray, version: int):
+    def __init__(self, client: MemoryClient, layer_id: int, unique: np.ndarray, parts, calls, futures, out: np.ndarray,
+                 version: int, requested: int = 0):
+        """version: the version every part names; requested: the one the caller asked for (0: the active one)."""
         self._client, self._layer, self._unique = client, layer_id, unique
         self._parts, self._calls, self._futures = parts, calls, futures
-        self._out, self._version = out, version
+        self._out, self._version, self._requested = out, version, requested
         self._result: tuple[np.ndarray, int] | None = None
 
     def result(self) -> tuple[np.ndarray, int]:
@@ -321,8 +324,8 @@ class PendingLookup:
                 if client.channels.map_provider is None:
                     raise
                 client.channels.refresh_map()  # the map moved on (rescale, swap): ask again under the new one
-                self._result = client.channels.with_fresh_map(  # 0: the client's own version, else the new active one
-                    lambda: client.lookup_unique(self._layer, self._unique, 0, self._out))
+                self._result = client.channels.with_fresh_map(  # what was asked for; 0 follows the new active version
+                    lambda: client.lookup_unique(self._layer, self._unique, self._requested, self._out))
                 return self._result
             target = self._version or max(served, default=0)
             stale = [part for part, v in zip(self._parts, served) if v != target]
