@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memory_service.client import MemoryClient
-from memory_service.errors import NotFound, shown
+from memory_service.errors import FailedPrecondition, NotFound, shown
 from memory_service.shard_map import ShardMap
 from orchestration.directory import Directory
 from orchestration.shard import ShardServer
@@ -37,8 +37,10 @@ def shard_name(pool: str, shard: int) -> str:
     """Ray actor name of a pool's shard."""
     return f"engram-{pool}-shard-{shard}"
 
-class PoolError(RuntimeError):
-    """The pool could not be started or changed."""
+class PoolError(FailedPrecondition):
+    """The pool could not be started or changed (no Ray, no memory nodes): a user's setup to fix, said in one line."""
+
+    reason = "POOL_UNAVAILABLE"
 
 @dataclass(frozen=True, kw_only=True)
 class PoolConfig:
@@ -131,7 +133,8 @@ class MemoryPool:
         try:
             pool.directory = ray.get_actor(directory_name(name), namespace=NAMESPACE)
         except ValueError:
-            raise PoolError(f"no memory pool named {name!r} runs in this Ray cluster: start one (engram cluster up)") from None
+            raise NotFound(f"no memory pool named {name!r} runs in this Ray cluster: start one (engram cluster up)",
+                           reason="POOL_NOT_FOUND") from None
         state = ray.get(pool.directory.state.remote(), timeout=RAY_TIMEOUT_S)
         addresses = state["addresses"]
         pool.shards = [ray.get_actor(shard_name(name, i), namespace=NAMESPACE) for i in range(len(addresses))]

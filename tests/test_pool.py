@@ -229,3 +229,11 @@ def test_a_refused_create_leaves_the_pool_usable(make_pool):
     admin.create_table("other", spec, chunk_rows=256)  # a new epoch: old_map's next request is refused as stale
     rows, version = old_map.lookup_raw(1, np.arange(50), version=1)  # ... and re-asked for the version it named
     assert version == 1 and np.abs(rows).sum() > 0
+
+
+def test_a_missing_pool_is_a_clear_error(ray_cluster):
+    from memory_service.errors import NotFound
+
+    with pytest.raises(NotFound, match="no memory pool named 'nowhere'") as e:
+        MemoryPool.attach("nowhere")
+    assert e.value.reason == "POOL_NOT_FOUND"
