@@ -36,6 +36,11 @@ class RowAdamConfig:
 MAX_LEARNING_RATE = 1e3
 
 
+def record_dtype(head_dim: int) -> np.dtype:
+    """A row's optimizer record as stored: Adam m, v (float32 [head_dim] each) and the row's step count."""
+    return np.dtype([("m", "<f4", (head_dim,)), ("v", "<f4", (head_dim,)), ("step", "<i8")])
+
+
 def check_learning_rate(lr: float) -> float:
     """A learning rate in [0, MAX_LEARNING_RATE] (InvalidArgument otherwise)."""
     if not math.isfinite(lr) or not 0 <= lr <= MAX_LEARNING_RATE:

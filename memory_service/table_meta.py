@@ -16,11 +16,30 @@ import numpy as np
 
 from memory_service.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from memory_service.hashing import head_sizes_for_spec
+from memory_service.row_optim import record_dtype
 from memory_service.spec import EngramSpec
 
 TABLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEFAULT_CHUNK_ROWS = 4096  # rows per stored chunk (one LMDB value) unless a table says otherwise
 META_PREFIX = b"table:"  # key prefix of table metadata in a store's meta database
+PAGE_BYTES = 4096  # LMDB's page: a value larger than half a page lives in whole pages of its own
+OVERFLOW_HEADER_BYTES = 16  # LMDB's header in front of such a value
+
+
+def records_per_chunk(record_nbytes: int, min_fill: float = 0.85, max_pages: int = 4) -> int:
+    """Records per optimizer chunk: the fewest pages (up to max_pages) that records fill to min_fill, so a push
+    that touches one row writes about one page of state, not a whole 4096-row chunk."""
+    best, best_fill = 1, 0.0
+    for pages in range(1, max_pages + 1):
+        count = (pages * PAGE_BYTES - OVERFLOW_HEADER_BYTES) // record_nbytes
+        if count < 1:
+            continue
+        fill = count * record_nbytes / (pages * PAGE_BYTES)
+        if fill >= min_fill:
+            return count
+        if fill > best_fill:
+            best, best_fill = count, fill
+    return best
 
 
 def check_table_name(name: str) -> str:
@@ -55,6 +74,7 @@ class TableMeta:
     history: list[int] = field(default_factory=list)  # earlier active versions, newest last
     next_version: int = 1
     has_compression: bool = False
+    opt_chunk_rows: int = 0  # rows per optimizer-state chunk (0: chunk_rows, the layout of tables made before it)
 
     @property
     def dtype(self) -> np.dtype:
@@ -74,6 +94,20 @@ class TableMeta:
     def num_chunks(self, layer: int) -> int:
         """Chunks of a layer's table (the last one padded to chunk_rows)."""
         return -(-self.layer_rows[layer] // self.chunk_rows)
+
+    @property
+    def opt_record(self) -> np.dtype:
+        """The optimizer record of one row."""
+        return record_dtype(self.head_dim)
+
+    @property
+    def opt_rows(self) -> int:
+        """Rows per optimizer-state chunk."""
+        return self.opt_chunk_rows or self.chunk_rows
+
+    def num_opt_chunks(self, layer: int) -> int:
+        """Optimizer-state chunks of a layer."""
+        return -(-self.layer_rows[layer] // self.opt_rows)
 
     def resolve_version(self, version: int) -> int:
         """0 -> the active version; otherwise the version itself, which must exist (NotFound)."""
@@ -108,6 +142,7 @@ class TableMeta:
             "chunk_rows": self.chunk_rows, "layer_rows": {str(k): v for k, v in self.layer_rows.items()},
             "active": self.active, "versions": {str(k): v for k, v in self.versions.items()},
             "history": self.history, "next_version": self.next_version, "has_compression": self.has_compression,
+            "opt_chunk_rows": self.opt_chunk_rows,
         }, sort_keys=True).encode()
 
     @classmethod
@@ -118,5 +153,5 @@ class TableMeta:
             name=d["name"], table_id=d["table_id"], spec=EngramSpec.from_dict(d["spec"]), chunk_rows=d["chunk_rows"],
             layer_rows={int(k): v for k, v in d["layer_rows"].items()}, active=d["active"],
             versions={int(k): v for k, v in d["versions"].items()}, history=list(d["history"]),
-            next_version=d["next_version"], has_compression=d["has_compression"],
+            next_version=d["next_version"], has_compression=d["has_compression"], opt_chunk_rows=d.get("opt_chunk_rows", 0),
         )

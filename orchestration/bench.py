@@ -7,7 +7,6 @@ timed in the same process right beside it, after a warm-up; absolute numbers dri
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -197,73 +196,6 @@ def bench_lookup(num_rows: int = 1 << 24, dim: int = 64, dtype: str = "float16",
     return {"table_rows": rows_in_table, "dim": dim, "dtype": dtype, "batch": batch, "rounds": repeats,
             "native_kernels": native.available(), "results": results,
             "server_rows_served": stats.get("rows_served", 0.0), "lines": lines}
-
-
-# ---------------------------------------------------------------------- gradient pushes
-def bench_push(num_rows: int = 1 << 20, dim: int = 64, dtype: str = "float16", push_rows: int = 5400, pushes: int = 30,
-               log=print) -> dict:
-    """Row-wise Adam pushes: held as segments and folded in batches vs written into the chunks at every push.
-
-    Two stores get the same table and the same pushes, taking turns. The baseline is the
-    same store with max_delta_rows=0: every push is folded at once, i.e. each touched
-    4096-row chunk (rows and Adam records) is rewritten per push, as writing in place does.
-    Warm-up runs until the first fold (which also writes the Adam chunks for the first
-    time); timed pushes include the later folds; both stores must end with identical rows.
-    """
-    import os
-    import shutil
-    import tempfile
-
-    from memory_service.spec import EngramSpec
-    from memory_service.store import TableStore
-
-    spec = EngramSpec(engram_vocab_size=(num_rows,), max_ngram_size=2, n_embed_per_ngram=dim, n_head_per_ngram=1,
-                      layer_ids=(0,), pad_id=0, dtype=dtype)
-    root = tempfile.mkdtemp(prefix="engram-bench-push-")
-    stores = {"held": TableStore(Path(root) / "held"), "in_place": TableStore(Path(root) / "in_place", max_delta_rows=0)}
-    try:
-        log(f"creating two {num_rows:,} x {dim} {dtype} tables ...")
-        for store in stores.values():
-            store.create_table("t", spec, init_std=1.0, init_seed=0)
-        rows = stores["held"].table_info("t").layer_rows[0]
-        rng = np.random.default_rng(0)
-        times = {name: [] for name in stores}
-        touched, warm_up, step = [], 0, 0
-        while len(times["held"]) < pushes:
-            ids = np.unique(rng.integers(0, rows, push_rows))
-            grads = rng.standard_normal((ids.size, spec.head_dim)).astype(np.float32)
-            touched.append(ids)
-            timed = stores["held"].counters["folds"] > 0 or warm_up >= 200  # warm-up: until the first fold has
-            for name in (list(stores) if step % 2 else list(stores)[::-1]):  # written the Adam chunks; alternate order
-                started = time.perf_counter()
-                stores[name].apply_gradients("t", 0, ids, grads, lr=0.01)
-                if timed:
-                    times[name].append(time.perf_counter() - started)
-            warm_up += not timed
-            step += 1
-        union = np.unique(np.concatenate(touched))
-        identical = bool(np.array_equal(stores["held"].lookup("t", 0, union)[0], stores["in_place"].lookup("t", 0, union)[0]))
-        sizes = {name: os.path.getsize(Path(root) / name / "data.mdb") for name in stores}
-        folds = {name: int(store.counters["folds"]) for name, store in stores.items()}
-    finally:
-        for store in stores.values():
-            store.close()
-        shutil.rmtree(root, ignore_errors=True)
-    mean = {name: float(np.mean(t)) for name, t in times.items()}
-    median = {name: float(np.median(t)) for name, t in times.items()}
-    result = {"table_rows": rows, "dim": dim, "dtype": dtype, "push_rows": push_rows, "pushes": pushes, "warm_up": warm_up,
-              "mean_ms": {k: v * 1e3 for k, v in mean.items()}, "median_ms": {k: v * 1e3 for k, v in median.items()},
-              "speedup_mean": mean["in_place"] / mean["held"], "folds": folds, "file_bytes": sizes, "identical": identical}
-    result["lines"] = [
-        f"push bench: {rows:,} x {dim} {dtype} rows, {pushes} pushes of ~{push_rows:,} rows (row-wise Adam), taking turns, "
-        f"after {warm_up} warm-up pushes (until the first fold)",
-        f"  held + folded   mean {mean['held'] * 1e3:8.1f} ms   median {median['held'] * 1e3:8.1f} ms   "
-        f"{folds['held']} folds   file {sizes['held'] / 2**20:,.0f} MiB",
-        f"  in place        mean {mean['in_place'] * 1e3:8.1f} ms   median {median['in_place'] * 1e3:8.1f} ms   "
-        f"(every push folded)   file {sizes['in_place'] / 2**20:,.0f} MiB",
-        f"  held / in place speed (means, folds included): {result['speedup_mean']:.2f}x   identical rows: {identical}",
-    ]
-    return result
 
 
 # ---------------------------------------------------------------------- training step

@@ -22,7 +22,7 @@ from memory_service.errors import EngramError
 BENCH_DEFAULTS = {
     "hash": {"repeats": 5},
     "lookup": {"rows": 1 << 24, "batch": 262144, "repeats": 15},
-    "push": {"rows": 1 << 20, "batch": 5400, "repeats": 30},
+    "push": {"rows": 1 << 23, "batch": 5400, "repeats": 30},
 }
 
 
@@ -39,7 +39,9 @@ def _bench(args) -> int:
     if args.what == "hash":
         result = bench.bench_hash(args.tokens, args.repeats)
     elif args.what == "push":
-        result = bench.bench_push(args.rows, args.dim, args.dtype, args.batch, args.repeats, log=log)
+        from orchestration.bench_push import bench_push
+
+        result = bench_push(args.rows, args.dim, args.dtype, args.batch, args.repeats, log=log)
     elif args.what == "step":
         result = bench.bench_step(args.preset, args.steps)
     else:
@@ -250,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="small", help="step: model preset")
     p.add_argument("--steps", type=int, default=12, help="step: timed steps per mode")
     p.add_argument("--tokens", type=int, default=262144, help="hash: tokens")
-    p.add_argument("--rows", type=int, help="lookup, push: rows of the table's layer (default: lookup 2^24, push 2^20)")
+    p.add_argument("--rows", type=int, help="lookup, push: rows of the table's layer (default: lookup 2^24, push 2^23, "
+                   "timed against 2^20)")
     p.add_argument("--dim", type=int, default=64, help="lookup: row width")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--batch", type=int, help="lookup: ids per batch (default 262144); push: rows per push (default 5400)")

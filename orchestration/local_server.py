@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 # glibc settings that keep big reply buffers mapped (see memory_service/malloc_tuning.py)
 SERVER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
@@ -16,9 +17,12 @@ def start_server(path: str, token: str | None = None, port: int = 0, timeout_s: 
     cmd = [sys.executable, "-m", "orchestration.cli", "serve", "--path", str(path), "--port", str(port), *extra_args]
     if token:
         cmd += ["--token", token]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **SERVER_ENV})
+    log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads would fill and stop the server
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **SERVER_ENV})
     line = proc.stdout.readline()
     if " on " not in line:
         proc.kill()
-        raise RuntimeError(f"engram serve did not start: {line}{proc.stderr.read()}")
+        proc.wait()
+        log.seek(0)
+        raise RuntimeError(f"engram serve did not start: {line}{log.read()}")
     return proc, line.split(" on ", 1)[1].split()[0]

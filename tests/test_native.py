@@ -130,10 +130,10 @@ def test_partwise_dedup_equals_dedup_ids(name, ids, piece):
 @needs_native
 def test_row_delta_merge_is_the_same_natively_and_in_numpy(monkeypatch):
     from memory_service.row_delta import RowDelta
-    from memory_service.store import opt_dtype
+    from memory_service.row_optim import record_dtype
 
     rng = np.random.default_rng(3)
-    record = opt_dtype(8)
+    record = record_dtype(8)
 
     def run():
         delta = RowDelta.empty(8, np.float16, record, num_chunks=40, chunk_rows=256)

@@ -4,15 +4,18 @@
               b"next_table_id"      -> u32, big-endian
               b"shard_state"        -> JSON {"epoch", "owned": {table: {layer: [lo, hi]}}} (a shard of a pool)
     rows      (ROWS, table, version, layer, chunk) -> chunk_rows x head_dim raw rows (table dtype, little-endian)
-    opt       (OPT, table, version, layer, chunk)  -> chunk_rows Adam records (opt_dtype); absent = zeros
+    opt       (OPT, table, version, layer, chunk)  -> opt_rows optimizer records (about a page); absent = zeros
     delta     (DELTA, table, version, layer, seq)  -> one gradient push: count, ids, rows, Adam records
     maps      table id (u32, big-endian) -> int64 compression map (for token lookups)
     requests  b"req:" + request id -> (version u64, unix time f64): writes already applied
 
 Keys are big-endian (kind u8, table u32, version u32, layer u32, chunk u32), so one
-(table, version, layer) is one contiguous key range. Chunk values are larger than a
-page: LMDB keeps each in contiguous overflow pages of its memory map, which is what lets
-a lookup gather rows straight out of the map (snapshots.py).
+(table, version, layer) is one contiguous key range. Chunk values are larger than half a
+page: LMDB keeps each in whole overflow pages of its memory map, which never move while
+the value exists. That is what lets a lookup gather rows straight out of the map
+(snapshots.py) and a fold write pushed rows into them in place (write_path.py, mapped.py).
+Row chunks hold `chunk_rows` rows (4096 by default); optimizer chunks hold `opt_rows`
+records, sized to about a page so a push writes about a page of state per row.
 """
 
 from __future__ import annotations
@@ -31,11 +34,6 @@ PAGE_BYTES = 4096
 ROWS, OPT, DELTA = 1, 2, 3  # key kinds
 _KEY = struct.Struct(">BIIII")  # kind, table id, version, layer, chunk (or segment sequence number)
 _TABLE_ID = struct.Struct(">I")
-
-
-def opt_dtype(head_dim: int) -> np.dtype:
-    """Per-row optimizer record: Adam m, v and the row's step count."""
-    return np.dtype([("m", "<f4", (head_dim,)), ("v", "<f4", (head_dim,)), ("step", "<i8")])
 
 
 def chunk_key(kind: int, table_id: int, version: int, layer: int, chunk: int) -> bytes:

@@ -16,11 +16,12 @@ import numpy as np
 from memory_service.errors import FailedPrecondition, shown
 from memory_service.spec import EngramSpec
 from memory_service.store.catalog import Catalog
-from memory_service.store.layout import OPT, ROWS, Databases, chunk_key
+from memory_service.store.layout import OPT, ROWS, Databases, chunk_key, parse_key, prefix_items
 from memory_service.store.ownership import Ownership
 from memory_service.store.snapshots import Snapshots
 from memory_service.store.versions import Versions
 from memory_service.store.write_path import WritePath
+from memory_service.table_meta import TableMeta
 
 _SUFFIX = struct.Struct(">BIII")  # kind, version, layer, chunk: a chunk's key without the table id
 
@@ -54,51 +55,83 @@ class ShardMoves:
         for version in sorted(set(self.catalog.info(name).versions) - wanted):
             self.versions.drop_version(name, version)
 
+    def _chunk_range(self, meta: TableMeta, kind: int, start_row: int, stop_row: int) -> tuple[int, int]:
+        """Chunks [first, end) of a kind holding rows [start_row, stop_row)."""
+        rows = meta.chunk_rows if kind == ROWS else meta.opt_rows
+        return start_row // rows, -(-stop_row // rows)
+
     def export_chunks(self, name: str, layer: int, start_row: int, stop_row: int) -> list[tuple[bytes, bytes]]:
-        """Every version's chunks (rows and Adam state) covering rows [start, stop): [(key suffix, value)]."""
+        """Every version's chunks (rows and optimizer state) holding rows [start, stop): [(key suffix, value)]."""
         meta = self.catalog.info(name)
         with self.write_lock:
             self.writes.fold_table(meta, layers={layer})  # recent rows into the chunks that travel
-        first, end = start_row // meta.chunk_rows, -(-stop_row // meta.chunk_rows)
         out = []
         with self.dbs.env.begin() as txn:
             for version in meta.versions:
                 for kind in (ROWS, OPT):
-                    for chunk in range(first, end):
-                        value = txn.get(chunk_key(kind, meta.table_id, version, layer, chunk), db=self.dbs.db_of(kind))
-                        if value is not None:
+                    first, end = self._chunk_range(meta, kind, start_row, stop_row)
+                    for key, value in prefix_items(txn, self.dbs.db_of(kind), kind, meta.table_id, version, layer):
+                        chunk = parse_key(key)[4]
+                        if first <= chunk < end:
                             out.append((_SUFFIX.pack(kind, version, layer, chunk), bytes(value)))
         return out
 
-    def import_chunks(self, name: str, chunks: list[tuple[bytes, bytes]]) -> int:
-        """Store chunks exported by another shard for this table (same version numbers); returns how many."""
+    def import_chunks(self, name: str, chunks: list[tuple[bytes, bytes]], start_row: int, stop_row: int) -> int:
+        """Store chunks another shard exported for rows [start_row, stop_row) of this table (same version numbers).
+
+        Row chunks are whole (shard ranges are cut at chunk boundaries). An optimizer chunk may
+        also hold rows this shard keeps: only the records of rows in the range are taken from it.
+        """
         meta = self.catalog.info(name)
-        with self.write_lock, self.dbs.env.begin(write=True) as txn:
-            for suffix, value in chunks:
-                kind, version, layer, chunk = _SUFFIX.unpack(suffix)
-                if version not in meta.versions:
-                    raise FailedPrecondition(f"version {version} of {shown(name)} does not exist on this shard")
-                txn.put(chunk_key(kind, meta.table_id, version, layer, chunk), value, db=self.dbs.db_of(kind))
-        self.snapshots.committed()
+        restructured = set()
+        with self.write_lock:
+            self.writes.fold_table(meta)  # nothing recent may be laid over the chunks that arrive
+            with self.dbs.env.begin(write=True) as txn:
+                for suffix, value in chunks:
+                    kind, version, layer, chunk = _SUFFIX.unpack(suffix)
+                    if version not in meta.versions:
+                        raise FailedPrecondition(f"version {version} of {shown(name)} does not exist on this shard")
+                    key = chunk_key(kind, meta.table_id, version, layer, chunk)
+                    if kind == OPT:
+                        value = self._merged_records(txn, meta, key, chunk, value, start_row, stop_row)
+                    txn.put(key, value, db=self.dbs.db_of(kind))
+                    restructured.add((meta.table_id, version, layer))
+            for table_id, version, layer in restructured:
+                self.writes.state.forget(table_id, {version}, {layer})
+            self.snapshots.committed(restructured)
         return len(chunks)
 
+    def _merged_records(self, txn, meta: TableMeta, key: bytes, chunk: int, incoming: bytes, start_row: int,
+                        stop_row: int) -> bytes:
+        """This shard's optimizer chunk with the incoming records of rows in [start_row, stop_row) written in."""
+        nbytes, rows = meta.opt_record.itemsize, meta.opt_rows
+        current = txn.get(key, db=self.dbs.opt)
+        merged = np.zeros(rows * nbytes, dtype=np.uint8) if current is None else np.frombuffer(current, np.uint8).copy()
+        lo, hi = max(start_row, chunk * rows) - chunk * rows, min(stop_row, (chunk + 1) * rows) - chunk * rows
+        merged[lo * nbytes:hi * nbytes] = np.frombuffer(incoming, np.uint8)[lo * nbytes:hi * nbytes]
+        return merged.tobytes()
+
     def drop_unowned_chunks(self, name: str) -> int:
-        """Delete chunks of rows this shard no longer owns (after a move); returns how many."""
+        """Delete chunks holding no row this shard owns (after a move); returns how many."""
         meta = self.catalog.info(name)
-        dropped = 0
+        dropped, restructured = 0, set()
         with self.write_lock:  # one hold: no push (ownership is checked under this lock) lands between fold and drop
             self.writes.fold_table(meta)  # a later fold must not bring dropped chunks back
             for layer in meta.layer_rows:
                 owned = self.ownership.owned_range(name, layer)
                 if owned is None:
                     continue
-                keep = range(owned[0] // meta.chunk_rows, -(-owned[1] // meta.chunk_rows))
                 with self.dbs.env.begin(write=True) as txn:
                     for version in meta.versions:
                         for kind in (ROWS, OPT):
-                            for chunk in range(meta.num_chunks(layer)):
-                                if chunk not in keep and txn.delete(chunk_key(kind, meta.table_id, version, layer, chunk),
-                                                                    db=self.dbs.db_of(kind)):
-                                    dropped += 1
-            self.snapshots.committed()
+                            first, end = self._chunk_range(meta, kind, *owned)
+                            db = self.dbs.db_of(kind)
+                            doomed = [bytes(key) for key, _ in prefix_items(txn, db, kind, meta.table_id, version, layer)
+                                      if not first <= parse_key(key)[4] < end]
+                            for key in doomed:
+                                txn.delete(key, db=db)
+                            dropped += len(doomed)
+                        restructured.add((meta.table_id, version, layer))
+                self.writes.state.forget(meta.table_id, layers={layer})
+            self.snapshots.committed(restructured)
         return dropped

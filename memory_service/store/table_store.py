@@ -25,9 +25,11 @@ from memory_service.errors import InvalidArgument, ResourceExhausted
 from memory_service.row_optim import RowAdamConfig
 from memory_service.spec import EngramSpec
 from memory_service.store.catalog import Catalog
-from memory_service.store.layout import DEFAULT_MAP_SIZE, OPT, PAGE_BYTES, ROWS, open_databases, opt_dtype, prefix_items
+from memory_service.store.layout import DEFAULT_MAP_SIZE, PAGE_BYTES, ROWS, open_databases, prefix_items
 from memory_service.store.ledger import RequestLedger
+from memory_service.store.mapped import WritableMap
 from memory_service.store.migration import ShardMoves
+from memory_service.store.optimizer_state import OptimizerState
 from memory_service.store.ownership import Ownership
 from memory_service.store.snapshots import Snapshots
 from memory_service.store.versions import Versions
@@ -50,8 +52,10 @@ class TableStore:
         self.ownership = Ownership(self.dbs, self._write_lock)
         self.ledger = RequestLedger(self.dbs)
         self.snapshots = Snapshots(self.dbs)
-        self.writes = WritePath(self.dbs, self.catalog, self.ownership, self.ledger, self.snapshots, self._write_lock,
-                                optimizer or RowAdamConfig(), max_delta_rows, self.counters)
+        self.mapped = WritableMap(self.path, map_size)
+        self.state = OptimizerState(self.dbs, self.mapped)
+        self.writes = WritePath(self.dbs, self.catalog, self.ownership, self.ledger, self.snapshots, self.state, self.mapped,
+                                self._write_lock, optimizer or RowAdamConfig(), max_delta_rows, self.counters)
         self.versions = Versions(self.dbs, self.catalog, self.ownership, self.snapshots, self.writes, self._write_lock,
                                  chunk_rows)
         self.moves = ShardMoves(self.dbs, self.catalog, self.ownership, self.versions, self.writes, self.snapshots,
@@ -141,15 +145,10 @@ class TableStore:
 
     def optimizer_state(self, name: str, layer: int, row_ids, version: int = 0) -> np.ndarray:
         """Adam records (m, v, step) of rows (for tests and export)."""
-        snap = self.snapshots.acquire()
-        try:
-            meta = snap.meta(name)
+        with self._write_lock, self.dbs.env.begin(buffers=True) as txn:
+            meta = self.catalog.read(txn, name)
             ids = check_row_ids(row_ids, meta.check_request(layer, None), layer)
-            out = np.zeros(ids.size, dtype=opt_dtype(meta.head_dim))
-            snap.gather(meta, meta.resolve_version(version), layer, ids, out, kind=OPT)
-            return out
-        finally:
-            self.snapshots.release(snap)
+            return self.writes.records(meta, meta.resolve_version(version), layer, ids, txn)
 
     # ------------------------------------------------------------------ writes (write_path.py, ledger.py)
     def write_rows(self, name: str, layer: int, row_ids, rows, version: int = 0, fingerprint: str | None = None,
@@ -203,9 +202,9 @@ class TableStore:
         """Every version's chunks (rows and Adam state) covering rows [start, stop)."""
         return self.moves.export_chunks(name, layer, start_row, stop_row)
 
-    def import_chunks(self, name: str, chunks: list[tuple[bytes, bytes]]) -> int:
-        """Store chunks exported by another shard; returns how many."""
-        return self.moves.import_chunks(name, chunks)
+    def import_chunks(self, name: str, chunks: list[tuple[bytes, bytes]], start_row: int, stop_row: int) -> int:
+        """Store chunks another shard exported for rows [start_row, stop_row); returns how many."""
+        return self.moves.import_chunks(name, chunks, start_row, stop_row)
 
     def drop_unowned_chunks(self, name: str) -> int:
         """Delete chunks of rows this shard no longer owns; returns how many."""
@@ -235,4 +234,5 @@ class TableStore:
     def close(self) -> None:
         """Close the environment (after ending the shared snapshot)."""
         self.snapshots.close()
+        self.mapped.close()
         self.dbs.env.close()

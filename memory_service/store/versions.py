@@ -16,6 +16,7 @@ import numpy as np
 
 from memory_service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, shown
 from memory_service.row_init import init_rows
+from memory_service.row_optim import record_dtype
 from memory_service.spec import EngramSpec
 from memory_service.store.catalog import Catalog
 from memory_service.store.layout import (
@@ -33,7 +34,7 @@ from memory_service.store.layout import (
 from memory_service.store.ownership import Ownership
 from memory_service.store.snapshots import Snapshots
 from memory_service.store.write_path import WritePath
-from memory_service.table_meta import TableMeta, check_table_name, layer_rows_for_spec
+from memory_service.table_meta import TableMeta, check_table_name, layer_rows_for_spec, records_per_chunk
 
 MAX_CHUNK_ROWS = 1 << 20
 
@@ -85,7 +86,8 @@ class Versions:
                     raise AlreadyExists(f"table {shown(name)} already exists")
                 table_id = self.catalog.next_table_id(txn)
             meta = TableMeta(name=name, table_id=table_id, spec=spec, chunk_rows=chunk_rows, layer_rows=layer_rows,
-                             has_compression=cmap is not None)
+                             has_compression=cmap is not None,
+                             opt_chunk_rows=records_per_chunk(record_dtype(spec.head_dim).itemsize))
             version = meta.add_version("init" if init_std else "empty")
             self._fill(meta, version, init_std, init_seed)
             meta.active = version
@@ -174,9 +176,8 @@ class Versions:
 
     def _put_batch(self, db, items) -> None:
         if items:
-            with self.dbs.env.begin(write=True) as txn:
-                for key, value in items:
-                    txn.put(key, value, db=db)
+            with self.dbs.env.begin(write=True) as txn, txn.cursor(db=db) as cursor:
+                cursor.putmulti(items)
 
     def _delete_chunks(self, table_id: int, version: int, batch: int = 1024) -> None:
         """Delete a version's chunks and pushed segments, a batch of keys per transaction."""
@@ -240,7 +241,7 @@ class Versions:
                 del meta.versions[version]
                 meta.history = [v for v in meta.history if v != version]
                 self.catalog.put(txn, meta)
-            self.snapshots.committed()
+            self.snapshots.committed({(meta.table_id, version, layer) for layer in meta.layer_rows})
             self.writes.forget(meta.table_id, {version})
             self._delete_chunks(meta.table_id, version)
 
@@ -250,7 +251,7 @@ class Versions:
             with self.dbs.env.begin(write=True) as txn:
                 meta = self.catalog.read(txn, name)
                 self.catalog.delete(txn, meta)
-            self.snapshots.committed()
+            self.snapshots.committed({(meta.table_id, v, layer) for v in meta.versions for layer in meta.layer_rows})
             self.writes.forget(meta.table_id, set(meta.versions))
             for version in meta.versions:
                 self._delete_chunks(meta.table_id, version)
