@@ -34,12 +34,26 @@ class RowDelta:
     chunk_rows: int
     next_seq: int = 0  # sequence number of the next segment written for this layer
     segment_rows: int = 0  # rows in this layer's stored segments, repeats included (what a fold reclaims)
+    lineage: int = 0  # deltas merged one from another share it; a fold starts a new one
 
     @classmethod
-    def empty(cls, head_dim: int, dtype, record: np.dtype, num_chunks: int, chunk_rows: int, next_seq: int = 0) -> "RowDelta":
+    def empty(cls, head_dim: int, dtype, record: np.dtype, num_chunks: int, chunk_rows: int, next_seq: int = 0,
+              lineage: int = 0) -> "RowDelta":
         """A delta with no rows."""
         return cls(np.empty(0, dtype=np.int64), np.empty((0, head_dim), dtype=dtype), np.empty(0, dtype=record),
-                   np.zeros(num_chunks, dtype=bool), chunk_rows, next_seq)
+                   np.zeros(num_chunks, dtype=bool), chunk_rows, next_seq, 0, lineage)
+
+    def holds_all_of(self, other: "RowDelta") -> bool:
+        """Whether this delta was merged from `other` (or is it): it overlays every row `other` holds."""
+        return self.lineage == other.lineage and self.next_seq >= other.next_seq
+
+    def only(self, ids: np.ndarray, segment_rows: int, lineage: int) -> "RowDelta":
+        """A new delta of the held rows whose ids are in `ids` (ascending unique), as a new lineage."""
+        keep = np.isin(self.ids, ids, assume_unique=True)
+        mask = np.zeros_like(self.chunk_mask)
+        mask[self.ids[keep] // self.chunk_rows] = True
+        return RowDelta(self.ids[keep], self.rows[keep], self.opt[keep], mask, self.chunk_rows, self.next_seq, segment_rows,
+                        lineage)
 
     @property
     def size(self) -> int:
@@ -69,7 +83,8 @@ class RowDelta:
             ids, rows, opt = merged_ids, merged_rows, merged_opt
         mask = self.chunk_mask.copy()
         mask[ids // self.chunk_rows] = True
-        return RowDelta(ids, rows, opt, mask, self.chunk_rows, self.next_seq + 1, self.segment_rows + int(order.size))
+        return RowDelta(ids, rows, opt, mask, self.chunk_rows, self.next_seq + 1, self.segment_rows + int(order.size),
+                        self.lineage)
 
     def _contains(self, sorted_ids: np.ndarray) -> np.ndarray:
         """bool [D]: which held ids appear in sorted_ids."""

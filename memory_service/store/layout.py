@@ -1,12 +1,13 @@
-"""How a table store lays out one LMDB environment (one shard directory): databases, keys, records.
+"""How a table store lays out its LMDB environments (one shard directory): databases, keys, records.
 
     meta      b"table:" + name      -> TableMeta JSON (spec, versions, active, history)
               b"next_table_id"      -> u32, big-endian
               b"shard_state"        -> JSON {"epoch", "owned": {table: {layer: [lo, hi]}}} (a shard of a pool)
     rows      (ROWS, table, version, layer, chunk) -> chunk_rows x head_dim raw rows (table dtype, little-endian)
     opt       (OPT, table, version, layer, chunk)  -> opt_rows optimizer records (about a page); absent = zeros
-    delta     (DELTA, table, version, layer, seq)  -> one gradient push: count, ids, rows, Adam records
     maps      table id (u32, big-endian) -> int64 compression map (for token lookups)
+  in wal/ (the write-ahead environment, synced by every write):
+    delta     (DELTA, table, version, layer, seq)  -> one push (or write): count, ids, rows, optimizer records
     requests  b"req:" + request id -> (version u64, unix time f64): writes already applied
 
 Keys are big-endian (kind u8, table u32, version u32, layer u32, chunk u32), so one
@@ -29,6 +30,7 @@ import numpy as np
 
 MAX_CHUNK_BYTES = 64 << 20  # one chunk value: a write of a row rewrites at most this much
 DEFAULT_MAP_SIZE = 1 << 40  # virtual address space reserved for the map; the file grows as needed
+WAL_MAP_SIZE = 1 << 36  # the write-ahead environment holds only recent pushes and request ids
 WRITE_BATCH_BYTES = 64 << 20  # bulk writes (init, copy, drop) commit every this many bytes
 PAGE_BYTES = 4096
 ROWS, OPT, DELTA = 1, 2, 3  # key kinds
@@ -53,28 +55,56 @@ def table_id_key(table_id: int) -> bytes:
 
 @dataclass(frozen=True)
 class Databases:
-    """An open LMDB environment and its named databases."""
+    """The store's two LMDB environments and their named databases.
+
+    `env` (the directory itself) holds tables: meta, rows, opt, maps. `wal_env` (its `wal/`
+    subdirectory) holds what every write commits: pushed segments (delta) and the request
+    ledger; a push syncs only this small file, and folds sync the big one in the background.
+    """
 
     env: lmdb.Environment
+    wal_env: lmdb.Environment
     meta: object
     rows: object
     opt: object
-    delta: object
     maps: object
+    delta: object
     requests: object
 
     def db_of(self, kind: int):
         """The database holding keys of a kind."""
         return {ROWS: self.rows, OPT: self.opt, DELTA: self.delta}[kind]
 
+    def env_of(self, kind: int) -> lmdb.Environment:
+        """The environment holding keys of a kind."""
+        return self.wal_env if kind == DELTA else self.env
+
 
 def open_databases(path: Path, map_size: int = DEFAULT_MAP_SIZE, sync: bool = True) -> Databases:
-    """Open (creating if needed) the environment under `path` and every database above."""
+    """Open (creating if needed) both environments under `path` and every database above."""
     # readahead off: lookups are random, readahead would pull useless pages into RAM.
     env = lmdb.open(str(path), map_size=map_size, max_dbs=8, subdir=True, sync=sync, metasync=sync,
                     readahead=False, max_readers=512, lock=True)
-    return Databases(env, env.open_db(b"meta"), env.open_db(b"rows"), env.open_db(b"opt"), env.open_db(b"delta"),
-                     env.open_db(b"maps"), env.open_db(b"requests"))
+    wal_env = lmdb.open(str(Path(path) / "wal"), map_size=WAL_MAP_SIZE, max_dbs=4, subdir=True, sync=sync, metasync=sync,
+                        max_readers=512, lock=True)
+    dbs = Databases(env, wal_env, env.open_db(b"meta"), env.open_db(b"rows"), env.open_db(b"opt"), env.open_db(b"maps"),
+                    wal_env.open_db(b"delta"), wal_env.open_db(b"requests"))
+    _move_log_of_older_stores(dbs)
+    return dbs
+
+
+def _move_log_of_older_stores(dbs: Databases) -> None:
+    """Stores made before the write-ahead environment kept segments and request ids in the main one: move them."""
+    for name, target in ((b"delta", dbs.delta), (b"requests", dbs.requests)):
+        try:
+            old = dbs.env.open_db(name, create=False)
+        except lmdb.NotFoundError:
+            continue
+        with dbs.env.begin(write=True) as txn, dbs.wal_env.begin(write=True) as wal:
+            items = list(txn.cursor(db=old))
+            for key, value in items:
+                wal.put(key, value, db=target)
+            txn.drop(old, delete=True)
 
 
 def prefix_items(txn, db, kind: int, table_id: int, version: int, layer: int | None = None):

@@ -39,7 +39,7 @@ class RequestLedger:
     def prune(self, older_than_s: float = 3600.0) -> int:
         """Forget request ids recorded more than older_than_s ago; returns how many."""
         cutoff, dropped = time.time() - older_than_s, 0
-        with self.dbs.env.begin(write=True) as txn:
+        with self.dbs.wal_env.begin(write=True) as txn:
             cursor = txn.cursor(db=self.dbs.requests)
             for key, value in list(cursor):
                 if _RECORD.unpack(value)[1] < cutoff:

@@ -9,7 +9,6 @@ on the new owner, flips the map, and finally drops what each shard no longer own
 from __future__ import annotations
 
 import struct
-import threading
 
 import numpy as np
 
@@ -30,9 +29,9 @@ class ShardMoves:
     """Export, import and drop the chunks of row ranges that change shards."""
 
     def __init__(self, dbs: Databases, catalog: Catalog, ownership: Ownership, versions: Versions, writes: WritePath,
-                 snapshots: Snapshots, write_lock: threading.Lock):
+                 snapshots: Snapshots):
         self.dbs, self.catalog, self.ownership, self.versions = dbs, catalog, ownership, versions
-        self.writes, self.snapshots, self.write_lock = writes, snapshots, write_lock
+        self.writes, self.snapshots = writes, snapshots
 
     def blueprint(self, name: str) -> dict:
         """What another shard needs to hold this table: spec, compression map, chunking, versions, active."""
@@ -63,8 +62,8 @@ class ShardMoves:
     def export_chunks(self, name: str, layer: int, start_row: int, stop_row: int) -> list[tuple[bytes, bytes]]:
         """Every version's chunks (rows and optimizer state) holding rows [start, stop): [(key suffix, value)]."""
         meta = self.catalog.info(name)
-        with self.write_lock:
-            self.writes.fold_table(meta, layers={layer})  # recent rows into the chunks that travel
+        with self.writes.exclusive():  # recent rows into the chunks that travel (the rows are frozen meanwhile)
+            self.writes.fold_table(meta, layers={layer})
         out = []
         with self.dbs.env.begin() as txn:
             for version in meta.versions:
@@ -84,7 +83,7 @@ class ShardMoves:
         """
         meta = self.catalog.info(name)
         restructured = set()
-        with self.write_lock:
+        with self.writes.exclusive():
             self.writes.fold_table(meta)  # nothing recent may be laid over the chunks that arrive
             with self.dbs.env.begin(write=True) as txn:
                 for suffix, value in chunks:
@@ -115,7 +114,7 @@ class ShardMoves:
         """Delete chunks holding no row this shard owns (after a move); returns how many."""
         meta = self.catalog.info(name)
         dropped, restructured = 0, set()
-        with self.write_lock:  # one hold: no push (ownership is checked under this lock) lands between fold and drop
+        with self.writes.exclusive():  # one hold: no push or fold lands between fold and drop
             self.writes.fold_table(meta)  # a later fold must not bring dropped chunks back
             for layer in meta.layer_rows:
                 owned = self.ownership.owned_range(name, layer)

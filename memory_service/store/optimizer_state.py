@@ -5,13 +5,15 @@ fp16 row) lives in small chunks of `meta.opt_rows` records, about one page each,
 like row chunks (kind OPT). A chunk is created the first time one of its rows is trained
 (absent chunks read as zeros, so a table that is only served holds no state) and is
 then updated in place (mapped.py). Either way a push writes about a page per row it
-touches, whatever the table's size. Only the writer reads and writes this state (under
-the store's writer lock), so its chunk addresses are kept here, per (table, version,
-layer): built by one cursor pass over the existing chunks on first use, updated as
-chunks are created, dropped when a structural change replaces them.
+touches, whatever the table's size. Lookups never read this state, only pushes and
+folds do, so its chunk addresses are kept here, per (table, version, layer): built by one
+cursor pass over the existing chunks on first use, updated as folds create chunks,
+dropped when a structural change replaces them.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -25,34 +27,41 @@ ABSENT = -1
 
 
 class OptimizerState:
-    """Optimizer records of every table of a store (writer lock held for every call)."""
+    """Optimizer records of every table of a store (pushes read them, folds write them)."""
 
     def __init__(self, dbs: Databases, mapped: WritableMap):
         self.dbs = dbs
         self.mapped = mapped
         self._chunks: dict[Key, np.ndarray] = {}  # int64 [opt chunks]: map address of each chunk's value, or ABSENT
+        self._lock = threading.Lock()  # a scan and a fold's new chunks never interleave
 
-    def _chunk_addresses(self, meta: TableMeta, version: int, layer: int, txn) -> np.ndarray:
+    def _chunk_addresses(self, meta: TableMeta, version: int, layer: int) -> np.ndarray:
         key = (meta.table_id, version, layer)
         chunks = self._chunks.get(key)
-        if chunks is None:  # one pass over the chunks that exist
-            chunks = np.full(meta.num_opt_chunks(layer), ABSENT, dtype=np.int64)
-            for k, value in prefix_items(txn, self.dbs.opt, OPT, meta.table_id, version, layer):
-                chunks[parse_key(k)[4]] = np.frombuffer(value, dtype=np.uint8).__array_interface__["data"][0]
-            self._chunks[key] = chunks
+        if chunks is None:
+            with self._lock, self.dbs.env.begin(buffers=True) as txn:  # one pass over the chunks that exist now
+                chunks = self._chunks.get(key)
+                if chunks is None:
+                    chunks = np.full(meta.num_opt_chunks(layer), ABSENT, dtype=np.int64)
+                    for k, value in prefix_items(txn, self.dbs.opt, OPT, meta.table_id, version, layer):
+                        chunks[parse_key(k)[4]] = np.frombuffer(value, dtype=np.uint8).__array_interface__["data"][0]
+                    self._chunks[key] = chunks
         return chunks
 
-    def addresses(self, meta: TableMeta, version: int, layer: int, ids: np.ndarray, txn) -> np.ndarray:
+    def addresses(self, meta: TableMeta, version: int, layer: int, ids: np.ndarray) -> np.ndarray:
         """int64 [N]: the map address of each row's record (ABSENT where its chunk does not exist yet)."""
         rows = meta.opt_rows
         chunk = ids // rows
-        base = self._chunk_addresses(meta, version, layer, txn)[chunk]
+        base = self._chunk_addresses(meta, version, layer)[chunk]
         return np.where(base >= 0, base + (ids - chunk * rows) * meta.opt_record.itemsize, ABSENT)
 
-    def gather(self, meta: TableMeta, version: int, layer: int, ids: np.ndarray, txn) -> np.ndarray:
-        """The records of rows ids [N] (zeros for rows never trained): structured [N] of meta.opt_record."""
+    def gather(self, meta: TableMeta, version: int, layer: int, ids: np.ndarray) -> np.ndarray:
+        """The records of rows ids [N] (zeros for rows never trained): structured [N] of meta.opt_record.
+
+        A record being written by a fold meanwhile may read torn; the caller lays the delta,
+        which holds every such row, over the result."""
         out = np.empty(ids.size, dtype=meta.opt_record)
-        self.mapped.read(self.addresses(meta, version, layer, ids, txn), row_bytes(out))
+        self.mapped.read(self.addresses(meta, version, layer, ids), row_bytes(out))
         return out
 
     def write(self, txn, meta: TableMeta, version: int, layer: int, ids: np.ndarray, records: np.ndarray,
@@ -77,17 +86,20 @@ class OptimizerState:
             cursor.putmulti(zip(keys, values))
         return created.tolist()
 
-    def created(self, meta: TableMeta, version: int, layer: int, chunks: list[int], txn) -> None:
-        """Record the addresses of chunks put by write(), once their transaction committed (txn: a newer read)."""
-        table = self._chunks.get((meta.table_id, version, layer))
-        if table is None or not chunks:
-            return
-        for chunk in chunks:
-            value = txn.get(chunk_key(OPT, meta.table_id, version, layer, chunk), db=self.dbs.opt)
-            table[chunk] = np.frombuffer(value, dtype=np.uint8).__array_interface__["data"][0]
+    def created(self, meta: TableMeta, version: int, layer: int, chunks: list[int]) -> None:
+        """Record the addresses of chunks put by write(), once their transaction committed."""
+        with self._lock:
+            table = self._chunks.get((meta.table_id, version, layer))
+            if table is None or not chunks:
+                return
+            with self.dbs.env.begin(buffers=True) as txn:
+                for chunk in chunks:
+                    value = txn.get(chunk_key(OPT, meta.table_id, version, layer, chunk), db=self.dbs.opt)
+                    table[chunk] = np.frombuffer(value, dtype=np.uint8).__array_interface__["data"][0]
 
     def forget(self, table_id: int, versions=None, layers=None) -> None:
         """Drop the chunk addresses of keys whose chunks were replaced or deleted (rebuilt on next use)."""
-        for key in [k for k in self._chunks
-                    if k[0] == table_id and (versions is None or k[1] in versions) and (layers is None or k[2] in layers)]:
-            del self._chunks[key]
+        with self._lock:
+            for key in [k for k in self._chunks if k[0] == table_id and (versions is None or k[1] in versions)
+                        and (layers is None or k[2] in layers)]:
+                del self._chunks[key]

@@ -253,12 +253,12 @@ class Snapshots:
         self.committed(restructured)
 
     def wait_for_readers_without(self, key: Key, delta: RowDelta, timeout_s: float) -> bool:
-        """Wait until no open snapshot that lacks `delta` for `key` is in use (it could see rows written in place);
+        """Wait until no snapshot in use lacks the rows of `delta` for `key` (it would see rows being written in place);
         False on timeout."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
             while True:
-                busy = [s for s in self._open if s.refs > 0 and s.deltas.get(key) is not delta]
+                busy = [s for s in self._open if s.refs > 0 and not (s.deltas.get(key) and s.deltas[key].holds_all_of(delta))]
                 if not busy:
                     return True
                 left = deadline - time.monotonic()

@@ -41,13 +41,15 @@ class TableStore:
     """One LMDB environment: tables, versions, lookups, writes and gradient pushes."""
 
     def __init__(self, path: str | Path, map_size: int = DEFAULT_MAP_SIZE, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                 optimizer: RowAdamConfig | None = None, sync: bool = True, max_delta_rows: int = DEFAULT_MAX_DELTA_ROWS):
+                 optimizer: RowAdamConfig | None = None, sync: bool = True, max_delta_rows: int = DEFAULT_MAX_DELTA_ROWS,
+                 background_folds: bool = True):
+        """background_folds=False folds in the push that passes the bound (deterministic, for tests)."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.dbs = open_databases(self.path, map_size, sync)
-        self._write_lock = threading.Lock()  # one writer at a time
+        self._write_lock = threading.RLock()  # one writer at a time
         self.counters = {"lookups": 0, "rows_served": 0, "writes": 0, "rows_written": 0, "gradient_pushes": 0,
-                         "rows_updated": 0, "folds": 0}
+                         "rows_updated": 0, "folds_started": 0, "folds": 0}
         self.catalog = Catalog(self.dbs)
         self.ownership = Ownership(self.dbs, self._write_lock)
         self.ledger = RequestLedger(self.dbs)
@@ -55,11 +57,11 @@ class TableStore:
         self.mapped = WritableMap(self.path, map_size)
         self.state = OptimizerState(self.dbs, self.mapped)
         self.writes = WritePath(self.dbs, self.catalog, self.ownership, self.ledger, self.snapshots, self.state, self.mapped,
-                                self._write_lock, optimizer or RowAdamConfig(), max_delta_rows, self.counters)
+                                self._write_lock, optimizer or RowAdamConfig(), max_delta_rows, self.counters,
+                                background=background_folds)
         self.versions = Versions(self.dbs, self.catalog, self.ownership, self.snapshots, self.writes, self._write_lock,
                                  chunk_rows)
-        self.moves = ShardMoves(self.dbs, self.catalog, self.ownership, self.versions, self.writes, self.snapshots,
-                                self._write_lock)
+        self.moves = ShardMoves(self.dbs, self.catalog, self.ownership, self.versions, self.writes, self.snapshots)
         self.writes.load()
 
     # ------------------------------------------------------------------ tables and versions (versions.py)
@@ -145,10 +147,10 @@ class TableStore:
 
     def optimizer_state(self, name: str, layer: int, row_ids, version: int = 0) -> np.ndarray:
         """Adam records (m, v, step) of rows (for tests and export)."""
-        with self._write_lock, self.dbs.env.begin(buffers=True) as txn:
-            meta = self.catalog.read(txn, name)
+        with self._write_lock:
+            meta = self.catalog.info(name)
             ids = check_row_ids(row_ids, meta.check_request(layer, None), layer)
-            return self.writes.records(meta, meta.resolve_version(version), layer, ids, txn)
+            return self.writes.records(meta, meta.resolve_version(version), layer, ids)
 
     # ------------------------------------------------------------------ writes (write_path.py, ledger.py)
     def write_rows(self, name: str, layer: int, row_ids, rows, version: int = 0, fingerprint: str | None = None,
@@ -233,6 +235,8 @@ class TableStore:
 
     def close(self) -> None:
         """Close the environment (after ending the shared snapshot)."""
+        self.writes.close()
         self.snapshots.close()
         self.mapped.close()
         self.dbs.env.close()
+        self.dbs.wal_env.close()

@@ -50,7 +50,7 @@ class Versions:
     """Table and version lifecycle of one store (every method takes the store's writer lock)."""
 
     def __init__(self, dbs: Databases, catalog: Catalog, ownership: Ownership, snapshots: Snapshots, writes: WritePath,
-                 write_lock: threading.Lock, default_chunk_rows: int):
+                 write_lock: threading.RLock, default_chunk_rows: int):
         self.dbs, self.catalog, self.ownership, self.snapshots, self.writes = dbs, catalog, ownership, snapshots, writes
         self.write_lock = write_lock
         self.default_chunk_rows = default_chunk_rows
@@ -142,7 +142,7 @@ class Versions:
         """New (inactive) version: a copy of another (0: the active one; rows and optimizer state), seeded rows, or zeros."""
         if init_std is not None:
             check_init_std(init_std)
-        with self.write_lock:
+        with self.writes.exclusive():  # no fold or push lands between folding the source and copying it
             meta = self.catalog.info(name)
             if copy_of is not None:
                 source = meta.resolve_version(copy_of)
@@ -184,7 +184,7 @@ class Versions:
         for kind in (ROWS, OPT, DELTA):
             db = self.dbs.db_of(kind)
             while True:
-                with self.dbs.env.begin(write=True) as txn:
+                with self.dbs.env_of(kind).begin(write=True) as txn:
                     keys = []
                     for key, _ in prefix_items(txn, db, kind, table_id, version):
                         keys.append(bytes(key))
@@ -229,7 +229,7 @@ class Versions:
 
     def drop_version(self, name: str, version: int) -> None:
         """Delete an inactive version's rows and optimizer state."""
-        with self.write_lock:
+        with self.writes.exclusive():  # no fold writes into chunks being dropped
             with self.dbs.env.begin(write=True) as txn:
                 meta = self.catalog.read(txn, name)
                 if version not in meta.versions:
@@ -247,7 +247,7 @@ class Versions:
 
     def drop_table(self, name: str) -> None:
         """Delete a table set with all its versions."""
-        with self.write_lock:
+        with self.writes.exclusive():  # no fold writes into chunks being dropped
             with self.dbs.env.begin(write=True) as txn:
                 meta = self.catalog.read(txn, name)
                 self.catalog.delete(txn, meta)
