@@ -10,7 +10,7 @@
 #include <string.h>
 
 /* Bumped whenever a kernel's signature or meaning changes: native.py refuses a library of another version. */
-#define ENGRAM_ABI_VERSION 2
+#define ENGRAM_ABI_VERSION 3
 
 int engram_abi_version(void) { return ENGRAM_ABI_VERSION; }
 
@@ -193,21 +193,3 @@ int64_t engram_find_sorted(const int64_t *run, int64_t run_n, const int64_t *que
     return hits;
 }
 
-/* Records at arbitrary addresses: out[i] = the nbytes at address base + offsets[i] (zeros where offsets[i] < 0).
- * Used for optimizer records, which live in small chunks anywhere in the map. */
-void engram_gather_at(const uint8_t *base, const int64_t *offsets, int64_t n, int64_t nbytes, uint8_t *out) {
-    const int64_t ahead = 8;
-    for (int64_t i = 0; i < n; i++) {
-        if (i + ahead < n && offsets[i + ahead] >= 0) __builtin_prefetch(base + offsets[i + ahead], 0, 0);
-        if (offsets[i] < 0) memset(out + i * nbytes, 0, (size_t)nbytes);
-        else memcpy(out + i * nbytes, base + offsets[i], (size_t)nbytes);
-    }
-}
-
-/* The other way: the nbytes of record i go to base + offsets[i] (in-place updates of committed chunk pages;
- * offsets[i] < 0 skips the record). */
-void engram_scatter_at(uint8_t *base, const int64_t *offsets, const uint8_t *src, int64_t n, int64_t nbytes) {
-    for (int64_t i = 0; i < n; i++) {
-        if (offsets[i] >= 0) memcpy(base + offsets[i], src + i * nbytes, (size_t)nbytes);
-    }
-}

@@ -24,7 +24,7 @@ log = logging.getLogger("engram.native")
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
-ABI_VERSION = 2  # fastpath.c's ENGRAM_ABI_VERSION this module's signatures are written for
+ABI_VERSION = 3  # fastpath.c's ENGRAM_ABI_VERSION this module's signatures are written for
 
 
 def _load():
@@ -62,10 +62,6 @@ def _load():
     lib.engram_merge_rows.restype = _I64
     lib.engram_find_sorted.argtypes = [_P, _I64, _P, _I64, _P, _P]
     lib.engram_find_sorted.restype = _I64
-    lib.engram_gather_at.argtypes = [_P, _P, _I64, _I64, _P]
-    lib.engram_gather_at.restype = None
-    lib.engram_scatter_at.argtypes = [_P, _P, _P, _I64, _I64]
-    lib.engram_scatter_at.restype = None
     return lib
 
 
@@ -177,19 +173,3 @@ def gather_rows(region: np.ndarray, first_unit: np.ndarray, out: np.ndarray) -> 
     KERNELS.engram_gather_rows(region.ctypes.data, units, unit, first_unit.ctypes.data, first_unit.size, out.shape[1],
                                out.ctypes.data)
 
-
-def gather_at(base: int, offsets: np.ndarray, out: np.ndarray) -> None:
-    """out[i] = the record at address base + offsets[i] (zeros where offsets[i] < 0); out: uint8 [N, nbytes], C-contiguous."""
-    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
-    if out.ndim != 2 or not out.flags.c_contiguous or out.shape[0] != offsets.size:
-        raise ValueError(f"gather_at: out {out.shape} does not fit {offsets.size} offsets")
-    KERNELS.engram_gather_at(base, offsets.ctypes.data, offsets.size, out.shape[1], out.ctypes.data)
-
-
-def scatter_at(base: int, offsets: np.ndarray, records: np.ndarray) -> None:
-    """The record i goes to address base + offsets[i] (skipped where offsets[i] < 0); records: uint8 [N, nbytes]."""
-    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
-    records = np.ascontiguousarray(records)
-    if records.ndim != 2 or records.shape[0] != offsets.size:
-        raise ValueError(f"scatter_at: records {records.shape} do not fit {offsets.size} offsets")
-    KERNELS.engram_scatter_at(base, offsets.ctypes.data, records.ctypes.data, offsets.size, records.shape[1])

@@ -20,26 +20,8 @@ from memory_service.row_optim import record_dtype
 from memory_service.spec import EngramSpec
 
 TABLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-DEFAULT_CHUNK_ROWS = 4096  # rows per stored chunk (one LMDB value) unless a table says otherwise
+DEFAULT_CHUNK_ROWS = 1024  # rows per stored chunk (one LMDB value) unless a table says otherwise
 META_PREFIX = b"table:"  # key prefix of table metadata in a store's meta database
-PAGE_BYTES = 4096  # LMDB's page: a value larger than half a page lives in whole pages of its own
-OVERFLOW_HEADER_BYTES = 16  # LMDB's header in front of such a value
-
-
-def records_per_chunk(record_nbytes: int, min_fill: float = 0.85, max_pages: int = 4) -> int:
-    """Records per optimizer chunk: the fewest pages (up to max_pages) that records fill to min_fill, so a push
-    that touches one row writes about one page of state, not a whole 4096-row chunk."""
-    best, best_fill = 1, 0.0
-    for pages in range(1, max_pages + 1):
-        count = (pages * PAGE_BYTES - OVERFLOW_HEADER_BYTES) // record_nbytes
-        if count < 1:
-            continue
-        fill = count * record_nbytes / (pages * PAGE_BYTES)
-        if fill >= min_fill:
-            return count
-        if fill > best_fill:
-            best, best_fill = count, fill
-    return best
 
 
 def check_table_name(name: str) -> str:
@@ -74,7 +56,7 @@ class TableMeta:
     history: list[int] = field(default_factory=list)  # earlier active versions, newest last
     next_version: int = 1
     has_compression: bool = False
-    opt_chunk_rows: int = 0  # rows per optimizer-state chunk (0: chunk_rows, the layout of tables made before it)
+    opt_chunk_rows: int = 0  # rows per optimizer-state chunk (0: chunk_rows)
 
     @property
     def dtype(self) -> np.dtype:

@@ -1,13 +1,14 @@
-"""`engram bench push`: what a gradient push costs over the wire as the table grows, folds included.
+"""`engram bench push`: what a gradient push costs over the wire as the table grows, compaction included.
 
 Two `engram serve` processes hold the same kind of table at two sizes: the baseline (2^20
 rows) and the size asked for. The same pushes (uniform random rows, row-wise Adam) go to
-both, taking turns, so the machine's drift hits both alike; each push is timed from the
-client over gRPC, and the stores fold their recent rows into the chunks as they go
-(`folds` counts them). Meanwhile a reader looks rows up on the bigger table; its
-latencies are split by what ran beside them (nothing, a push, a push that folded), which
-is how "folding never stalls lookups" is checked. At the end: disk bytes per row, against
-the bytes a row and its optimizer record need.
+both, in blocks taking turns, so the machine's drift hits both alike; a block's time
+runs from its first push to the end of the compaction it started (flushes to sorted
+runs, merges, folds into the chunks: compaction.py), so each table pays for its own.
+Meanwhile a reader looks rows up on the bigger table; its latencies are split by what
+ran beside them (nothing, a push, a compaction), which is how "compaction never stalls
+lookups" is checked. At the end: disk bytes per row once every row of the baseline table
+was trained, against the bytes a row and its optimizer record need.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 WARM_BLOCK_BYTES = 64 << 20
-BLOCK_PUSHES = 6  # pushes to one table before the other's turn; a block ends when its table's fold is done
+BLOCK_PUSHES = 6  # pushes to one table before the other's turn; a block ends when its table's compaction is done
 
 
 def _allocated_bytes(path: Path) -> int:
@@ -50,18 +51,23 @@ def _train_every_row(client, num_rows: int, dim: int, rng, push_rows: int = 3276
         ids = np.unique(rng.integers(0, num_rows, push_rows))
         client.apply_gradients(0, ids, rng.standard_normal((ids.size, dim)).astype(np.float32), lr=0.01)
         trained[ids] = True
-    while client.stats()[0]["delta_rows"] > 0:  # one more push of nothing, then the folds settle
-        client.apply_gradients(0, np.empty(0, np.int64), np.empty((0, dim), np.float32), lr=0.01)
-        time.sleep(0.5)
-        if client.stats()[0]["folds"] == client.stats()[0]["folds_started"]:
-            break
+    _settle(client)
     return float(trained.mean())
+
+
+def _settle(client) -> None:
+    """Until the store's compaction in progress (it runs in the background) is done."""
+    while True:
+        stats = client.stats()[0]
+        if stats["compactions"] >= stats["compactions_started"]:
+            return
+        time.sleep(0.005)
 
 
 def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", push_rows: int = 5400, pushes: int = 30,
                baseline_rows: int = 1 << 20, lookup_ids: int = 4096, log=print) -> dict:
-    """Per-push cost (mean, folds included) at num_rows against baseline_rows, lookup latency beside pushes and folds,
-    and disk bytes per row."""
+    """Per-push cost (mean, compaction included) at num_rows against baseline_rows, lookup latency beside pushes and
+    compactions, and disk bytes per row."""
     from memory_service.client import MemoryClient
     from memory_service.row_optim import record_dtype
     from memory_service.spec import EngramSpec
@@ -94,23 +100,16 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
             client.apply_gradients(0, ids, grads, lr=0.01)
             return time.perf_counter() - started
 
-        def settle(name: str) -> None:
-            """Until the fold in progress (folds run in the background) is done: its cost counts for its table."""
-            while True:
-                stats = clients[name].stats()[0]
-                if stats["folds"] >= stats["folds_started"]:
-                    return
-                time.sleep(0.005)
 
-        log("warming up: pushes until both stores folded once ...")
+        log("warming up: pushes until both stores compacted once ...")
         warm_up = 0
-        while min(c.stats()[0]["folds"] for c in clients.values()) < 1 and warm_up < 100:
+        while min(c.stats()[0]["compactions"] for c in clients.values()) < 1 and warm_up < 100:
             for name in sizes:
                 push(name)
             warm_up += 1
 
         reader = MemoryClient(servers["target"][1], "t", deadline_s=600)
-        lookups: list[tuple[float, float, bool]] = []  # (start, end, a fold ran meanwhile)
+        lookups: list[tuple[float, float, bool]] = []  # (start, end, a compaction ran meanwhile)
         stop = threading.Event()
 
         def read_loop(seconds: float | None = None) -> None:
@@ -118,11 +117,11 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
             until = time.perf_counter() + seconds if seconds else None
             while not stop.is_set() and (until is None or time.perf_counter() < until):
                 ids = np.unique(reader_rng.integers(0, table_rows["target"], lookup_ids))
-                done_before = reader.stats()[0]["folds"]
+                done_before = reader.stats()[0]["compactions"]
                 started = time.perf_counter()
                 reader.lookup_batch(0, ids)
                 ended = time.perf_counter()
-                lookups.append((started, ended, reader.stats()[0]["folds_started"] > done_before))
+                lookups.append((started, ended, reader.stats()[0]["compactions_started"] > done_before))
 
         log("lookups alone ...")
         read_loop(seconds=5.0)
@@ -131,26 +130,27 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
         thread = threading.Thread(target=read_loop)
         thread.start()
         log(f"{pushes} timed pushes per table in blocks of {BLOCK_PUSHES}, taking turns, lookups running beside them ...")
-        times = {name: [] for name in sizes}  # per push, over a block and the fold it left running
+        times = {name: [] for name in sizes}  # per push, over a block and the compaction it started
         latencies = {name: [] for name in sizes}  # each push alone
         windows: list[tuple[float, float]] = []  # the target's blocks
         for i in range(max(1, pushes // BLOCK_PUSHES)):
             for name in (list(sizes) if i % 2 else list(sizes)[::-1]):
                 began = time.perf_counter()
                 latencies[name].extend(push(name) for _ in range(BLOCK_PUSHES))
-                settle(name)
+                _settle(clients[name])  # the compaction the block started counts for its table
                 times[name].append((time.perf_counter() - began) / BLOCK_PUSHES)
                 if name == "target":
                     windows.append((began, time.perf_counter()))
         stop.set()
         thread.join()
-        folds = {name: int(client.stats()[0]["folds"]) for name, client in clients.items()}
+        folds = {name: {k: int(client.stats()[0][k]) for k in ("flushes", "merges", "folds")}
+                 for name, client in clients.items()}
         log(f"training every row of the {table_rows['baseline']:,}-row table once or more, for its bytes per row ...")
         covered = _train_every_row(clients["baseline"], table_rows["baseline"], dim, rng)
-        during = {"push": [], "fold": [], "none": []}
-        for start, end, folding in lookups:
+        during = {"push": [], "compaction": [], "none": []}
+        for start, end, compacting in lookups:
             pushing = any(a < end and start < b for a, b in windows)
-            during["fold" if folding else "push" if pushing else "none"].append(end - start)
+            during["compaction" if compacting else "push" if pushing else "none"].append(end - start)
         for client in list(clients.values()) + [reader]:
             client.close()
     finally:
@@ -167,20 +167,20 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
         "mean_ms": {k: v * 1e3 for k, v in mean.items()},
         "push_p50_ms": {k: float(np.median(t)) * 1e3 for k, t in latencies.items()},
         "push_p99_ms": {k: float(np.percentile(t, 99)) * 1e3 for k, t in latencies.items()},
-        "cost_ratio": mean["target"] / mean["baseline"], "folds": folds,
+        "cost_ratio": mean["target"] / mean["baseline"], "compactions": folds,
         "disk_bytes_per_row": {k: disk[k] / table_rows[k] for k in sizes}, "baseline_rows_trained": covered,
         "row_plus_record_bytes": row_nbytes + record_nbytes,
         "lookups": {"alone": _percentiles(alone), **{f"beside_{k}": _percentiles(v) for k, v in during.items()}},
     }
     lines = [f"push bench: {pushes} pushes of ~{push_rows:,} uniform rows (row-wise Adam) to each of two tables over gRPC, "
-             f"in blocks of {BLOCK_PUSHES} taking turns (a block's time includes waiting for the fold it started), after "
+             f"in blocks of {BLOCK_PUSHES} taking turns (a block's time includes the compaction it started), after "
              f"{warm_up} warm-up rounds"]
     for name in sizes:
-        lines.append(f"  {table_rows[name]:>13,} rows   {result['mean_ms'][name]:7.1f} ms per push (folds included)   "
+        lines.append(f"  {table_rows[name]:>13,} rows   {result['mean_ms'][name]:7.1f} ms per push (compaction included)   "
                      f"one push p50 {result['push_p50_ms'][name]:6.1f} ms, p99 {result['push_p99_ms'][name]:6.1f} ms   "
-                     f"{folds[name]} folds")
+                     f"{folds[name]['flushes']} flushes, {folds[name]['merges']} merges, {folds[name]['folds']} folds")
     lines.append(f"  cost per push, {table_rows['target']:,} rows / {table_rows['baseline']:,}: {result['cost_ratio']:.2f}x "
-                 f"(means, folds included)")
+                 f"(means, compaction included)")
     per_row = result["disk_bytes_per_row"]
     lines.append(f"  disk: {per_row['baseline']:.0f} B/row with {covered:.0%} of the rows trained (a row and its Adam record: "
                  f"{row_nbytes + record_nbytes} B, so {per_row['baseline'] / (row_nbytes + record_nbytes):.2f}x); "
@@ -189,7 +189,7 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
     lines.append(f"  lookups of {lookup_ids:,} ids on the bigger table, p50 / p99 ms: alone "
                  f"{lk['alone']['p50_ms']:.1f} / {lk['alone']['p99_ms']:.1f}" + "".join(
                      f";  beside {k} {lk['beside_' + k]['p50_ms']:.1f} / {lk['beside_' + k]['p99_ms']:.1f} "
-                     f"({lk['beside_' + k]['count']})" for k in ("push", "fold") if lk["beside_" + k]["count"]))
+                     f"({lk['beside_' + k]['count']})" for k in ("push", "compaction") if lk["beside_" + k]["count"]))
     result["lines"] = lines
     return result
 

@@ -66,7 +66,7 @@ def _assert_same_as(store, local, layer=1, version=0):
 
 def test_pushes_are_held_as_recent_rows_then_folded_into_chunks(tmp_path):
     """Pushes append segments (a write the size of the push); past the limit they fold into the chunks. Exact throughout."""
-    store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=1500, background_folds=False)
+    store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=1500, background_compaction=False)
     store.create_table("t", SPEC)
     local = LocalTable(SPEC, layer_rows_for_spec(SPEC))
     rng = np.random.default_rng(0)
@@ -74,14 +74,14 @@ def test_pushes_are_held_as_recent_rows_then_folded_into_chunks(tmp_path):
     assert store.stats()["delta_rows"] > 1000 and store.counters["folds"] == 0
     _assert_same_as(store, local)
     store.close()
-    store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=1500, background_folds=False)  # segments are read back on open
+    store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=1500, background_compaction=False)  # segments are read back on open
     assert store.stats()["delta_rows"] > 1000
     _assert_same_as(store, local)
     _push_both(store, local, rng, 6)  # the same rows again and new ones: folds happen on the way
     assert store.counters["folds"] >= 2
     _assert_same_as(store, local)
     store.close()
-    store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=1500, background_folds=False)
+    store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=1500, background_compaction=False)
     _assert_same_as(store, local)
     store.close()
 
@@ -112,7 +112,7 @@ def test_recent_rows_are_folded_before_rows_are_written_copied_or_moved(tmp_path
 
 def test_hot_rows_pushed_again_and_again_do_not_pile_up_segments(tmp_path):
     """The delta stays small (the same rows), but the stored segments are folded away all the same."""
-    store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=1000, background_folds=False)
+    store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=1000, background_compaction=False)
     store.create_table("t", SPEC)
     local = LocalTable(SPEC, layer_rows_for_spec(SPEC))
     ids = np.arange(100, 300)
@@ -124,11 +124,11 @@ def test_hot_rows_pushed_again_and_again_do_not_pile_up_segments(tmp_path):
     store.apply_gradients("t", 1, np.empty(0, dtype=np.int64), np.empty((0, SPEC.head_dim), np.float32), lr=0.01)
     with store.dbs.wal_env.begin() as txn:
         segments = sum(1 for _ in txn.cursor(db=store.dbs.delta))
-    assert store.counters["folds"] >= 2 and segments <= 4 * 1000 // ids.size + 1
+    assert store.counters["flushes"] >= 2 and segments <= 4 * 1000 // ids.size + 1
     _assert_same_as(store, local)
     store.close()
     # the count of stored rows survives a reopen
-    store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=1000, background_folds=False)
+    store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=1000, background_compaction=False)
     for _ in range(20):
         grads = rng.standard_normal((ids.size, SPEC.head_dim)).astype(np.float32)
         store.apply_gradients("t", 1, ids, grads, lr=0.01)
@@ -276,7 +276,7 @@ def test_concurrent_lookups_during_writes_see_whole_writes(store):
 @pytest.mark.parametrize("background", [True, False], ids=["background folds", "folds in the push"])
 def test_concurrent_lookups_during_pushes_and_folds_see_whole_pushes(tmp_path, background):
     """Readers see the table after some whole number of pushes (never part of one), while pushes are held and folded."""
-    store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=900, background_folds=background)
+    store = TableStore(tmp_path / "s", chunk_rows=512, max_delta_rows=900, background_compaction=background)
     store.create_table("t", SPEC)
     local = LocalTable(SPEC, layer_rows_for_spec(SPEC))
     all_ids = np.arange(local.num_rows(1))
@@ -305,7 +305,7 @@ def test_concurrent_lookups_during_pushes_and_folds_see_whole_pushes(tmp_path, b
         t.start()
     for ids, grads in pushes:
         store.apply_gradients("t", 1, ids, grads, lr=0.05)
-    store.writes.wait_for_folds()
+    store.compactor.wait()
     stop.set()
     for t in threads:
         t.join()

@@ -4,8 +4,10 @@
               b"next_table_id"      -> u32, big-endian
               b"shard_state"        -> JSON {"epoch", "owned": {table: {layer: [lo, hi]}}} (a shard of a pool)
     rows      (ROWS, table, version, layer, chunk) -> chunk_rows x head_dim raw rows (table dtype, little-endian)
-    opt       (OPT, table, version, layer, chunk)  -> opt_rows optimizer records (about a page); absent = zeros
+    opt       (OPT, table, version, layer, chunk)  -> opt_rows optimizer records; absent = zeros
+              b"runs:" + (table, version, layer) -> JSON run directory: [[run id, rows], ...] newest first
     maps      table id (u32, big-endian) -> int64 compression map (for token lookups)
+    runs      (table, version, layer, run, array, part) -> a sorted run's ids, rows or records (runs.py)
   in wal/ (the write-ahead environment, synced by every write):
     delta     (DELTA, table, version, layer, seq)  -> one push (or write): count, ids, rows, optimizer records
     requests  b"req:" + request id -> (version u64, unix time f64): writes already applied
@@ -14,9 +16,8 @@ Keys are big-endian (kind u8, table u32, version u32, layer u32, chunk u32), so 
 (table, version, layer) is one contiguous key range. Chunk values are larger than half a
 page: LMDB keeps each in whole overflow pages of its memory map, which never move while
 the value exists. That is what lets a lookup gather rows straight out of the map
-(snapshots.py) and a fold write pushed rows into them in place (write_path.py, mapped.py).
-Row chunks hold `chunk_rows` rows (4096 by default); optimizer chunks hold `opt_rows`
-records, sized to about a page so a push writes about a page of state per row.
+(snapshots.py). Chunks hold `chunk_rows` rows (4096 by default) and are rewritten only
+when compaction folds the sorted runs into them (compaction.py).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class Databases:
     rows: object
     opt: object
     maps: object
+    runs: object
     delta: object
     requests: object
 
@@ -88,7 +90,7 @@ def open_databases(path: Path, map_size: int = DEFAULT_MAP_SIZE, sync: bool = Tr
     wal_env = lmdb.open(str(Path(path) / "wal"), map_size=WAL_MAP_SIZE, max_dbs=4, subdir=True, sync=sync, metasync=sync,
                         max_readers=512, lock=True)
     dbs = Databases(env, wal_env, env.open_db(b"meta"), env.open_db(b"rows"), env.open_db(b"opt"), env.open_db(b"maps"),
-                    wal_env.open_db(b"delta"), wal_env.open_db(b"requests"))
+                    env.open_db(b"runs"), wal_env.open_db(b"delta"), wal_env.open_db(b"requests"))
     _move_log_of_older_stores(dbs)
     return dbs
 

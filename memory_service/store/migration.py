@@ -15,6 +15,7 @@ import numpy as np
 from memory_service.errors import FailedPrecondition, shown
 from memory_service.spec import EngramSpec
 from memory_service.store.catalog import Catalog
+from memory_service.store.compaction import Compactor
 from memory_service.store.layout import OPT, ROWS, Databases, chunk_key, parse_key, prefix_items
 from memory_service.store.ownership import Ownership
 from memory_service.store.snapshots import Snapshots
@@ -29,9 +30,15 @@ class ShardMoves:
     """Export, import and drop the chunks of row ranges that change shards."""
 
     def __init__(self, dbs: Databases, catalog: Catalog, ownership: Ownership, versions: Versions, writes: WritePath,
-                 snapshots: Snapshots):
+                 compactor: Compactor, snapshots: Snapshots):
         self.dbs, self.catalog, self.ownership, self.versions = dbs, catalog, ownership, versions
-        self.writes, self.snapshots = writes, snapshots
+        self.writes, self.compactor, self.snapshots = writes, compactor, snapshots
+
+    def _settle(self, meta: TableMeta, layers) -> None:
+        """Every version's recent rows and runs of some layers into their chunks (inside exclusive())."""
+        for version in meta.versions:
+            for layer in layers:
+                self.compactor.settle(meta, (meta.table_id, version, layer))
 
     def blueprint(self, name: str) -> dict:
         """What another shard needs to hold this table: spec, compression map, chunking, versions, active."""
@@ -62,8 +69,8 @@ class ShardMoves:
     def export_chunks(self, name: str, layer: int, start_row: int, stop_row: int) -> list[tuple[bytes, bytes]]:
         """Every version's chunks (rows and optimizer state) holding rows [start, stop): [(key suffix, value)]."""
         meta = self.catalog.info(name)
-        with self.writes.exclusive():  # recent rows into the chunks that travel (the rows are frozen meanwhile)
-            self.writes.fold_table(meta, layers={layer})
+        with self.compactor.exclusive():  # recent rows and runs into the chunks that travel (the rows are frozen)
+            self._settle(meta, [layer])
         out = []
         with self.dbs.env.begin() as txn:
             for version in meta.versions:
@@ -83,8 +90,8 @@ class ShardMoves:
         """
         meta = self.catalog.info(name)
         restructured = set()
-        with self.writes.exclusive():
-            self.writes.fold_table(meta)  # nothing recent may be laid over the chunks that arrive
+        with self.compactor.exclusive():
+            self._settle(meta, meta.layer_rows)  # nothing recent may be laid over the chunks that arrive
             with self.dbs.env.begin(write=True) as txn:
                 for suffix, value in chunks:
                     kind, version, layer, chunk = _SUFFIX.unpack(suffix)
@@ -95,8 +102,6 @@ class ShardMoves:
                         value = self._merged_records(txn, meta, key, chunk, value, start_row, stop_row)
                     txn.put(key, value, db=self.dbs.db_of(kind))
                     restructured.add((meta.table_id, version, layer))
-            for table_id, version, layer in restructured:
-                self.writes.state.forget(table_id, {version}, {layer})
             self.snapshots.committed(restructured)
         return len(chunks)
 
@@ -114,8 +119,8 @@ class ShardMoves:
         """Delete chunks holding no row this shard owns (after a move); returns how many."""
         meta = self.catalog.info(name)
         dropped, restructured = 0, set()
-        with self.writes.exclusive():  # one hold: no push or fold lands between fold and drop
-            self.writes.fold_table(meta)  # a later fold must not bring dropped chunks back
+        with self.compactor.exclusive():  # one hold: no push or compaction lands between settling and dropping
+            self._settle(meta, meta.layer_rows)  # later compaction must not bring dropped chunks back
             for layer in meta.layer_rows:
                 owned = self.ownership.owned_range(name, layer)
                 if owned is None:
@@ -131,6 +136,5 @@ class ShardMoves:
                                 txn.delete(key, db=db)
                             dropped += len(doomed)
                         restructured.add((meta.table_id, version, layer))
-                self.writes.state.forget(meta.table_id, layers={layer})
             self.snapshots.committed(restructured)
         return dropped

@@ -5,31 +5,30 @@ every committed write (Snapshots). A ChunkIndex turns every row id into an addre
 (chunk base + offset) and gathers all rows with one native call (or one vectorised
 `np.take`) over a zero-copy view of the mapped region. Never one LMDB get per row.
 
-Chunk values never move while they exist: pushed rows are written into their pages in
-place (write_path.py). So a chunk index, once built, serves every later snapshot until
-a structural change of its (table, version, layer) (a version created or dropped, chunks
-imported or dropped by a shard move) replaces it. Each snapshot keeps the recently pushed
-rows (row_delta.py) it started with, laid over the chunks, so a reader sees whole pushes
-only; MVCC gives the rest: a reader never sees half a write, and a lookup reads the
-active version and its rows from one snapshot, so a swap is atomic for readers too.
+A row is the chunk's, unless a sorted run holds a newer one (runs.py, laid over the
+chunks oldest first), unless the recent rows in RAM hold a newer one still (row_delta.py,
+laid over last). Each snapshot keeps the runs and recent rows it started with, so a
+reader sees whole pushes only; MVCC gives the rest: a reader never sees half a write, and
+a lookup reads the active version and its rows from one snapshot, so a swap is atomic
+for readers too. Stored values never move while they exist, so a chunk index, once
+built, serves every later snapshot: compaction that rewrites chunks marks just those for
+new snapshots to look up again (`committed(rewritten=...)`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import math
 import threading
-import time
 
 import numpy as np
 
 from memory_service import native
 from memory_service.errors import FailedPrecondition, NotFound, shown
 from memory_service.row_delta import RowDelta, row_bytes
-from memory_service.store.layout import PAGE_BYTES, ROWS, Databases, chunk_key
+from memory_service.store.layout import OPT, ROWS, Databases, chunk_key
+from memory_service.store.row_view import RowView
+from memory_service.store.runs import RECORDS, Key, RunView, read_directory
+from memory_service.store.runs import ROWS as RUN_ROWS
 from memory_service.table_meta import TableMeta, meta_key
-
-Key = tuple[int, int, int]  # (table id, version, layer)
 
 
 def _address(buf) -> int:
@@ -37,53 +36,30 @@ def _address(buf) -> int:
     return np.frombuffer(buf, dtype=np.uint8).__array_interface__["data"][0]
 
 
-class RowView:
-    """An immutable picture of resolved chunks: addresses, absent chunks, and one row view over [lo, hi).
-
-    Replaced as a whole (never mutated) when more chunks get resolved, so a gather that
-    took a RowView computes addresses and reads rows from the same picture.
-    """
-
-    __slots__ = ("addr", "missing", "any_missing", "complete", "lo", "unit", "region", "chunk_base")
-
-    def __init__(self, addr: np.ndarray, missing: np.ndarray, chunk_nbytes: int, row_nbytes: int):
-        self.addr, self.missing = addr, missing
-        self.any_missing = bool(missing.any())
-        self.complete = bool(np.all((addr >= 0) | missing))  # nothing left to resolve
-        self.lo, self.unit, self.region, self.chunk_base = 0, 0, None, None
-        known = addr[addr >= 0]
-        if known.size == 0:
-            return
-        lo, hi = int(known.min()), int(known.max()) + chunk_nbytes
-        unit = math.gcd(row_nbytes, PAGE_BYTES)
-        # chunk values start at a page boundary plus LMDB's page header: their distances are whole pages
-        assert not np.any((known - lo) % unit), "chunk values are not page-congruent"
-        raw = (ctypes.c_uint8 * (hi - lo)).from_address(lo)
-        region = np.frombuffer(raw, dtype=np.uint8)
-        region.flags.writeable = False
-        self.lo, self.unit = lo, unit
-        self.region = region[: (hi - lo) // unit * unit].reshape(-1, unit)
-        rows_per_chunk = chunk_nbytes // row_nbytes
-        units_per_row = row_nbytes // unit
-        # item index of row r = chunk_base[r // rows_per_chunk] + r * units_per_row
-        self.chunk_base = (addr - lo) // unit - np.arange(addr.size, dtype=np.int64) * rows_per_chunk * units_per_row
-
-
 class ChunkIndex:
-    """Row chunk addresses of one (table, version, layer), resolved lazily; shared by the snapshots of one structure."""
+    """Chunk addresses of one (table, version, layer) and kind (ROWS: rows, OPT: optimizer records, absent = zeros),
+    resolved lazily; shared by the snapshots in which those chunks did not change."""
 
-    def __init__(self, meta: TableMeta, version: int, layer: int):
+    def __init__(self, meta: TableMeta, version: int, layer: int, kind: int = ROWS, view: RowView | None = None):
         self.meta = meta
         self.version = version
         self.layer = layer
-        self.chunk_rows = meta.chunk_rows
-        self.row_nbytes = meta.row_nbytes
-        self.chunk_nbytes = meta.chunk_rows * self.row_nbytes
-        self.chunk_shift = meta.chunk_rows.bit_length() - 1 if meta.chunk_rows & (meta.chunk_rows - 1) == 0 else 0
-        num_chunks = meta.num_chunks(layer)
+        self.kind = kind
+        self.chunk_rows = meta.chunk_rows if kind == ROWS else meta.opt_rows
+        self.row_nbytes = meta.row_nbytes if kind == ROWS else meta.opt_record.itemsize
+        self.chunk_nbytes = self.chunk_rows * self.row_nbytes
+        self.chunk_shift = self.chunk_rows.bit_length() - 1 if self.chunk_rows & (self.chunk_rows - 1) == 0 else 0
+        num_chunks = meta.num_chunks(layer) if kind == ROWS else meta.num_opt_chunks(layer)
         self._lock = threading.Lock()
-        self.view = RowView(np.full(num_chunks, -1, dtype=np.int64), np.zeros(num_chunks, dtype=bool),
-                            self.chunk_nbytes, self.row_nbytes)
+        self.view = view or RowView(np.full(num_chunks, -1, dtype=np.int64), np.zeros(num_chunks, dtype=bool),
+                                    self.chunk_nbytes, self.row_nbytes)
+
+    def without(self, chunks: np.ndarray) -> "ChunkIndex":
+        """A copy in which the given (rewritten) chunks are to be looked up again."""
+        addr, missing = self.view.addr.copy(), self.view.missing.copy()
+        addr[chunks], missing[chunks] = -1, False
+        return ChunkIndex(self.meta, self.version, self.layer, self.kind,
+                          RowView(addr, missing, self.chunk_nbytes, self.row_nbytes))
 
     def resolve(self, chunks: np.ndarray, snapshot: "Snapshot") -> RowView:
         """A view in which every given chunk is resolved (one LMDB get per newly seen chunk, in the snapshot's txn)."""
@@ -97,8 +73,8 @@ class ChunkIndex:
                 return view
             addr, missing = view.addr.copy(), view.missing.copy()
             for chunk in need.tolist():
-                buf = snapshot.txn.get(chunk_key(ROWS, self.meta.table_id, self.version, self.layer, chunk),
-                                       db=snapshot.dbs.rows)
+                buf = snapshot.txn.get(chunk_key(self.kind, self.meta.table_id, self.version, self.layer, chunk),
+                                       db=snapshot.dbs.db_of(self.kind))
                 if buf is None:
                     missing[chunk] = True
                     continue
@@ -109,13 +85,6 @@ class ChunkIndex:
                 addr[chunk] = _address(buf)
             self.view = RowView(addr, missing, self.chunk_nbytes, self.row_nbytes)
             return self.view
-
-    def addresses(self, ids: np.ndarray, snapshot: "Snapshot") -> np.ndarray:
-        """int64 [N]: the map address of every row id (-1 where its chunk is absent)."""
-        chunks = ids >> self.chunk_shift if self.chunk_shift else ids // self.chunk_rows
-        view = self.resolve(np.unique(chunks), snapshot)
-        base = view.addr[chunks]
-        return np.where(base >= 0, base + (ids - chunks * self.chunk_rows) * self.row_nbytes, -1)
 
     def gather(self, ids: np.ndarray, out: np.ndarray, snapshot: "Snapshot") -> None:
         """out[i] = row ids[i]; ids int64 [N] in range, out [N, head_dim] in the table dtype, C-contiguous."""
@@ -155,6 +124,7 @@ class Snapshot:
         self.refs = 0
         self.retired = False
         self.metas: dict[str, TableMeta] = {}  # tables found; misses are not kept (any number of names may be asked)
+        self._runs: dict[Key, list[RunView]] = {}
         self._snapshots = snapshots
 
     def meta(self, name: str) -> TableMeta:
@@ -168,16 +138,31 @@ class Snapshot:
                 meta = self.metas[name] = TableMeta.from_json(blob)
         return meta
 
-    def index(self, meta: TableMeta, version: int, layer: int) -> ChunkIndex:
-        """The row chunk index of (table, version, layer) valid in this snapshot."""
-        return self._snapshots.index_for(self, meta, version, layer)
+    def index(self, meta: TableMeta, version: int, layer: int, kind: int = ROWS) -> ChunkIndex:
+        """The chunk index of (table, version, layer) and kind valid in this snapshot."""
+        return self._snapshots.index_for(self, meta, version, layer, kind)
 
-    def gather(self, meta: TableMeta, version: int, layer: int, ids: np.ndarray, out: np.ndarray) -> None:
-        """out[i] = current row of ids[i]: the chunks with the recent rows laid over them."""
-        self.index(meta, version, layer).gather(ids, out, self)
+    def runs(self, meta: TableMeta, version: int, layer: int) -> list[RunView]:
+        """The layer's sorted runs as of this snapshot, oldest first."""
+        key = (meta.table_id, version, layer)
+        runs = self._runs.get(key)
+        if runs is None:
+            with self.lock:
+                infos, _ = read_directory(self.txn, self.dbs, key)
+                runs = self._runs[key] = [self._snapshots.run_view(self.txn, key, info, meta) for info in reversed(infos)]
+        return runs
+
+    def gather(self, meta: TableMeta, version: int, layer: int, ids: np.ndarray, out: np.ndarray, kind: int = ROWS) -> None:
+        """out[i] = current row (kind OPT: optimizer record) of ids[i]: the chunks, then the runs, then the recent rows."""
+        if ids.size == 0:
+            return
+        self.index(meta, version, layer, kind).gather(ids, out, self)
+        out_bytes = row_bytes(out)
+        for run in self.runs(meta, version, layer):
+            run.overlay(ids, out_bytes, RUN_ROWS if kind == ROWS else RECORDS)
         delta = self.deltas.get((meta.table_id, version, layer))
         if delta is not None:
-            delta.overlay(ids, out)
+            delta.overlay(ids, out, opt=kind == OPT)
 
     def close(self) -> None:
         """End the read transaction (only once no lookup uses it)."""
@@ -190,12 +175,12 @@ class Snapshots:
     def __init__(self, dbs: Databases):
         self.dbs = dbs
         self.deltas: dict[Key, RowDelta] = {}  # (table id, version, layer) -> recent rows
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
         self._current: Snapshot | None = None
         self._generation = 0
-        self._open: set[Snapshot] = set()  # snapshots not yet closed
-        self._indexes: dict[Key, tuple[ChunkIndex, int]] = {}  # -> (index, first generation it is valid for)
-        self._restructured: dict[Key, int] = {}  # generation of each key's last structural change
+        self._indexes: dict[tuple, tuple[ChunkIndex, int]] = {}  # (key, kind) -> (index, first generation it is valid for)
+        self._restructured: dict[tuple, int] = {}  # generation of each (key, kind)'s last structural change
+        self._run_views: dict[tuple, RunView] = {}  # (key, run) -> views of a run's arrays (a run never changes)
 
     def acquire(self) -> Snapshot:
         """The snapshot of the latest commit (opened if needed); release() it after use."""
@@ -205,7 +190,6 @@ class Snapshots:
                 if snap is not None:
                     self._retire(snap)
                 snap = self._current = Snapshot(self, self._generation)
-                self._open.add(snap)
             snap.refs += 1
             return snap
 
@@ -213,35 +197,57 @@ class Snapshots:
         """Done with a snapshot from acquire()."""
         with self._lock:
             snap.refs -= 1
-            if snap.refs == 0:
-                if snap.retired:
-                    self._close(snap)
-                self._lock.notify_all()
+            if snap.refs == 0 and snap.retired:
+                self._close(snap)
 
-    def index_for(self, snap: Snapshot, meta: TableMeta, version: int, layer: int) -> ChunkIndex:
-        """The shared chunk index of a key, if it is valid at the snapshot's generation; else a new one (shared when
-        no structural change happened since the snapshot began)."""
-        key = (meta.table_id, version, layer)
+    def index_for(self, snap: Snapshot, meta: TableMeta, version: int, layer: int, kind: int = ROWS) -> ChunkIndex:
+        """The shared chunk index of a key and kind, if it is valid at the snapshot's generation; else a new one
+        (shared when no structural change happened since the snapshot began)."""
+        slot = ((meta.table_id, version, layer), kind)
         with self._lock:
-            entry = self._indexes.get(key)
+            entry = self._indexes.get(slot)
             if entry is not None and entry[1] <= snap.generation:
                 return entry[0]
-            index = ChunkIndex(meta, version, layer)
-            since = self._restructured.get(key, 0)
+            index = ChunkIndex(meta, version, layer, kind)
+            since = self._restructured.get(slot, 0)
             if entry is None and since <= snap.generation:  # valid from the last structural change on
-                self._indexes[key] = (index, since)
+                self._indexes[slot] = (index, since)
             return index
 
-    def committed(self, restructured: set[Key] | None = None) -> None:
-        """A write committed: lookups from now on take a new snapshot. `restructured`: keys whose chunks were created,
-        replaced or deleted (their chunk indexes are rebuilt for the new snapshots)."""
+    def run_view(self, txn, key: Key, info, meta: TableMeta) -> RunView:
+        """Views of a run's arrays (built once: a stored run never moves or changes)."""
+        view = self._run_views.get((key, info.run))
+        if view is None:
+            view = self._run_views[(key, info.run)] = RunView(txn, self.dbs, key, info, meta.row_nbytes,
+                                                             meta.opt_record.itemsize)
+        return view
+
+    def committed(self, restructured: set[Key] | None = None, rewritten: dict[tuple, np.ndarray] | None = None,
+                  dropped_runs: list[tuple] | None = None) -> None:
+        """A write committed: lookups from now on take a new snapshot.
+
+        restructured: keys whose chunks were created, replaced or deleted wholesale (their chunk
+        indexes are rebuilt); rewritten: {(key, kind): chunks} rewritten in place of themselves
+        (just those are looked up again); dropped_runs: (key, run) no longer listed anywhere.
+        """
         with self._lock:
             self._generation += 1
+            if self._current is not None and self._current.refs == 0:  # an idle snapshot would keep LMDB from reusing
+                self._retire(self._current)                            # the pages this commit freed
+                self._current = None
             for key in restructured or ():
-                self._indexes.pop(key, None)
-                self._restructured[key] = self._generation
+                for kind in (ROWS, OPT):
+                    self._indexes.pop((key, kind), None)
+                    self._restructured[(key, kind)] = self._generation
+            for slot, chunks in (rewritten or {}).items():
+                entry = self._indexes.get(slot)
+                if entry is not None:
+                    self._indexes[slot] = (entry[0].without(chunks), self._generation)
+                self._restructured[slot] = self._generation
+            for run in dropped_runs or ():
+                self._run_views.pop(run, None)
 
-    def publish(self, key: Key, delta: RowDelta | None, restructured: set[Key] | None = None) -> None:
+    def publish(self, key: Key, delta: RowDelta | None) -> None:
         """Replace (or with None, forget) a layer's recent rows; snapshots taken from now on see them."""
         deltas = dict(self.deltas)
         if delta is None:
@@ -250,21 +256,7 @@ class Snapshots:
             deltas[key] = delta
         with self._lock:
             self.deltas = deltas
-        self.committed(restructured)
-
-    def wait_for_readers_without(self, key: Key, delta: RowDelta, timeout_s: float) -> bool:
-        """Wait until no snapshot in use lacks the rows of `delta` for `key` (it would see rows being written in place);
-        False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        with self._lock:
-            while True:
-                busy = [s for s in self._open if s.refs > 0 and not (s.deltas.get(key) and s.deltas[key].holds_all_of(delta))]
-                if not busy:
-                    return True
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._lock.wait(left)
+        self.committed()
 
     def close(self) -> None:
         """End the current snapshot (as soon as no lookup uses it)."""
@@ -279,5 +271,4 @@ class Snapshots:
             self._close(snap)
 
     def _close(self, snap: Snapshot) -> None:
-        self._open.discard(snap)
         snap.close()

@@ -7,7 +7,8 @@ of its parts, each in a module of its own:
     snapshots.py   the shared read snapshot; rows gathered out of the memory map
     catalog.py     table metadata and compression maps
     versions.py    create, copy, swap, roll back and drop tables and versions
-    write_path.py  rows written, gradient pushes (row-wise Adam), folding pushes into chunks
+    write_path.py  rows written and gradient pushes (row-wise Adam), logged, then held in RAM
+    compaction.py  recent rows to sorted runs (runs.py), runs merged, runs folded into the chunks
     ledger.py      request ids of applied writes (a retried write is applied once)
     ownership.py   the rows a shard of a pool owns, and those frozen while they move
     migration.py   chunks exported to and imported from other shards
@@ -25,11 +26,10 @@ from memory_service.errors import InvalidArgument, ResourceExhausted
 from memory_service.row_optim import RowAdamConfig
 from memory_service.spec import EngramSpec
 from memory_service.store.catalog import Catalog
+from memory_service.store.compaction import Compactor
 from memory_service.store.layout import DEFAULT_MAP_SIZE, PAGE_BYTES, ROWS, open_databases, prefix_items
 from memory_service.store.ledger import RequestLedger
-from memory_service.store.mapped import WritableMap
 from memory_service.store.migration import ShardMoves
-from memory_service.store.optimizer_state import OptimizerState
 from memory_service.store.ownership import Ownership
 from memory_service.store.snapshots import Snapshots
 from memory_service.store.versions import Versions
@@ -42,26 +42,26 @@ class TableStore:
 
     def __init__(self, path: str | Path, map_size: int = DEFAULT_MAP_SIZE, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                  optimizer: RowAdamConfig | None = None, sync: bool = True, max_delta_rows: int = DEFAULT_MAX_DELTA_ROWS,
-                 background_folds: bool = True):
-        """background_folds=False folds in the push that passes the bound (deterministic, for tests)."""
+                 background_compaction: bool = True):
+        """background_compaction=False compacts in the push that passes the bound (deterministic, for tests)."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.dbs = open_databases(self.path, map_size, sync)
         self._write_lock = threading.RLock()  # one writer at a time
         self.counters = {"lookups": 0, "rows_served": 0, "writes": 0, "rows_written": 0, "gradient_pushes": 0,
-                         "rows_updated": 0, "folds_started": 0, "folds": 0}
+                         "rows_updated": 0, "compactions_started": 0, "compactions": 0, "flushes": 0, "merges": 0, "folds": 0}
         self.catalog = Catalog(self.dbs)
         self.ownership = Ownership(self.dbs, self._write_lock)
         self.ledger = RequestLedger(self.dbs)
         self.snapshots = Snapshots(self.dbs)
-        self.mapped = WritableMap(self.path, map_size)
-        self.state = OptimizerState(self.dbs, self.mapped)
-        self.writes = WritePath(self.dbs, self.catalog, self.ownership, self.ledger, self.snapshots, self.state, self.mapped,
-                                self._write_lock, optimizer or RowAdamConfig(), max_delta_rows, self.counters,
-                                background=background_folds)
-        self.versions = Versions(self.dbs, self.catalog, self.ownership, self.snapshots, self.writes, self._write_lock,
-                                 chunk_rows)
-        self.moves = ShardMoves(self.dbs, self.catalog, self.ownership, self.versions, self.writes, self.snapshots)
+        self.compactor = Compactor(self.dbs, self.catalog, self.snapshots, self._write_lock, max_delta_rows, self.counters,
+                                   background=background_compaction)
+        self.writes = WritePath(self.dbs, self.catalog, self.ownership, self.ledger, self.snapshots, self.compactor,
+                                self._write_lock, optimizer or RowAdamConfig(), self.counters)
+        self.versions = Versions(self.dbs, self.catalog, self.ownership, self.snapshots, self.writes, self.compactor,
+                                 self._write_lock, chunk_rows)
+        self.moves = ShardMoves(self.dbs, self.catalog, self.ownership, self.versions, self.writes, self.compactor,
+                                self.snapshots)
         self.writes.load()
 
     # ------------------------------------------------------------------ tables and versions (versions.py)
@@ -147,10 +147,13 @@ class TableStore:
 
     def optimizer_state(self, name: str, layer: int, row_ids, version: int = 0) -> np.ndarray:
         """Adam records (m, v, step) of rows (for tests and export)."""
-        with self._write_lock:
-            meta = self.catalog.info(name)
+        snap = self.snapshots.acquire()
+        try:
+            meta = snap.meta(name)
             ids = check_row_ids(row_ids, meta.check_request(layer, None), layer)
-            return self.writes.records(meta, meta.resolve_version(version), layer, ids)
+            return self.writes.records(meta, meta.resolve_version(version), layer, ids, snap)
+        finally:
+            self.snapshots.release(snap)
 
     # ------------------------------------------------------------------ writes (write_path.py, ledger.py)
     def write_rows(self, name: str, layer: int, row_ids, rows, version: int = 0, fingerprint: str | None = None,
@@ -235,8 +238,7 @@ class TableStore:
 
     def close(self) -> None:
         """Close the environment (after ending the shared snapshot)."""
-        self.writes.close()
+        self.compactor.close()
         self.snapshots.close()
-        self.mapped.close()
         self.dbs.env.close()
         self.dbs.wal_env.close()

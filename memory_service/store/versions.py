@@ -16,9 +16,9 @@ import numpy as np
 
 from memory_service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, shown
 from memory_service.row_init import init_rows
-from memory_service.row_optim import record_dtype
 from memory_service.spec import EngramSpec
 from memory_service.store.catalog import Catalog
+from memory_service.store.compaction import Compactor
 from memory_service.store.layout import (
     DELTA,
     MAX_CHUNK_BYTES,
@@ -32,9 +32,10 @@ from memory_service.store.layout import (
     prefix_items,
 )
 from memory_service.store.ownership import Ownership
+from memory_service.store.runs import delete_runs_of
 from memory_service.store.snapshots import Snapshots
 from memory_service.store.write_path import WritePath
-from memory_service.table_meta import TableMeta, check_table_name, layer_rows_for_spec, records_per_chunk
+from memory_service.table_meta import TableMeta, check_table_name, layer_rows_for_spec
 
 MAX_CHUNK_ROWS = 1 << 20
 
@@ -50,8 +51,9 @@ class Versions:
     """Table and version lifecycle of one store (every method takes the store's writer lock)."""
 
     def __init__(self, dbs: Databases, catalog: Catalog, ownership: Ownership, snapshots: Snapshots, writes: WritePath,
-                 write_lock: threading.RLock, default_chunk_rows: int):
+                 compactor: Compactor, write_lock: threading.RLock, default_chunk_rows: int):
         self.dbs, self.catalog, self.ownership, self.snapshots, self.writes = dbs, catalog, ownership, snapshots, writes
+        self.compactor = compactor
         self.write_lock = write_lock
         self.default_chunk_rows = default_chunk_rows
 
@@ -86,8 +88,7 @@ class Versions:
                     raise AlreadyExists(f"table {shown(name)} already exists")
                 table_id = self.catalog.next_table_id(txn)
             meta = TableMeta(name=name, table_id=table_id, spec=spec, chunk_rows=chunk_rows, layer_rows=layer_rows,
-                             has_compression=cmap is not None,
-                             opt_chunk_rows=records_per_chunk(record_dtype(spec.head_dim).itemsize))
+                             has_compression=cmap is not None)
             version = meta.add_version("init" if init_std else "empty")
             self._fill(meta, version, init_std, init_seed)
             meta.active = version
@@ -142,12 +143,13 @@ class Versions:
         """New (inactive) version: a copy of another (0: the active one; rows and optimizer state), seeded rows, or zeros."""
         if init_std is not None:
             check_init_std(init_std)
-        with self.writes.exclusive():  # no fold or push lands between folding the source and copying it
+        with self.compactor.exclusive():  # no compaction or push lands between settling the source and copying it
             meta = self.catalog.info(name)
             if copy_of is not None:
                 source = meta.resolve_version(copy_of)
                 version = meta.add_version(f"copy of {source}")
-                self.writes.fold_table(meta, versions={source})  # the copy takes chunks only
+                for layer in meta.layer_rows:  # the copy takes chunks only
+                    self.compactor.settle(meta, (meta.table_id, source, layer))
                 self._copy(meta, source, version)
             else:
                 version = meta.add_version("init" if init_std else "empty")
@@ -180,7 +182,9 @@ class Versions:
                 cursor.putmulti(items)
 
     def _delete_chunks(self, table_id: int, version: int, batch: int = 1024) -> None:
-        """Delete a version's chunks and pushed segments, a batch of keys per transaction."""
+        """Delete a version's chunks, runs and logged segments, a batch of keys per transaction."""
+        with self.dbs.env.begin(write=True) as txn:
+            delete_runs_of(txn, self.dbs, table_id, version)
         for kind in (ROWS, OPT, DELTA):
             db = self.dbs.db_of(kind)
             while True:
@@ -229,7 +233,7 @@ class Versions:
 
     def drop_version(self, name: str, version: int) -> None:
         """Delete an inactive version's rows and optimizer state."""
-        with self.writes.exclusive():  # no fold writes into chunks being dropped
+        with self.compactor.exclusive():  # no compaction writes into what is being dropped
             with self.dbs.env.begin(write=True) as txn:
                 meta = self.catalog.read(txn, name)
                 if version not in meta.versions:
@@ -247,7 +251,7 @@ class Versions:
 
     def drop_table(self, name: str) -> None:
         """Delete a table set with all its versions."""
-        with self.writes.exclusive():  # no fold writes into chunks being dropped
+        with self.compactor.exclusive():  # no compaction writes into what is being dropped
             with self.dbs.env.begin(write=True) as txn:
                 meta = self.catalog.read(txn, name)
                 self.catalog.delete(txn, meta)
