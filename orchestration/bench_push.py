@@ -101,11 +101,16 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
             return time.perf_counter() - started
 
 
-        log("warming up: pushes until both stores compacted once ...")
+        def folds(name: str) -> int:
+            return int(clients[name].stats()[0]["folds"])
+
+        log("warming up: pushes until both tables folded their runs into the chunks once ...")
         warm_up = 0
-        while min(c.stats()[0]["compactions"] for c in clients.values()) < 1 and warm_up < 100:
+        while min(folds(name) for name in sizes) < 1:
             for name in sizes:
-                push(name)
+                if folds(name) < 1:
+                    push(name)
+                    _settle(clients[name])
             warm_up += 1
 
         reader = MemoryClient(servers["target"][1], "t", deadline_s=600)
@@ -129,11 +134,15 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
         lookups.clear()
         thread = threading.Thread(target=read_loop)
         thread.start()
-        log(f"{pushes} timed pushes per table in blocks of {BLOCK_PUSHES}, taking turns, lookups running beside them ...")
+        log(f"timed: blocks of {BLOCK_PUSHES} pushes per table, taking turns, until the bigger table folded again and at "
+            f"least {pushes} pushes each, lookups running beside them ...")
         times = {name: [] for name in sizes}  # per push, over a block and the compaction it started
         latencies = {name: [] for name in sizes}  # each push alone
         windows: list[tuple[float, float]] = []  # the target's blocks
-        for i in range(max(1, pushes // BLOCK_PUSHES)):
+        target_folds = folds("target")
+        i = 0
+        while i * BLOCK_PUSHES < pushes or folds("target") <= target_folds:  # a whole compaction cycle of the big table
+            i += 1
             for name in (list(sizes) if i % 2 else list(sizes)[::-1]):
                 began = time.perf_counter()
                 latencies[name].extend(push(name) for _ in range(BLOCK_PUSHES))
@@ -163,7 +172,8 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
     record_nbytes = record_dtype(dim).itemsize
     mean = {name: float(np.mean(t)) for name, t in times.items()}
     result = {
-        "table_rows": table_rows, "dim": dim, "dtype": dtype, "push_rows": push_rows, "pushes": pushes, "warm_up": warm_up,
+        "table_rows": table_rows, "dim": dim, "dtype": dtype, "push_rows": push_rows, "pushes": len(latencies["target"]),
+        "warm_up": warm_up,
         "mean_ms": {k: v * 1e3 for k, v in mean.items()},
         "push_p50_ms": {k: float(np.median(t)) * 1e3 for k, t in latencies.items()},
         "push_p99_ms": {k: float(np.percentile(t, 99)) * 1e3 for k, t in latencies.items()},
@@ -172,9 +182,10 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
         "row_plus_record_bytes": row_nbytes + record_nbytes,
         "lookups": {"alone": _percentiles(alone), **{f"beside_{k}": _percentiles(v) for k, v in during.items()}},
     }
-    lines = [f"push bench: {pushes} pushes of ~{push_rows:,} uniform rows (row-wise Adam) to each of two tables over gRPC, "
-             f"in blocks of {BLOCK_PUSHES} taking turns (a block's time includes the compaction it started), after "
-             f"{warm_up} warm-up rounds"]
+    timed = len(latencies["target"])
+    lines = [f"push bench: {timed} pushes of ~{push_rows:,} uniform rows (row-wise Adam) to each of two tables over gRPC, "
+             f"in blocks of {BLOCK_PUSHES} taking turns (a block's time includes the compaction it started), spanning a "
+             f"whole compaction cycle of the bigger table (to its next fold), after {warm_up} warm-up rounds"]
     for name in sizes:
         lines.append(f"  {table_rows[name]:>13,} rows   {result['mean_ms'][name]:7.1f} ms per push (compaction included)   "
                      f"one push p50 {result['push_p50_ms'][name]:6.1f} ms, p99 {result['push_p99_ms'][name]:6.1f} ms   "

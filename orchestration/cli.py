@@ -41,7 +41,7 @@ def _bench(args) -> int:
     elif args.what == "push":
         from orchestration.bench_push import bench_push
 
-        result = bench_push(args.rows, args.dim, args.dtype, args.batch, args.repeats, log=log)
+        result = bench_push(args.rows, args.dim, args.dtype, args.batch, args.repeats, args.baseline_rows, log=log)
     elif args.what == "step":
         result = bench.bench_step(args.preset, args.steps)
     else:
@@ -258,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--batch", type=int, help="lookup: ids per batch (default 262144); push: rows per push (default 5400)")
     p.add_argument("--path", help="lookup: store directory to create or reuse (default: a temporary one)")
+    p.add_argument("--baseline-rows", type=int, default=1 << 20, help="push: rows of the table the cost is compared with")
     p.add_argument("--repeats", type=int, help="timed rounds (default: hash 5, lookup 15, push 30)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)

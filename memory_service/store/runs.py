@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from memory_service import native
-from memory_service.store.layout import Databases
+from memory_service.store.layout import PAGE_BYTES, Databases
 from memory_service.store.row_view import RowView
 
 Key = tuple[int, int, int]  # (table id, version, layer)
@@ -64,11 +64,21 @@ def write_directory(txn, dbs: Databases, key: Key, runs: list[RunInfo], next_run
 
 def _view(buf, dtype, shape) -> np.ndarray:
     """A read-only array over a stored value, by its address: valid as long as the value exists in the reader's
-    snapshot (stored values never move), not only while the transaction that found it is open."""
+    snapshot, not only while the transaction that found it is open. That holds for values of a page or more,
+    which LMDB keeps in pages of their own that never move (smaller ones sit in B-tree pages that do): the
+    writer pads every run value to a page."""
+    assert len(buf) >= PAGE_BYTES, "run values are padded to a page"
     address = np.frombuffer(buf, dtype=np.uint8).__array_interface__["data"][0]
-    array = np.frombuffer((ctypes.c_uint8 * len(buf)).from_address(address), dtype=dtype).reshape(shape)
+    count = int(np.prod(shape))
+    array = np.frombuffer((ctypes.c_uint8 * len(buf)).from_address(address), dtype=dtype, count=count).reshape(shape)
     array.flags.writeable = False
     return array
+
+
+def _padded(data: np.ndarray) -> np.ndarray:
+    """Bytes of an array, zero-padded to at least a page (so LMDB stores them in pages of their own)."""
+    flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    return flat if flat.size >= PAGE_BYTES else np.concatenate([flat, np.zeros(PAGE_BYTES - flat.size, np.uint8)])
 
 
 class RunView:
@@ -81,7 +91,7 @@ class RunView:
         self.parts, self.views = {}, {}
         for array, nbytes in ((ROWS, row_nbytes), (RECORDS, record_nbytes)):
             bufs = [txn.get(run_key(key, info.run, array, p), db=dbs.runs) for p in range(parts)]
-            self.parts[array] = [_view(buf, np.uint8, (len(buf) // nbytes, nbytes)) for buf in bufs]
+            self.parts[array] = [_view(buf, np.uint8, (len(buf) // nbytes, nbytes)) for buf in bufs]  # the last may be padded
             addresses = np.array([p.__array_interface__["data"][0] for p in self.parts[array]], dtype=np.int64)
             self.views[array] = RowView(addresses, np.zeros(parts, dtype=bool), PART_ROWS * nbytes, nbytes)
 
@@ -172,8 +182,7 @@ class RunWriter:
         with self.dbs.env.begin(write=True) as txn:
             for array in (ROWS, RECORDS):
                 whole = np.concatenate(self._pending[array]) if len(self._pending[array]) > 1 else self._pending[array][0]
-                txn.put(run_key(self.key, self.run, array, self._parts), np.ascontiguousarray(whole[:rows_in_part]).data,
-                        db=self.dbs.runs)
+                txn.put(run_key(self.key, self.run, array, self._parts), _padded(whole[:rows_in_part]).data, db=self.dbs.runs)
                 self._pending[array] = [whole[rows_in_part:]] if whole.shape[0] > rows_in_part else []
         self._buffered -= rows_in_part
         self._parts += 1
@@ -182,10 +191,10 @@ class RunWriter:
         """Write the last part and the ids inside `txn` (which also lists the run); returns its directory entry."""
         for array in (ROWS, RECORDS):
             if self._pending[array]:
-                whole = np.concatenate(self._pending[array])
-                txn.put(run_key(self.key, self.run, array, self._parts), np.ascontiguousarray(whole).data, db=self.dbs.runs)
+                whole = _padded(np.concatenate(self._pending[array]))
+                txn.put(run_key(self.key, self.run, array, self._parts), whole.data, db=self.dbs.runs)
         ids = np.concatenate(self._ids) if self._ids else np.empty(0, np.int64)
-        txn.put(run_key(self.key, self.run, IDS), ids.astype("<i8").tobytes(), db=self.dbs.runs)
+        txn.put(run_key(self.key, self.run, IDS), _padded(ids.astype("<i8")).data, db=self.dbs.runs)
         return RunInfo(self.run, self.count)
 
 
