@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from memory_service.errors import InvalidArgument
+from memory_service.row_dtypes import is_floating
 from memory_service.spec import EngramSpec
 
 
@@ -76,7 +77,7 @@ def check_gradients(ids: np.ndarray, grads, head_dim: int) -> np.ndarray:
     g = np.asarray(grads)
     if g.shape != (ids.shape[0], head_dim):
         raise InvalidArgument(f"gradients must be [{ids.shape[0]}, {head_dim}] for {ids.shape[0]} ids, got {list(g.shape)}")
-    if not np.issubdtype(g.dtype, np.floating):
+    if not is_floating(g.dtype):
         raise InvalidArgument(f"gradients must be floating point, got dtype {g.dtype}")
     if np.unique(ids).size != ids.size:
         raise InvalidArgument("gradient row ids must be unique (sum duplicate rows' gradients first)")

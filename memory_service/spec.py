@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Row dtypes a table may store. Rows travel as raw little-endian bytes of this dtype.
-ROW_DTYPES = ("float32", "float16")
+from memory_service.row_dtypes import ROW_DTYPES, row_dtype
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
 
@@ -166,7 +165,7 @@ class EngramSpec:
     @property
     def row_nbytes(self) -> int:
         """Bytes of one row in the table dtype."""
-        return self.head_dim * np.dtype(self.dtype).itemsize
+        return self.head_dim * row_dtype(self.dtype).itemsize
 
     # ------------------------------------------------------------- identity
     def canonical(self) -> dict:

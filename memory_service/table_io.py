@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from memory_service.errors import InvalidArgument
+from memory_service.row_dtypes import BFLOAT16, is_floating
 
 REFERENCE_KEY = "multi_head_embedding.embedding.weight"
 
@@ -53,22 +54,28 @@ def read_table_file(path: str | Path, key: str | None = None, mmap: bool = True)
             rows = _pick({k: v for k, v in state.items() if torch.is_tensor(v)}, key, path)
         else:
             raise InvalidArgument(f"{path} is neither a tensor nor a state dict")
-        rows = rows.detach().float().numpy() if rows.dtype == torch.bfloat16 else rows.detach().numpy()
+        rows = rows.detach().contiguous()
+        rows = rows.view(torch.int16).numpy().view(BFLOAT16) if rows.dtype == torch.bfloat16 else rows.numpy()
     else:
         raise InvalidArgument(f"unsupported table file {path.name}: use .npy, .safetensors or a torch .pt/.pth/.bin")
     if rows.ndim != 2:
         raise InvalidArgument(f"table in {path} must be 2-D [rows, head_dim], got shape {list(rows.shape)}")
+    if not is_floating(rows.dtype):
+        raise InvalidArgument(f"table in {path} must hold floating-point rows, got dtype {rows.dtype} (a bfloat16 .npy "
+                              f"saves as opaque 2-byte voids: export float32 or use .safetensors)")
     return rows
 
 
 def write_table_file(path: str | Path, layers: dict[int, np.ndarray]) -> None:
-    """Write rows per layer: .npy (one layer) or .safetensors (keys 'layer.<id>')."""
+    """Write rows per layer: .npy (one layer; bfloat16 as float32) or .safetensors (keys 'layer.<id>', BF16 kept)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".npy":
         if len(layers) != 1:
             raise InvalidArgument(".npy holds one layer; pick --layer or use .safetensors")
-        np.save(path, next(iter(layers.values())), allow_pickle=False)
+        rows = next(iter(layers.values()))
+        # .npy has no bfloat16 (numpy would write opaque 2-byte voids): bf16 rows widen to float32, exactly.
+        np.save(path, rows.astype(np.float32) if rows.dtype == BFLOAT16 else rows, allow_pickle=False)
     elif suffix == ".safetensors":
         from safetensors.numpy import save_file
 

@@ -7,9 +7,10 @@ import ctypes
 import numpy as np
 
 from memory_service.errors import InvalidArgument
+from memory_service.row_dtypes import BFLOAT16
 from protos import engram_pb2 as pb
 
-DTYPE_TO_ENUM = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "int64": pb.INT64}
+DTYPE_TO_ENUM = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, BFLOAT16.name: pb.BFLOAT16, "int64": pb.INT64}
 ENUM_TO_DTYPE = {v: np.dtype(k).newbyteorder("<") for k, v in DTYPE_TO_ENUM.items()}
 
 # Every message, header included, fits in gRPC's default 4 MiB, so any language's default client reads it.

@@ -4,7 +4,7 @@ A step's lookups for every Engram layer go out at once (EngramRowFetcher.fetch w
 prefetch). A single staging thread then takes the replies in layer order as they
 arrive and turns each into the tensor the layer consumes:
 
-- on CPU: float32 rows (the fp16 -> fp32 cast runs here, not in the forward pass);
+- on CPU: float32 rows (the fp16/bf16 -> fp32 cast runs here, not in the forward pass);
 - on CUDA: the table-dtype rows are copied into pinned host memory and sent to the GPU
   on a side stream, cast to float32 there, and an event is recorded. The layer makes
   the compute stream wait for that event (a GPU-side wait: the host does not block once
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from model_worker.device import host_tensor
 
 
 @dataclass
@@ -55,7 +57,7 @@ class RowStager:
         rows, version = pending.result()  # [U, hd] in the table dtype
         if self.stream is None:
             return StagedRows(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)), version)
-        source = torch.from_numpy(np.ascontiguousarray(rows))
+        source = host_tensor(rows)  # the table dtype as it came off the wire (bf16 too): no host-side cast
         host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
         host.copy_(source)
         with torch.cuda.stream(self.stream):

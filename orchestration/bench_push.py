@@ -4,10 +4,12 @@ Two `engram serve` processes hold the same kind of table at two sizes: the basel
 rows) and the size asked for. The same pushes (uniform random rows, row-wise Adam) go to
 both, in blocks taking turns, so the machine's drift hits both alike; a block's time
 runs from its first push to the end of the compaction it started (flushes to sorted
-runs, merges, folds into the chunks: compaction.py), so each table pays for its own.
-Meanwhile a reader looks rows up on the bigger table; its latencies are split by what
-ran beside them (nothing, a push, a compaction), which is how "compaction never stalls
-lookups" is checked. At the end: disk bytes per row once every row of the baseline table
+runs, merges, folds into the chunks: compaction.py), so each table pays for its own, and
+the timed pushes span at least one whole compaction cycle (to a fold) of the bigger table.
+Then a reader looks rows up on the bigger table, first alone, then while pushes and
+their compaction run beside it (to the next fold); its latencies are split by what ran
+meanwhile (a compaction or only pushes), which is how "compaction never stalls lookups"
+is checked. At the end: disk bytes per row once nearly every row of the baseline table
 was trained, against the bytes a row and its optimizer record need.
 """
 
@@ -44,7 +46,7 @@ def _percentiles(values: list[float]) -> dict:
     return {"count": len(values), "p50_ms": float(np.percentile(array, 50)), "p99_ms": float(np.percentile(array, 99))}
 
 
-def _train_every_row(client, num_rows: int, dim: int, rng, push_rows: int = 32768, coverage: float = 0.97) -> float:
+def _train_every_row(client, num_rows: int, dim: int, rng, push_rows: int, coverage: float = 0.97) -> float:
     """Push until most rows have optimizer state (what a long training run leaves); returns the fraction trained."""
     trained = np.zeros(num_rows, dtype=bool)
     while trained.mean() < coverage:
@@ -113,6 +115,23 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
                     _settle(clients[name])
             warm_up += 1
 
+        log(f"timed: blocks of {BLOCK_PUSHES} pushes per table, taking turns, until the bigger table folded again and at "
+            f"least {pushes} pushes each ...")
+        times = {name: [] for name in sizes}  # per push, over a block and the compaction it started
+        latencies = {name: [] for name in sizes}  # each push alone
+        target_folds = folds("target")
+        i = 0
+        while i * BLOCK_PUSHES < pushes or folds("target") <= target_folds:  # a whole compaction cycle of the big table
+            i += 1
+            for name in (list(sizes) if i % 2 else list(sizes)[::-1]):
+                began = time.perf_counter()
+                latencies[name].extend(push(name) for _ in range(BLOCK_PUSHES))
+                _settle(clients[name])  # the compaction the block started counts for its table
+                times[name].append((time.perf_counter() - began) / BLOCK_PUSHES)
+        cycles = {name: {k: int(client.stats()[0][k]) for k in ("flushes", "merges", "folds")}
+                  for name, client in clients.items()}
+
+        # Lookup latency on the bigger table: alone, then while pushes and their compaction (to a fold) run beside.
         reader = MemoryClient(servers["target"][1], "t", deadline_s=600)
         lookups: list[tuple[float, float, bool]] = []  # (start, end, a compaction ran meanwhile)
         stop = threading.Event()
@@ -128,38 +147,25 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
                 ended = time.perf_counter()
                 lookups.append((started, ended, reader.stats()[0]["compactions_started"] > done_before))
 
-        log("lookups alone ...")
+        log("lookups alone, then beside pushes and compaction until the bigger table folds again ...")
         read_loop(seconds=5.0)
         alone = [end - start for start, end, _ in lookups]
         lookups.clear()
         thread = threading.Thread(target=read_loop)
         thread.start()
-        log(f"timed: blocks of {BLOCK_PUSHES} pushes per table, taking turns, until the bigger table folded again and at "
-            f"least {pushes} pushes each, lookups running beside them ...")
-        times = {name: [] for name in sizes}  # per push, over a block and the compaction it started
-        latencies = {name: [] for name in sizes}  # each push alone
-        windows: list[tuple[float, float]] = []  # the target's blocks
         target_folds = folds("target")
-        i = 0
-        while i * BLOCK_PUSHES < pushes or folds("target") <= target_folds:  # a whole compaction cycle of the big table
-            i += 1
-            for name in (list(sizes) if i % 2 else list(sizes)[::-1]):
-                began = time.perf_counter()
-                latencies[name].extend(push(name) for _ in range(BLOCK_PUSHES))
-                _settle(clients[name])  # the compaction the block started counts for its table
-                times[name].append((time.perf_counter() - began) / BLOCK_PUSHES)
-                if name == "target":
-                    windows.append((began, time.perf_counter()))
+        while folds("target") <= target_folds:
+            push("target")
+        _settle(clients["target"])
         stop.set()
         thread.join()
-        folds = {name: {k: int(client.stats()[0][k]) for k in ("flushes", "merges", "folds")}
-                 for name, client in clients.items()}
-        log(f"training every row of the {table_rows['baseline']:,}-row table once or more, for its bytes per row ...")
-        covered = _train_every_row(clients["baseline"], table_rows["baseline"], dim, rng)
-        during = {"push": [], "compaction": [], "none": []}
+        during = {"compaction": [], "push": []}
         for start, end, compacting in lookups:
-            pushing = any(a < end and start < b for a, b in windows)
-            during["compaction" if compacting else "push" if pushing else "none"].append(end - start)
+            during["compaction" if compacting else "push"].append(end - start)
+
+        log(f"training every row of the {table_rows['baseline']:,}-row table once or more (pushes of {push_rows:,} rows), "
+            f"for its bytes per row ...")
+        covered = _train_every_row(clients["baseline"], table_rows["baseline"], dim, rng, push_rows=push_rows)
         for client in list(clients.values()) + [reader]:
             client.close()
     finally:
@@ -177,7 +183,7 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
         "mean_ms": {k: v * 1e3 for k, v in mean.items()},
         "push_p50_ms": {k: float(np.median(t)) * 1e3 for k, t in latencies.items()},
         "push_p99_ms": {k: float(np.percentile(t, 99)) * 1e3 for k, t in latencies.items()},
-        "cost_ratio": mean["target"] / mean["baseline"], "compactions": folds,
+        "cost_ratio": mean["target"] / mean["baseline"], "compactions": cycles,
         "disk_bytes_per_row": {k: disk[k] / table_rows[k] for k in sizes}, "baseline_rows_trained": covered,
         "row_plus_record_bytes": row_nbytes + record_nbytes,
         "lookups": {"alone": _percentiles(alone), **{f"beside_{k}": _percentiles(v) for k, v in during.items()}},
@@ -189,7 +195,7 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
     for name in sizes:
         lines.append(f"  {table_rows[name]:>13,} rows   {result['mean_ms'][name]:7.1f} ms per push (compaction included)   "
                      f"one push p50 {result['push_p50_ms'][name]:6.1f} ms, p99 {result['push_p99_ms'][name]:6.1f} ms   "
-                     f"{folds[name]['flushes']} flushes, {folds[name]['merges']} merges, {folds[name]['folds']} folds")
+                     f"{cycles[name]['flushes']} flushes, {cycles[name]['merges']} merges, {cycles[name]['folds']} folds")
     lines.append(f"  cost per push, {table_rows['target']:,} rows / {table_rows['baseline']:,}: {result['cost_ratio']:.2f}x "
                  f"(means, compaction included)")
     per_row = result["disk_bytes_per_row"]

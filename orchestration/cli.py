@@ -17,6 +17,7 @@ import json
 import sys
 
 from memory_service.errors import EngramError
+from memory_service.row_dtypes import ROW_DTYPES
 
 # Sizes of each benchmark when not given (--rows, --batch, --repeats).
 BENCH_DEFAULTS = {
@@ -148,10 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--preset", default="tiny", help="take the spec of a model preset (with --tokenizer or the cached one)")
     a.add_argument("--tokenizer", help="tokenizer.json: builds the compression map (enables token queries)")
     a.add_argument("--compression-map", help="compression map .npy (engram compress --out)")
-    a.add_argument("--dtype", choices=["float32", "float16"], help="row dtype")
+    a.add_argument("--dtype", choices=ROW_DTYPES, help="row dtype")
     a.add_argument("--init-std", type=float, default=1.0, help="seeded N(0, std^2) rows (0 = zeros)")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--chunk-rows", type=int, default=0, help="rows per LMDB value (default 4096)")
+    a.add_argument("--chunk-rows", type=int, default=0, help="rows per LMDB value (default 1024)")
     for action, text in (("info", "spec, versions and sizes of a table"), ("rollback", "re-activate the previous version")):
         a = actions.add_parser(action, help=text)
         _service_args(a)
@@ -255,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, help="lookup, push: rows of the table's layer (default: lookup 2^24, push 2^23, "
                    "timed against 2^20)")
     p.add_argument("--dim", type=int, default=64, help="lookup: row width")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--dtype", default="float16", choices=ROW_DTYPES)
     p.add_argument("--batch", type=int, help="lookup: ids per batch (default 262144); push: rows per push (default 5400)")
     p.add_argument("--path", help="lookup: store directory to create or reuse (default: a temporary one)")
     p.add_argument("--baseline-rows", type=int, default=1 << 20, help="push: rows of the table the cost is compared with")

@@ -16,7 +16,7 @@ Keys are big-endian (kind u8, table u32, version u32, layer u32, chunk u32), so 
 (table, version, layer) is one contiguous key range. Chunk values are larger than half a
 page: LMDB keeps each in whole overflow pages of its memory map, which never move while
 the value exists. That is what lets a lookup gather rows straight out of the map
-(snapshots.py). Chunks hold `chunk_rows` rows (4096 by default) and are rewritten only
+(snapshots.py). Chunks hold `chunk_rows` rows (1024 by default) and are rewritten only
 when compaction folds the sorted runs into them (compaction.py).
 """
 
