@@ -5,6 +5,15 @@ first time at global step 1000 gets the bias correction of its own first step, a
 the table were a dense parameter that only ever saw gradients on the rows it used. The
 paper trains Engram rows with Adam at 5x the backbone's learning rate and no weight
 decay. The update is vectorised over the rows; the caller gathers and scatters them.
+
+A table keeps one of two optimizer states per row (its spec's `optimizer_state`):
+
+- "exact" (the default, the paper's setting): m and v in float32 per value and an int64
+  step count, 8 * head_dim + 8 bytes (520 B for a 64-wide row: 4x a 128-byte fp16 row);
+- "compact": m in bfloat16 per value, one float32 second moment per row (the mean of
+  the squared gradient over the row, as embedding trainers commonly keep it) and an
+  int32 step count, 2 * head_dim + 8 bytes (136 B at 64 wide). The update divides the
+  whole row by one sqrt(v) and m is rounded to bf16 after each step.
 """
 
 from __future__ import annotations
@@ -15,6 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from memory_service.errors import InvalidArgument
+from memory_service.row_dtypes import BFLOAT16
+
+OPTIMIZER_STATES = ("exact", "compact")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,9 +48,13 @@ class RowAdamConfig:
 MAX_LEARNING_RATE = 1e3
 
 
-def record_dtype(head_dim: int) -> np.dtype:
-    """A row's optimizer record as stored: Adam m, v (float32 [head_dim] each) and the row's step count."""
-    return np.dtype([("m", "<f4", (head_dim,)), ("v", "<f4", (head_dim,)), ("step", "<i8")])
+def record_dtype(head_dim: int, state: str = "exact") -> np.dtype:
+    """A row's optimizer record as stored: Adam m, v and the row's step count (see the module doc for the two states)."""
+    if state == "exact":
+        return np.dtype([("m", "<f4", (head_dim,)), ("v", "<f4", (head_dim,)), ("step", "<i8")])
+    if state == "compact":
+        return np.dtype([("m", BFLOAT16, (head_dim,)), ("v", "<f4"), ("step", "<i4")])
+    raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATES}, got {state!r}")
 
 
 def check_learning_rate(lr: float) -> float:
@@ -49,11 +65,27 @@ def check_learning_rate(lr: float) -> float:
     return float(lr)
 
 
-def row_adam_update(rows: np.ndarray, m: np.ndarray, v: np.ndarray, steps: np.ndarray,
-                    grads: np.ndarray, lr: float, config: RowAdamConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def row_adam_step(rows: np.ndarray, records: np.ndarray, grads: np.ndarray, lr: float,
+                  config: RowAdamConfig) -> tuple[np.ndarray, np.ndarray]:
+    """One Adam step on gathered rows [N, D] (table dtype) and their optimizer records [N] (either state's).
+
+    Returns new (rows, records) for the same N rows; the inputs are not modified.
+    """
+    compact = records.dtype["v"].shape == ()
+    m = records["m"].astype(np.float32)  # [N, D]
+    v = records["v"][:, None] if compact else records["v"]  # [N, 1] or [N, D]
+    new_rows, new_m, new_v, new_steps = row_adam_update(rows, m, v, records["step"], grads, lr, config, rowwise_v=compact)
+    out = np.empty_like(records)
+    out["m"], out["v"], out["step"] = new_m, new_v[:, 0] if compact else new_v, new_steps
+    return new_rows, out
+
+
+def row_adam_update(rows: np.ndarray, m: np.ndarray, v: np.ndarray, steps: np.ndarray, grads: np.ndarray, lr: float,
+                    config: RowAdamConfig, rowwise_v: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One Adam step on gathered rows.
 
-    rows: [N, D] (table dtype), m, v: [N, D] float32, steps: [N] int64, grads: [N, D].
+    rows: [N, D] (table dtype), m: [N, D] float32, v: [N, D] float32 ([N, 1] with rowwise_v: one second moment
+    per row, fed the mean of the squared gradient), steps: [N], grads: [N, D].
     Returns new (rows, m, v, steps) for the same N rows; the inputs are not modified.
     Raises InvalidArgument (reason NON_FINITE_UPDATE) when a new row (in its own dtype) or
     moment would not be finite: a gradient or learning rate too large for the table, which
@@ -63,7 +95,8 @@ def row_adam_update(rows: np.ndarray, m: np.ndarray, v: np.ndarray, steps: np.nd
         g = grads.astype(np.float32, copy=False)
         new_steps = steps.astype(np.int64) + 1  # [N]
         new_m = config.beta1 * m + (1.0 - config.beta1) * g
-        new_v = config.beta2 * v + (1.0 - config.beta2) * (g * g)
+        g2 = np.mean(g * g, axis=1, keepdims=True, dtype=np.float32) if rowwise_v else g * g  # [N, 1] or [N, D]
+        new_v = config.beta2 * v + (1.0 - config.beta2) * g2
         t = new_steps.astype(np.float64)[:, None]  # [N, 1]
         bias1 = (1.0 - config.beta1 ** t).astype(np.float32)
         bias2 = (1.0 - config.beta2 ** t).astype(np.float32)

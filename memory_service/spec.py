@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from memory_service.row_dtypes import ROW_DTYPES, row_dtype
+from memory_service.row_optim import OPTIMIZER_STATES
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
 
@@ -79,6 +80,9 @@ class EngramSpec:
     """sha256 of the compression map (old id -> new id), '' until a map is bound."""
     dtype: str = "float32"
     """Row dtype in the tables and on the wire."""
+    optimizer_state: str = "exact"
+    """Row-wise Adam state a store keeps per row: "exact" (m, v per value, float32) or "compact" (m in bfloat16, one v
+    per row): row_optim.py. Invisible to clients, so not part of the fingerprint."""
 
     def __post_init__(self):
         object.__setattr__(self, "engram_vocab_size", _as_int_tuple("engram_vocab_size", self.engram_vocab_size))
@@ -134,6 +138,8 @@ class EngramSpec:
             raise ValueError(f"kernel_size must be in [1, {MAX_KERNEL_SIZE}], got {self.kernel_size}")
         if self.dtype not in ROW_DTYPES:
             raise ValueError(f"dtype must be one of {ROW_DTYPES}, got {self.dtype!r}")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATES}, got {self.optimizer_state!r}")
         if self.compressed_vocab_size is not None:
             if isinstance(self.compressed_vocab_size, bool) or not isinstance(self.compressed_vocab_size, (int, np.integer)):
                 raise ValueError(f"compressed_vocab_size must be an integer, got {self.compressed_vocab_size!r}")
@@ -172,6 +178,7 @@ class EngramSpec:
         """The fields that decide row ids and layout, as a plain JSON-able dict."""
         data = dataclasses.asdict(self)
         data.pop("tokenizer_name_or_path")
+        data.pop("optimizer_state")
         data["engram_vocab_size"] = list(self.engram_vocab_size)
         data["layer_ids"] = list(self.layer_ids)
         return data

@@ -80,7 +80,7 @@ class TableMeta:
     @property
     def opt_record(self) -> np.dtype:
         """The optimizer record of one row."""
-        return record_dtype(self.head_dim)
+        return record_dtype(self.head_dim, self.spec.optimizer_state)
 
     @property
     def opt_rows(self) -> int:

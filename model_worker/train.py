@@ -74,6 +74,10 @@ class TrainConfig:
     """Vocabulary of a tokenizer trained here."""
     row_init_std: float = 1.0
     """Std of initial Engram rows (the reference's nn.Embedding default)."""
+    table_dtype: str | None = None
+    """Row dtype of the Engram tables (float32, float16, bfloat16; default: the preset's)."""
+    optimizer_state: str = "exact"
+    """Row-wise Adam state of the Engram rows: exact (m, v per value in fp32) or compact (bf16 m, one v per row)."""
     memory: str | None = None
     """Where the tables live: None (in-process), grpc://HOST:PORT (one service) or pool[:NAME] (a Ray memory pool)."""
     table: str | None = None
@@ -127,7 +131,9 @@ class Trainer:
         base = build_preset(config.preset, self.corpus.vocab_size, self.corpus.pad_id)
         if config.seq_len > base.max_seq_len:
             raise ValueError(f"seq_len {config.seq_len} exceeds preset {config.preset}'s max_seq_len {base.max_seq_len}")
-        spec = base.engram.with_compression(self.compressor.lookup_table, len(self.compressor))
+        engram = dataclasses.replace(base.engram, dtype=config.table_dtype or base.engram.dtype,
+                                     optimizer_state=config.optimizer_state)
+        spec = engram.with_compression(self.compressor.lookup_table, len(self.compressor))
         self.model_config: ModelConfig = dataclasses.replace(base, engram=spec)
         self.hasher = NgramHasher.from_compressor(spec, self.compressor)
         torch.manual_seed(config.seed)

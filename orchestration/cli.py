@@ -18,6 +18,7 @@ import sys
 
 from memory_service.errors import EngramError
 from memory_service.row_dtypes import ROW_DTYPES
+from memory_service.row_optim import OPTIMIZER_STATES
 
 # Sizes of each benchmark when not given (--rows, --batch, --repeats).
 BENCH_DEFAULTS = {
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", help="table name on the memory service (default engram-<preset>; created if missing)")
     p.add_argument("--version", type=int, help="train this table version (engram table new-version) while the active one "
                    "keeps serving; default: the active version")
+    p.add_argument("--table-dtype", choices=ROW_DTYPES, help="row dtype of the Engram tables (default: the preset's)")
+    p.add_argument("--optimizer-state", choices=OPTIMIZER_STATES, help="row-wise Adam state: exact (default; m and v "
+                   "per value, fp32: 8 x head_dim + 8 bytes a row) or compact (bf16 m, one v per row: 2 x head_dim + 8)")
     p.add_argument("--token", help="memory service token (default $ENGRAM_TOKEN)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
     p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) once this many steps are done")
@@ -150,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tokenizer", help="tokenizer.json: builds the compression map (enables token queries)")
     a.add_argument("--compression-map", help="compression map .npy (engram compress --out)")
     a.add_argument("--dtype", choices=ROW_DTYPES, help="row dtype")
+    a.add_argument("--optimizer-state", choices=OPTIMIZER_STATES, help="row-wise Adam state kept per row (default exact)")
     a.add_argument("--init-std", type=float, default=1.0, help="seeded N(0, std^2) rows (0 = zeros)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--chunk-rows", type=int, default=0, help="rows per LMDB value (default 1024)")

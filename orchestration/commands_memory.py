@@ -7,6 +7,7 @@ interfaces alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -90,9 +91,9 @@ def _spec_for_create(args):
     elif args.tokenizer:
         compressor = CompressedTokenizer.from_tokenizer_file(args.tokenizer)
     if args.dtype:
-        import dataclasses
-
         spec = dataclasses.replace(spec, dtype=args.dtype)
+    if args.optimizer_state:
+        spec = dataclasses.replace(spec, optimizer_state=args.optimizer_state)
     if compressor is not None and not spec.compression_digest:
         spec = spec.with_compression(compressor.lookup_table, len(compressor))
     return spec, compressor
@@ -125,11 +126,12 @@ def _create(admin: TableAdmin, args) -> int:
     info = admin.create_table(args.table, spec, compressor.lookup_table if compressor is not None else None,
                               init_std, args.seed, args.chunk_rows)
     if args.from_checkpoint:
+        from memory_service.local_table import saved_rows
         from model_worker import checkpoint as ckpt
 
         with np.load(Path(args.from_checkpoint) / ckpt.TABLES_FILE) as z:
             for layer in spec.layer_ids:
-                admin.import_rows(args.table, layer, z[f"rows/{layer}"], version=1)
+                admin.import_rows(args.table, layer, saved_rows(z, spec, layer), version=1)
     print(json.dumps(info.to_dict(), indent=2) if args.json else
           f"created table {info.name!r} on the {admin.where}: version 1 active, layers {info.layer_rows}, "
           f"fingerprint {info.fingerprint}")

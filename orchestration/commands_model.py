@@ -23,7 +23,7 @@ def train(args) -> int:
 
     out_dir = args.out or f"runs/{args.preset}"
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "lr", "eval_every", "ckpt_every", "seed",
-                                               "version")}
+                                               "version", "table_dtype", "optimizer_state")}
     if args.resume:
         config = train_config_from_checkpoint(Path(out_dir) / "checkpoint", out_dir=out_dir, **overrides)
     else:

@@ -36,7 +36,7 @@ def test_row_step_counts_are_per_row():
     assert changed.tolist() == [3, 9]
     # Adam's first step moves each coordinate by exactly lr (sign of the gradient)
     np.testing.assert_allclose(before[3] - after[3], 0.1, rtol=1e-5)
-    assert table._steps[1][[3, 9]].tolist() == [1, 2]
+    assert table.optimizer_state(1)["step"][[3, 9]].tolist() == [1, 2]
 
 
 def test_init_is_reproducible_by_block():
@@ -84,7 +84,7 @@ def test_save_load_roundtrip(tmp_path):
     other.load(tmp_path / "t.npz")
     for layer in (1, 3):
         np.testing.assert_array_equal(other.table(layer), table.table(layer))
-    np.testing.assert_array_equal(other._m[3], table._m[3])
+    np.testing.assert_array_equal(other.optimizer_state(3), table.optimizer_state(3))
     other = EngramSpec(engram_vocab_size=[101, 103], n_embed_per_ngram=8, n_head_per_ngram=2, layer_ids=[1, 3], seed=1)
     wrong = LocalTable(other, {1: 50, 3: 60})
     with pytest.raises(InvalidArgument, match="another spec"):

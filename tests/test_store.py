@@ -43,8 +43,8 @@ def test_adam_updates_equal_the_in_process_table(store):
     all_ids = np.arange(local.num_rows(1))
     np.testing.assert_array_equal(store.lookup("t", 1, all_ids)[0], local.table(1))
     state = store.optimizer_state("t", 1, all_ids)
-    np.testing.assert_array_equal(state["step"], local._steps[1])
-    np.testing.assert_array_equal(state["m"], local._m[1])
+    np.testing.assert_array_equal(state["step"], local.optimizer_state(1)["step"])
+    np.testing.assert_array_equal(state["m"], local.optimizer_state(1)["m"])
 
 
 def _push_both(store, local, rng, steps, layer=1, rows=700):
@@ -59,9 +59,9 @@ def _assert_same_as(store, local, layer=1, version=0):
     all_ids = np.arange(local.num_rows(layer))
     np.testing.assert_array_equal(store.lookup("t", layer, all_ids, version=version)[0], local.table(layer))
     state = store.optimizer_state("t", layer, all_ids, version=version)
-    np.testing.assert_array_equal(state["step"], local._steps[layer])
-    np.testing.assert_array_equal(state["m"], local._m[layer])
-    np.testing.assert_array_equal(state["v"], local._v[layer])
+    np.testing.assert_array_equal(state["step"], local.optimizer_state(layer)["step"])
+    np.testing.assert_array_equal(state["m"], local.optimizer_state(layer)["m"])
+    np.testing.assert_array_equal(state["v"], local.optimizer_state(layer)["v"])
 
 
 def test_pushes_are_held_as_recent_rows_then_folded_into_chunks(tmp_path):

@@ -22,7 +22,7 @@ import numpy as np
 from memory_service.backend import check_gradients, check_row_ids
 from memory_service.errors import InvalidArgument
 from memory_service.row_delta import RowDelta, decode_segment, encode_segment
-from memory_service.row_optim import RowAdamConfig, check_learning_rate, row_adam_update
+from memory_service.row_optim import RowAdamConfig, check_learning_rate, row_adam_step
 from memory_service.store.catalog import Catalog
 from memory_service.store.compaction import Compactor
 from memory_service.store.layout import DELTA, OPT, Databases, chunk_key, parse_key
@@ -175,10 +175,8 @@ class WritePath:
                     rows = np.empty((ids.size, meta.head_dim), dtype=meta.dtype)  # [N, head_dim]
                     snap.gather(meta, v, layer, ids, rows)
                     state = self.records(meta, v, layer, ids, snap)  # [N]
-                    new_rows, new_m, new_v, new_steps = row_adam_update(rows, state["m"], state["v"], state["step"], g, lr,
-                                                                        self.optimizer)
-                    state["m"], state["v"], state["step"] = new_m, new_v, new_steps
-                    merged = self._append(txn, meta, v, layer, ids, new_rows, state, request_id)
+                    new_rows, new_state = row_adam_step(rows, state, g, lr, self.optimizer)
+                    merged = self._append(txn, meta, v, layer, ids, new_rows, new_state, request_id)
             finally:
                 self.snapshots.release(snap)
             self._publish((meta.table_id, v, layer), merged)

@@ -1,6 +1,9 @@
-"""bfloat16 tables: stored, trained (exact Adam), served over gRPC, imported and exported, staged for torch."""
+"""Row formats: bfloat16 tables (stored, trained exactly, served, imported and exported, staged for torch) and the
+compact optimizer state (bf16 m, one v per row)."""
 
 import grpc
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,7 @@ from memory_service.admin import ServiceAdmin
 from memory_service.errors import InvalidArgument
 from memory_service.local_table import LocalTable
 from memory_service.row_dtypes import BFLOAT16
+from memory_service.row_optim import record_dtype
 from memory_service.server import build_server
 from memory_service.spec import EngramSpec
 from memory_service.store import TableStore
@@ -54,8 +58,8 @@ def test_a_bf16_table_trains_exactly_like_the_in_process_table(served):
     assert rows.dtype == BFLOAT16 and client.dtype == BFLOAT16
     np.testing.assert_array_equal(rows.view(np.uint16), local.table(0).view(np.uint16))  # bit for bit
     state = store.optimizer_state("t", 0, all_ids)
-    np.testing.assert_array_equal(state["m"], local._m[0])
-    np.testing.assert_array_equal(state["v"], local._v[0])
+    np.testing.assert_array_equal(state["m"], local.optimizer_state(0)["m"])
+    np.testing.assert_array_equal(state["v"], local.optimizer_state(0)["v"])
     client.close()
 
 
@@ -111,3 +115,50 @@ def test_staged_bf16_rows_are_the_same_bits_in_torch():
     assert tensor.dtype == torch.bfloat16
     np.testing.assert_array_equal(tensor.view(torch.int16).numpy(), rows.view(np.int16))
     np.testing.assert_array_equal(tensor.float().numpy(), rows.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_compact_optimizer_state_is_smaller_and_the_store_keeps_it_exactly(tmp_path, dtype):
+    """2 x head_dim + 8 bytes a row instead of 8 x head_dim + 8; the store's updates equal the in-process table's, bit
+    for bit, through runs and folds and a reopen; a saved LocalTable loads back."""
+    spec = dataclasses.replace(SPEC, dtype=dtype, optimizer_state="compact")
+    assert spec.fingerprint() == dataclasses.replace(SPEC, dtype=dtype).fingerprint()  # invisible to clients
+    assert record_dtype(spec.head_dim, "compact").itemsize == 2 * spec.head_dim + 8
+    assert record_dtype(spec.head_dim, "exact").itemsize == 8 * spec.head_dim + 8
+    store = TableStore(tmp_path / "s", chunk_rows=256, max_delta_rows=1000, background_compaction=False)
+    store.create_table("t", spec)
+    local = LocalTable(spec, layer_rows_for_spec(spec))
+    rng = np.random.default_rng(6)
+    for step in range(10):
+        ids = np.unique(rng.integers(0, local.num_rows(0), 500))
+        grads = rng.standard_normal((ids.size, spec.head_dim)).astype(np.float32)
+        store.apply_gradients("t", 0, ids, grads, lr=0.02)
+        local.apply_gradients(0, ids, grads, lr=0.02)
+    assert store.counters["folds"] >= 1
+    store.close()
+    store = TableStore(tmp_path / "s", chunk_rows=256, max_delta_rows=1000, background_compaction=False)
+    all_ids = np.arange(local.num_rows(0))
+    state = store.optimizer_state("t", 0, all_ids)
+    assert state.dtype.itemsize == 2 * spec.head_dim + 8
+    np.testing.assert_array_equal(state.view(np.uint8), local.optimizer_state(0).view(np.uint8))
+    np.testing.assert_array_equal(store.lookup("t", 0, all_ids)[0], local.lookup(0, all_ids))
+    store.close()
+    local.save(tmp_path / "t.npz")
+    again = LocalTable(spec, layer_rows_for_spec(spec), init_seed=9)
+    again.load(tmp_path / "t.npz")
+    np.testing.assert_array_equal(again.table(0).view(np.uint16), local.table(0).view(np.uint16))
+    np.testing.assert_array_equal(again.optimizer_state(0).view(np.uint8), local.optimizer_state(0).view(np.uint8))
+    exact = LocalTable(dataclasses.replace(spec, optimizer_state="exact"), layer_rows_for_spec(spec))
+    with pytest.raises(InvalidArgument, match="optimizer state"):
+        exact.load(tmp_path / "t.npz")
+
+
+def test_compact_adam_first_step_moves_each_value_by_lr_when_the_gradient_is_even():
+    """With one v per row, a row whose gradient has the same magnitude everywhere moves like exact Adam (by lr)."""
+    spec = dataclasses.replace(SPEC, dtype="float32", optimizer_state="compact")
+    local = LocalTable(spec, layer_rows_for_spec(spec), init_std=0.0)
+    grads = np.where(np.arange(spec.head_dim) % 2, 3.0, -3.0).astype(np.float32)[None, :]
+    local.apply_gradients(0, np.array([7]), grads, lr=0.01)
+    np.testing.assert_allclose(local.table(0)[7], -0.01 * np.sign(grads[0]), rtol=1e-5)
+    record = local.optimizer_state(0)[7]
+    assert record["step"] == 1 and record["v"] == pytest.approx(0.001 * 9.0, rel=1e-5)
