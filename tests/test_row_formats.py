@@ -1,9 +1,9 @@
 """Row formats: bfloat16 tables (stored, trained exactly, served, imported and exported, staged for torch) and the
 compact optimizer state (bf16 m, one v per row)."""
 
-import grpc
 import dataclasses
 
+import grpc
 import numpy as np
 import pytest
 import torch
