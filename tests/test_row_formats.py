@@ -129,7 +129,7 @@ def test_compact_optimizer_state_is_smaller_and_the_store_keeps_it_exactly(tmp_p
     store.create_table("t", spec)
     local = LocalTable(spec, layer_rows_for_spec(spec))
     rng = np.random.default_rng(6)
-    for step in range(10):
+    for _ in range(10):
         ids = np.unique(rng.integers(0, local.num_rows(0), 500))
         grads = rng.standard_normal((ids.size, spec.head_dim)).astype(np.float32)
         store.apply_gradients("t", 0, ids, grads, lr=0.02)
