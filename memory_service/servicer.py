@@ -294,6 +294,18 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
         return pb.WriteRowsResponse(version=version, rows_written=ids.size)
 
     @rpc("write")
+    def LoadRows(self, request, context):
+        meta = self.store.table_info(request.table)
+        dtype = enum_dtype(request.dtype)
+        if dtype != meta.dtype:
+            raise InvalidArgument(f"rows are {dtype.name} but table {shown(meta.name)} stores {meta.dtype.name}")
+        rows = decode_array(request.rows, dtype, "rows", width=meta.head_dim)
+        self._check_size(rows.shape[0], meta.row_nbytes, "load")
+        loaded = self.store.load_rows(request.table, request.layer, int(request.start_row), rows, int(request.version),
+                                      self._fingerprint(request.spec_fingerprint))
+        return pb.WriteRowsResponse(version=request.version, rows_written=loaded)
+
+    @rpc("write")
     def ApplyGradients(self, request, context):
         self._check_epoch(request.shard_epoch)
         meta = self.store.table_info(request.table)

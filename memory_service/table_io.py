@@ -30,8 +30,39 @@ def _pick(tensors: dict, key: str | None, path: Path):
     raise InvalidArgument(f"{path} holds {len(tensors)} tensors ({sorted(tensors)[:10]}...); name one with --key")
 
 
-def read_table_file(path: str | Path, key: str | None = None, mmap: bool = True) -> np.ndarray:
-    """Rows [rows, head_dim] from a .npy, .safetensors or torch (.pt/.pth/.bin) file."""
+class RowSource:
+    """A table in a file, read a block of rows at a time: .shape, .dtype and rows[start:stop] -> np.ndarray."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, read_rows):
+        self.shape, self.dtype, self._read_rows = tuple(shape), np.dtype(dtype), read_rows
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("a RowSource reads contiguous row slices")
+        start, stop, _ = rows.indices(self.shape[0])
+        return self._read_rows(start, max(start, stop))
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def _torch_rows(tensor) -> np.ndarray:
+    """A CPU tensor's values as numpy (bfloat16 as ml_dtypes' bfloat16, bit for bit)."""
+    import torch
+
+    tensor = tensor.detach().contiguous()
+    return tensor.view(torch.int16).numpy().view(BFLOAT16) if tensor.dtype == torch.bfloat16 else tensor.numpy()
+
+
+def read_table_file(path: str | Path, key: str | None = None, mmap: bool = True) -> np.ndarray | RowSource:
+    """Rows [rows, head_dim] from a .npy, .safetensors or torch (.pt/.pth/.bin) file, read lazily: a memory-mapped
+    .npy, a RowSource over a safetensors tensor or a memory-mapped torch checkpoint (so a file bigger than RAM
+    imports a block at a time)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"table file not found: {path}")
@@ -39,13 +70,25 @@ def read_table_file(path: str | Path, key: str | None = None, mmap: bool = True)
     if suffix == ".npy":
         rows = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     elif suffix == ".safetensors":
-        from safetensors.numpy import load_file
+        from safetensors import safe_open
 
-        rows = _pick(load_file(str(path)), key, path)
+        with safe_open(str(path), framework="numpy") as f:
+            name = _pick({k: k for k in f.keys()}, key, path)
+            tensor = f.get_slice(name)
+            shape, dtype = tensor.get_shape(), tensor[0:0].dtype if tensor.get_shape() else np.float32
+
+        def read_rows(start: int, stop: int, name=name) -> np.ndarray:
+            with safe_open(str(path), framework="numpy") as f:
+                return f.get_slice(name)[start:stop]
+
+        rows = RowSource(shape, dtype, read_rows)
     elif suffix in (".pt", ".pth", ".bin"):
         import torch
 
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:  # an old (non-zip) checkpoint cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if torch.is_tensor(state):
@@ -54,8 +97,10 @@ def read_table_file(path: str | Path, key: str | None = None, mmap: bool = True)
             rows = _pick({k: v for k, v in state.items() if torch.is_tensor(v)}, key, path)
         else:
             raise InvalidArgument(f"{path} is neither a tensor nor a state dict")
-        rows = rows.detach().contiguous()
-        rows = rows.view(torch.int16).numpy().view(BFLOAT16) if rows.dtype == torch.bfloat16 else rows.numpy()
+        if rows.ndim == 2:
+            tensor = rows
+            rows = RowSource(tuple(tensor.shape), _torch_rows(tensor[0:0]).dtype,
+                             lambda start, stop: _torch_rows(tensor[start:stop]))
     else:
         raise InvalidArgument(f"unsupported table file {path.name}: use .npy, .safetensors or a torch .pt/.pth/.bin")
     if rows.ndim != 2:

@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--key", help="tensor name in the file (default: the reference's multi_head_embedding.embedding.weight)")
     a.add_argument("--version", type=int, help="write into this version (default: a new version)")
     a.add_argument("--activate", action="store_true", help="swap to the imported version")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = actions.add_parser("export", help="write rows to .npy (one layer) or .safetensors")
     _service_args(a)
     a.add_argument("--layer", type=int)

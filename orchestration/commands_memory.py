@@ -11,9 +11,11 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from memory_service.admin.table_admin import TableAdmin
 from memory_service.client import MemoryClient
@@ -184,9 +186,16 @@ def _drop(admin: TableAdmin, args) -> int:
 def _import(admin: TableAdmin, args) -> int:
     from memory_service.table_io import read_table_file
 
-    rows = read_table_file(args.file, args.key)
-    version = admin.import_rows(args.table, args.layer, rows, version=args.version or 0, activate=args.activate)
-    print(f"imported {rows.shape[0]} rows into {args.table!r} layer {args.layer}, version {version}"
+    rows = read_table_file(args.file, args.key)  # lazy: read a block at a time
+    row_bytes = int(np.prod(rows.shape[1:])) * rows.dtype.itemsize
+    started = time.perf_counter()
+    with tqdm(total=rows.shape[0] * row_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="import",
+              dynamic_ncols=True, disable=args.no_progress or None) as bar:
+        version = admin.import_rows(args.table, args.layer, rows, version=args.version or 0, activate=args.activate,
+                                    progress=lambda n: bar.update(n * row_bytes))
+    seconds = time.perf_counter() - started
+    print(f"imported {rows.shape[0]:,} rows ({rows.shape[0] * row_bytes / 2**20:,.0f} MiB) into {args.table!r} layer "
+          f"{args.layer}, version {version}, in {seconds:.1f} s ({rows.shape[0] * row_bytes / 2**20 / seconds:,.0f} MiB/s)"
           + (" (now active)" if args.activate else ""))
     return 0
 

@@ -128,9 +128,14 @@ class TableAdmin(ABC):
         """Release connections (no-op by default)."""
 
     # ------------------------------------------------------------------ built on the operations above
-    def import_rows(self, table: str, layer: int, rows, version: int = 0, activate: bool = False) -> int:
+    def import_rows(self, table: str, layer: int, rows, version: int = 0, activate: bool = False, progress=None) -> int:
         """Write a whole layer's rows [num_rows, head_dim] into `version` (0: a new copy of the active one, so the other
-        layers stay); returns the version written, made active with activate=True."""
+        layers stay); returns the version written, made active with activate=True.
+
+        rows: anything with .shape and row slices (a memory-mapped .npy, table_io.RowSource): read a block at a time,
+        so a table far bigger than RAM imports in bounded memory. An inactive version takes whole chunks straight
+        into its chunks (LoadRows: each row written once); the active one goes through row writes. progress(rows)
+        is called as blocks land."""
         info = self.info(table)
         if layer not in info.layer_rows:
             raise InvalidArgument(f"table {table!r} has no layer {layer}; its layers are {sorted(info.layer_rows)}")
@@ -142,9 +147,16 @@ class TableAdmin(ABC):
             version = self.create_version(table, copy_of=0)
         client = self.data_client(table, version)
         try:
-            for start in range(0, rows.shape[0], IMPORT_BLOCK_ROWS):
-                block = np.asarray(rows[start:start + IMPORT_BLOCK_ROWS]).astype(client.dtype)
-                client.write_rows(layer, np.arange(start, start + block.shape[0]), block)
+            bulk = version != info.active_version and info.chunk_rows * client.row_nbytes <= client.max_payload_bytes
+            step = max(1, IMPORT_BLOCK_ROWS // info.chunk_rows) * info.chunk_rows  # whole chunks per block
+            for start in range(0, rows.shape[0], step):
+                block = np.asarray(rows[start:start + step]).astype(client.dtype, copy=False)  # [<= step, head_dim]
+                if bulk:
+                    client.load_rows(layer, start, block, version)
+                else:
+                    client.write_rows(layer, np.arange(start, start + block.shape[0]), block)
+                if progress is not None:
+                    progress(block.shape[0])
         except BaseException:
             if new:  # a refused import leaves no half-written version behind
                 self.drop_version(table, version)

@@ -63,6 +63,7 @@ class MemoryClient(TableBackend):
         self.fingerprint = info.spec_fingerprint
         self.layer_rows = dict(info.layer_rows)
         self.dtype = enum_dtype(info.dtype)
+        self.chunk_rows = int(info.chunk_rows)
         if expected is not None and expected.fingerprint() != self.fingerprint:
             raise FailedPrecondition(f"table {self.table!r} on the service has spec fingerprint {self.fingerprint}, "
                                      f"this model expects {expected.fingerprint()}: another spec or compression map",
@@ -284,6 +285,25 @@ class MemoryClient(TableBackend):
             table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, version=version,
             row_ids=encode_ids(ids[a:b]), rows=np.ascontiguousarray(values[a:b]).tobytes(), dtype=dtype_enum(self.dtype),
             request_id=uuid.uuid4().hex)) for shard, a, b in self._plan(layer_id, ids, ID_BYTES + self.row_nbytes)]
+        self.channels.call_all(calls)
+
+    def load_rows(self, layer_id: int, start_row: int, rows, version: int) -> None:
+        """Whole chunks of rows [start_row, start_row + n) into an inactive version (bulk import), sent to their shards
+        in messages of whole chunks; start_row on a chunk boundary (self.chunk_rows), n whole chunks or to the end."""
+        values = np.asarray(rows)
+        if values.ndim != 2 or values.shape[1] != self.spec.head_dim:
+            raise InvalidArgument(f"rows must be [n, {self.spec.head_dim}], got {list(values.shape)}")
+        values = values.astype(self.dtype, copy=False)
+        chunk_nbytes = self.chunk_rows * self.row_nbytes
+        if chunk_nbytes > self.max_payload_bytes:
+            raise InvalidArgument(f"a chunk of {self.chunk_rows} rows is {chunk_nbytes / 2**20:.1f} MiB, over a message: "
+                                  "write the rows with write_rows instead")
+        ids = np.arange(start_row, start_row + values.shape[0], dtype=np.int64)
+        per_message = self.max_payload_bytes // chunk_nbytes * self.chunk_rows
+        calls = [(shard, "LoadRows", pb.LoadRowsRequest(
+            table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, version=version, start_row=int(ids[a]),
+            rows=np.ascontiguousarray(values[a:b]).tobytes(), dtype=dtype_enum(self.dtype)))
+            for shard, a, b in self.shard_map.plan(layer_id, ids, per_message)]
         self.channels.call_all(calls)
 
     def stats(self) -> list[dict[str, float]]:

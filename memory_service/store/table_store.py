@@ -25,6 +25,7 @@ from memory_service.backend import check_row_ids
 from memory_service.errors import InvalidArgument, ResourceExhausted
 from memory_service.row_optim import RowAdamConfig
 from memory_service.spec import EngramSpec
+from memory_service.store.bulk_load import BulkLoader
 from memory_service.store.catalog import Catalog
 from memory_service.store.compaction import Compactor
 from memory_service.store.layout import DEFAULT_MAP_SIZE, PAGE_BYTES, ROWS, open_databases, prefix_items
@@ -62,6 +63,7 @@ class TableStore:
                                  self._write_lock, chunk_rows)
         self.moves = ShardMoves(self.dbs, self.catalog, self.ownership, self.versions, self.writes, self.compactor,
                                 self.snapshots)
+        self.loader = BulkLoader(self.dbs, self.catalog, self.ownership, self.snapshots, self.compactor)
         self.writes.load()
 
     # ------------------------------------------------------------------ tables and versions (versions.py)
@@ -160,6 +162,10 @@ class TableStore:
                    request_id: str | None = None) -> int:
         """Set rows of a version in one committed transaction; returns the version written."""
         return self.writes.write_rows(name, layer, row_ids, rows, version, fingerprint, request_id)
+
+    def load_rows(self, name: str, layer: int, start_row: int, rows, version: int, fingerprint: str | None = None) -> int:
+        """Whole chunks of rows from start_row into an inactive version, written once each (bulk_load.py)."""
+        return self.loader.load_rows(name, layer, start_row, rows, version, fingerprint)
 
     def apply_gradients(self, name: str, layer: int, row_ids, grads, lr: float, version: int = 0,
                         fingerprint: str | None = None, request_id: str | None = None) -> int:
