@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 WARM_BLOCK_BYTES = 64 << 20
+STEP_SECONDS = ("flush_s", "merge_s", "fold_s")  # compaction time by step (server counters)
 BLOCK_PUSHES = 6  # pushes to one table before the other's turn; a block ends when its table's compaction is done
 
 
@@ -120,6 +121,7 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
         times = {name: [] for name in sizes}  # per push, over a block and the compaction it started
         latencies = {name: [] for name in sizes}  # each push alone
         target_folds = folds("target")
+        before = {name: client.stats()[0] for name, client in clients.items()}
         i = 0
         while i * BLOCK_PUSHES < pushes or folds("target") <= target_folds:  # a whole compaction cycle of the big table
             i += 1
@@ -130,6 +132,8 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
                 times[name].append((time.perf_counter() - began) / BLOCK_PUSHES)
         cycles = {name: {k: int(client.stats()[0][k]) for k in ("flushes", "merges", "folds")}
                   for name, client in clients.items()}
+        seconds = {name: {k: client.stats()[0][k] - before[name][k] for k in STEP_SECONDS}
+                   for name, client in clients.items()}
 
         # Lookup latency on the bigger table: alone, then while pushes and their compaction (to a fold) run beside.
         reader = MemoryClient(servers["target"][1], "t", deadline_s=600)
@@ -184,6 +188,8 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
         "push_p50_ms": {k: float(np.median(t)) * 1e3 for k, t in latencies.items()},
         "push_p99_ms": {k: float(np.percentile(t, 99)) * 1e3 for k, t in latencies.items()},
         "cost_ratio": mean["target"] / mean["baseline"], "compactions": cycles,
+        "compaction_ms_per_push": {name: {k[:-2]: v * 1e3 / len(latencies[name]) for k, v in s.items()}
+                                   for name, s in seconds.items()},
         "disk_bytes_per_row": {k: disk[k] / table_rows[k] for k in sizes}, "baseline_rows_trained": covered,
         "row_plus_record_bytes": row_nbytes + record_nbytes,
         "lookups": {"alone": _percentiles(alone), **{f"beside_{k}": _percentiles(v) for k, v in during.items()}},
@@ -196,6 +202,9 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
         lines.append(f"  {table_rows[name]:>13,} rows   {result['mean_ms'][name]:7.1f} ms per push (compaction included)   "
                      f"one push p50 {result['push_p50_ms'][name]:6.1f} ms, p99 {result['push_p99_ms'][name]:6.1f} ms   "
                      f"{cycles[name]['flushes']} flushes, {cycles[name]['merges']} merges, {cycles[name]['folds']} folds")
+        per = result["compaction_ms_per_push"][name]
+        lines.append(f"  {'':>13}        compaction per push: flush {per['flush']:.1f} ms, merge {per['merge']:.1f} ms, "
+                     f"fold {per['fold']:.1f} ms")
     lines.append(f"  cost per push, {table_rows['target']:,} rows / {table_rows['baseline']:,}: {result['cost_ratio']:.2f}x "
                  f"(means, compaction included)")
     per_row = result["disk_bytes_per_row"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 
 import numpy as np
 
@@ -169,6 +170,7 @@ class Compactor:
             delta = self.snapshots.deltas.get(key)
         if delta is None:
             return
+        started = time.perf_counter()
         runs, next_run = self._directory(key)
         writer = RunWriter(self.dbs, key, next_run, meta.row_nbytes, meta.opt_record.itemsize)
         writer.append(delta.ids, row_bytes(delta.rows), row_bytes(delta.opt))
@@ -178,6 +180,7 @@ class Compactor:
         self.snapshots.committed()
         self._rebase(meta, key, delta)
         self.counters["flushes"] += 1
+        self.counters["flush_s"] += time.perf_counter() - started
 
     def _rebase(self, meta: TableMeta, key: Key, written: RowDelta) -> None:
         """Drop the log segments now stored elsewhere; keep in the delta only the rows pushed again since."""
@@ -207,6 +210,7 @@ class Compactor:
 
     def _merge(self, meta: TableMeta, key: Key, pair: list[RunInfo], next_run: int) -> None:
         """One run out of two (pair: newest first), streamed in id ranges of bounded size."""
+        started = time.perf_counter()
         writer = RunWriter(self.dbs, key, next_run, meta.row_nbytes, meta.opt_record.itemsize)
         newer, older = self._views(meta, key, pair)
         big = older if older.info.count >= newer.info.count else newer
@@ -225,6 +229,7 @@ class Compactor:
                 delete_run(txn, self.dbs, key, old)
         self.snapshots.committed(dropped_runs=[(key, r.run) for r in pair])
         self.counters["merges"] += 1
+        self.counters["merge_s"] += time.perf_counter() - started
 
     def _views(self, meta: TableMeta, key: Key, runs: list[RunInfo]) -> list[RunView]:
         """Views of runs' arrays. No read transaction is held while they are read: a run's pages are freed only when
@@ -238,6 +243,7 @@ class Compactor:
         runs, _ = self._directory(key)
         if not runs:
             return
+        started = time.perf_counter()
         views = self._views(meta, key, list(reversed(runs)))
         for kind, chunk_rows, nbytes in ((ROWS, meta.chunk_rows, meta.row_nbytes), (OPT, meta.opt_rows, meta.opt_record.itemsize)):
             self._fold_kind(meta, key, views, kind, chunk_rows, nbytes)
@@ -249,6 +255,7 @@ class Compactor:
                 delete_run(txn, self.dbs, key, info)
         self.snapshots.committed(dropped_runs=[(key, r.run) for r in runs])
         self.counters["folds"] += 1
+        self.counters["fold_s"] += time.perf_counter() - started
 
     def _fold_kind(self, meta: TableMeta, key: Key, views: list[RunView], kind: int, chunk_rows: int, nbytes: int) -> None:
         """Rewrite every chunk of one kind that a run touches, oldest run first, in batched commits."""

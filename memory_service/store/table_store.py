@@ -50,7 +50,8 @@ class TableStore:
         self.dbs = open_databases(self.path, map_size, sync)
         self._write_lock = threading.RLock()  # one writer at a time
         self.counters = {"lookups": 0, "rows_served": 0, "writes": 0, "rows_written": 0, "gradient_pushes": 0,
-                         "rows_updated": 0, "compactions_started": 0, "compactions": 0, "flushes": 0, "merges": 0, "folds": 0}
+                         "rows_updated": 0, "compactions_started": 0, "compactions": 0, "flushes": 0, "merges": 0, "folds": 0,
+                         "flush_s": 0.0, "merge_s": 0.0, "fold_s": 0.0}  # seconds spent in each compaction step
         self.catalog = Catalog(self.dbs)
         self.ownership = Ownership(self.dbs, self._write_lock)
         self.ledger = RequestLedger(self.dbs)
