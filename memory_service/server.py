@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -82,10 +83,29 @@ def build_server(store: TableStore, host: str = "127.0.0.1", port: int = 0, toke
     return server, bound, servicer
 
 
+def keep_warm(store: TableStore, every_s: float, stop: threading.Event) -> None:
+    """Read the active version of every table (pages into the page cache); again every every_s seconds if > 0."""
+    while not stop.is_set():
+        started, total = time.perf_counter(), 0
+        try:
+            for meta in store.list_tables():
+                total += store.warm(meta.name)
+        except Exception:  # noqa: BLE001 - a table dropped meanwhile, a store closing: try again next round
+            log.exception("warming the tables failed")
+        log.info("warmed %.1f GiB of rows in %.1f s", total / 2**30, time.perf_counter() - started)
+        if every_s <= 0 or stop.wait(every_s):
+            return
+
+
 def serve(path: str, host: str = "127.0.0.1", port: int = 50051, token: str | None = None,
           tls_cert: str | None = None, tls_key: str | None = None, ready=None, max_workers: int | None = None,
-          metrics_port: int | None = None, max_delta_rows: int | None = None, allow_unauthenticated: bool = False) -> None:
-    """Run a server on a store directory until SIGTERM/SIGINT, then stop gracefully (and /metrics on metrics_port)."""
+          metrics_port: int | None = None, max_delta_rows: int | None = None, allow_unauthenticated: bool = False,
+          warm_every_s: float | None = None) -> None:
+    """Run a server on a store directory until SIGTERM/SIGINT, then stop gracefully (and /metrics on metrics_port).
+
+    warm_every_s: None leaves the page cache alone; 0 reads the active version of every table once at start (in the
+    background: lookups are served meanwhile); > 0 reads them again every that many seconds, against a host that
+    evicts idle page cache."""
     from memory_service.metrics import MetricsServer
 
     check_exposure(host, token, bool(tls_cert or tls_key), allow_unauthenticated)  # before opening anything
@@ -105,6 +125,8 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 50051, token: str | No
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if warm_every_s is not None:
+        threading.Thread(target=keep_warm, args=(store, warm_every_s, stop), name="engram-warm", daemon=True).start()
     if ready is not None:
         ready(bound)
     try:

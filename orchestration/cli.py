@@ -25,6 +25,7 @@ BENCH_DEFAULTS = {
     "hash": {"repeats": 5},
     "lookup": {"rows": 1 << 24, "batch": 262144, "repeats": 15},
     "push": {"rows": 1 << 23, "batch": 5400, "repeats": 30},
+    "disk": {"rows": 1 << 28, "batch": 16384},
 }
 
 
@@ -44,6 +45,10 @@ def _bench(args) -> int:
         from orchestration.bench_push import bench_push
 
         result = bench_push(args.rows, args.dim, args.dtype, args.batch, args.repeats, args.baseline_rows, log=log)
+    elif args.what == "disk":
+        from orchestration.bench_disk import bench_disk
+
+        result = bench_disk(args.rows, args.dim, args.dtype, args.batch, args.seconds, args.path, log=log)
     elif args.what == "step":
         result = bench.bench_step(args.preset, args.steps)
     else:
@@ -139,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--metrics-port", type=int, help="also serve Prometheus /metrics on this port (0 = any free port)")
     p.add_argument("--max-delta-rows", type=int,
-                   help="recent pushed rows per layer kept beside the chunks before they are folded in (default 65536)")
+                   help="recent pushed rows per layer kept beside the chunks before they are compacted (default 32768)")
+    p.add_argument("--warm", action="store_true", help="read every table's active rows once at start (in the background), "
+                   "so first lookups find them in the page cache")
+    p.add_argument("--keep-warm", type=float, metavar="SECONDS", help="... and again every SECONDS (a host that evicts "
+                   "idle page cache, like this VM after 30-60 s; only what fits in RAM stays)")
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="serve a non-loopback --host without a token (anyone who reaches it can write and drop tables)")
     p.set_defaults(func=_lazy("commands_memory", "serve"))
@@ -255,16 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lazy("commands_cluster", "workers"))
 
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)")
-    p.add_argument("what", choices=["hash", "lookup", "push", "step"])
+    p.add_argument("what", choices=["hash", "lookup", "push", "disk", "step"])
     p.add_argument("--preset", default="small", help="step: model preset")
     p.add_argument("--steps", type=int, default=12, help="step: timed steps per mode")
     p.add_argument("--tokens", type=int, default=262144, help="hash: tokens")
-    p.add_argument("--rows", type=int, help="lookup, push: rows of the table's layer (default: lookup 2^24, push 2^23, "
-                   "timed against 2^20)")
-    p.add_argument("--dim", type=int, default=64, help="lookup: row width")
+    p.add_argument("--rows", type=int, help="lookup, push, disk: rows of the table's layer (default: lookup 2^24, push "
+                   "2^23 timed against --baseline-rows, disk 2^28: 32 GiB, bigger than this machine's RAM)")
+    p.add_argument("--dim", type=int, default=64, help="lookup, push, disk: row width")
     p.add_argument("--dtype", default="float16", choices=ROW_DTYPES)
-    p.add_argument("--batch", type=int, help="lookup: ids per batch (default 262144); push: rows per push (default 5400)")
-    p.add_argument("--path", help="lookup: store directory to create or reuse (default: a temporary one)")
+    p.add_argument("--batch", type=int, help="lookup: ids per batch (default 262144); push: rows per push (default 5400); "
+                   "disk: ids per batch (default 16384)")
+    p.add_argument("--path", help="lookup, disk: store directory to create or reuse (default: a temporary one)")
+    p.add_argument("--seconds", type=float, default=20.0, help="disk: seconds of lookups per measurement")
     p.add_argument("--baseline-rows", type=int, default=1 << 20, help="push: rows of the table the cost is compared with")
     p.add_argument("--repeats", type=int, help="timed rounds (default: hash 5, lookup 15, push 30)")
     p.add_argument("--json", action="store_true")

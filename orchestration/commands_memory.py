@@ -62,7 +62,8 @@ def serve(args) -> int:
 
     run_server(args.path, args.host, args.port, token_from(args), args.tls_cert, args.tls_key, ready=ready,
                metrics_port=args.metrics_port, max_delta_rows=args.max_delta_rows,
-               allow_unauthenticated=args.allow_unauthenticated)
+               allow_unauthenticated=args.allow_unauthenticated,
+               warm_every_s=args.keep_warm if args.keep_warm is not None else (0 if args.warm else None))
     return 0
 
 

@@ -333,3 +333,7 @@ def test_warm_reads_every_chunk_of_a_version(store):
     expected = sum(meta.num_chunks(layer) for layer in SPEC.layer_ids) * meta.chunk_rows * meta.row_nbytes
     assert store.warm("t") == expected
     assert store.warm("t", version=1) == expected
+    assert store.warm("t", batch_chunks=3) == expected  # a short read transaction per 3 chunks, every chunk once
+    from memory_service.server import keep_warm
+
+    keep_warm(store, 0, threading.Event())  # once, then returns

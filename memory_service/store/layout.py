@@ -109,11 +109,11 @@ def _move_log_of_older_stores(dbs: Databases) -> None:
             txn.drop(old, delete=True)
 
 
-def prefix_items(txn, db, kind: int, table_id: int, version: int, layer: int | None = None):
-    """(key, value) of every key of one (table, version[, layer]) in key order."""
+def prefix_items(txn, db, kind: int, table_id: int, version: int, layer: int | None = None, start: bytes | None = None):
+    """(key, value) of every key of one (table, version[, layer]) in key order (only keys after `start`, if given)."""
     prefix = struct.pack(">BII", kind, table_id, version) + (b"" if layer is None else struct.pack(">I", layer))
     cursor = txn.cursor(db=db)
-    if cursor.set_range(prefix):
+    if cursor.set_range(prefix if start is None else start + b"\0"):
         for key, value in cursor:
             if bytes(key[:len(prefix)]) != prefix:  # keys are memoryviews in buffers=True transactions
                 break

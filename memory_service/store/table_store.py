@@ -223,16 +223,26 @@ class TableStore:
         return self.moves.drop_unowned_chunks(name)
 
     # ------------------------------------------------------------------ housekeeping
-    def warm(self, name: str, version: int = 0) -> int:
-        """Touch every page of a version (prefault the map); returns bytes read."""
+    def warm(self, name: str, version: int = 0, batch_chunks: int = 4096) -> int:
+        """Touch every page of a version's rows, so the page cache holds them (as far as they fit); returns bytes read.
+
+        One short read transaction per batch of chunks: a reader held through a whole big table would keep LMDB
+        from reusing the pages compaction frees meanwhile."""
         meta = self.table_info(name)
         v = meta.resolve_version(version)
-        total = 0
-        with self.dbs.env.begin(buffers=True) as txn:
-            for _, value in prefix_items(txn, self.dbs.rows, ROWS, meta.table_id, v):
-                np.frombuffer(value, dtype=np.uint8)[::PAGE_BYTES].sum()  # reads one byte per page: faults it in
-                total += len(value)
-        return total
+        total, after = 0, None
+        while True:
+            with self.dbs.env.begin(buffers=True) as txn:
+                seen = 0
+                for key, value in prefix_items(txn, self.dbs.rows, ROWS, meta.table_id, v, start=after):
+                    np.frombuffer(value, dtype=np.uint8)[::PAGE_BYTES].sum()  # reads one byte per page: faults it in
+                    total += len(value)
+                    seen += 1
+                    if seen == batch_chunks:
+                        after = bytes(key)
+                        break
+            if seen < batch_chunks:
+                return total
 
     def stats(self) -> dict[str, float]:
         """Counters plus environment size figures."""
