@@ -337,3 +337,50 @@ def test_warm_reads_every_chunk_of_a_version(store):
     from memory_service.server import keep_warm
 
     keep_warm(store, 0, threading.Event())  # once, then returns
+
+
+def test_compaction_interleaved_with_pushes_swaps_and_lookups(tmp_path):
+    """Two versions take pushes in turn while the active one swaps back and forth and the background compactor
+    flushes, merges and folds both: every lookup sees one whole version after whole pushes; both end exact."""
+    store = TableStore(tmp_path / "s", chunk_rows=256, max_delta_rows=700)
+    store.create_table("t", SPEC)
+    v2 = store.create_version("t", copy_of=1)
+    locals_ = {v: LocalTable(SPEC, layer_rows_for_spec(SPEC)) for v in (1, v2)}
+    all_ids = np.arange(locals_[1].num_rows(1))
+    rng = np.random.default_rng(11)
+    plan = []
+    for i in range(24):
+        ids = np.unique(rng.integers(0, all_ids.size, 500))
+        plan.append((1 if i % 2 else v2, ids, rng.standard_normal((ids.size, SPEC.head_dim)).astype(np.float32)))
+    states = {v: {t.table(1).tobytes()} for v, t in locals_.items()}
+    for v, ids, grads in plan:
+        locals_[v].apply_gradients(1, ids, grads, lr=0.05)
+        states[v].add(locals_[v].table(1).tobytes())
+    errors, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            rows, version = store.lookup("t", 1, all_ids)
+            if rows.tobytes() not in states[version]:
+                errors.append(version)
+
+    def swapper():
+        while not stop.is_set():
+            store.swap("t", v2 if store.table_info("t").active == 1 else 1)
+
+    threads = [threading.Thread(target=reader), threading.Thread(target=swapper)]
+    for t in threads:
+        t.start()
+    try:
+        for v, ids, grads in plan:
+            store.apply_gradients("t", 1, ids, grads, lr=0.05, version=v)
+        store.compactor.wait()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, f"{len(errors)} lookups saw rows no whole sequence of pushes to their version gives"
+    assert store.counters["folds"] >= 2 and store.counters["flushes"] >= 4
+    for v, local in locals_.items():
+        _assert_same_as(store, local, version=v)
+    store.close()
