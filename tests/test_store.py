@@ -384,3 +384,38 @@ def test_compaction_interleaved_with_pushes_swaps_and_lookups(tmp_path):
     for v, local in locals_.items():
         _assert_same_as(store, local, version=v)
     store.close()
+
+
+def test_merged_runs_keep_rows_in_their_parts_and_garbage_goes_at_open(tmp_path):
+    """A merge writes only ids and places; lookups, pushes and the fold read rows through them, exactly, before and
+    after a reopen; run arrays no directory lists (a crash mid-flush) are removed at open, listed ones kept."""
+    from memory_service.store.runs import IDS, read_directory, run_key
+
+    store = TableStore(tmp_path / "s", chunk_rows=256, max_delta_rows=300, background_compaction=False)
+    store.create_table("t", SPEC)
+    local = LocalTable(SPEC, layer_rows_for_spec(SPEC))
+    rng = np.random.default_rng(12)
+    _push_both(store, local, rng, 3, rows=320)  # flushes and merges, not yet a fold (1/8 of the layer)
+    key = (store.table_info("t").table_id, 1, 1)
+    with store.dbs.env.begin() as txn:
+        runs, _ = read_directory(txn, store.dbs, key)
+    assert store.counters["merges"] >= 1 and store.counters["folds"] == 0
+    assert any(r.sources for r in runs) and sum(r.stored_rows for r in runs) >= sum(r.count for r in runs)
+    _assert_same_as(store, local)
+    with store.dbs.env.begin(write=True) as txn:
+        txn.put(run_key(key, 999, IDS), b"\0" * 4096, db=store.dbs.runs)  # what a flush cut short leaves
+    store.close()
+    store = TableStore(tmp_path / "s", chunk_rows=256, max_delta_rows=300, background_compaction=False)
+    with store.dbs.env.begin() as txn:
+        assert txn.get(run_key(key, 999, IDS), db=store.dbs.runs) is None
+        assert read_directory(txn, store.dbs, key)[0] == runs
+    _assert_same_as(store, local)
+    _push_both(store, local, rng, 10, rows=320)  # on to folds, which drop the runs with their parts
+    assert store.counters["folds"] >= 1
+    _assert_same_as(store, local)
+    with store.compactor.exclusive():
+        store.compactor.settle(store.table_info("t"), key)  # everything folded: no run array may be left behind
+    with store.dbs.env.begin() as txn:
+        assert sum(1 for _ in txn.cursor(db=store.dbs.runs).iternext(values=False)) == 0
+    _assert_same_as(store, local)
+    store.close()

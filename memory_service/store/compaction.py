@@ -9,15 +9,18 @@ writes only, so a push costs the same whatever the table's size:
   segments it holds are dropped (the delta keeps only rows pushed since);
 - merge: while the newest run holds at least 1/MERGE_RATIO of the next one's rows (or
   there are more than MAX_RUNS), the two merge into one, so a layer has few runs of
-  geometrically growing sizes and each row is rewritten a few times;
-- fold: once the runs hold FOLD_FRACTION of the layer's rows, they are written into the
-  chunks (every chunk rewritten once, in batches), and dropped. The rewrite costs the
-  layer's size, once per FOLD_FRACTION of it pushed: a constant per row pushed.
+  geometrically growing sizes. A merge writes the ids and places of the rows (16 bytes
+  a row), not the rows and records, which stay in the parts they were flushed to: the
+  logarithmic number of merges a row goes through costs next to nothing;
+- fold: once the runs' parts hold FOLD_FRACTION of the layer's rows, they are written
+  into the chunks (every chunk rewritten once, in batches), and dropped with the parts.
+  The rewrite costs the layer's size, once per FOLD_FRACTION of it pushed: a constant
+  per row pushed.
 
 Readers are never stopped: a run is listed only once written, chunks are rewritten with
 LMDB's copy-on-write, and a snapshot keeps the runs, chunks and delta it started with.
 A crash at any point leaves the log, the runs and the chunks consistent (a run not yet
-listed is garbage, removed at open; rows folded twice get the same values).
+listed is garbage, removed at open: runs.remove_unlisted; rows folded twice get the same values).
 """
 
 from __future__ import annotations
@@ -33,15 +36,15 @@ from memory_service.row_delta import RowDelta, decode_segment, row_bytes
 from memory_service.store.catalog import Catalog
 from memory_service.store.layout import DELTA, OPT, ROWS, Databases, chunk_key, parse_key, prefix_items
 from memory_service.store.runs import (
-    PART_ROWS,
     Key,
     RunInfo,
     RunView,
     RunWriter,
     delete_run,
-    merge_sorted,
+    merge_places,
     read_directory,
     write_directory,
+    write_merged,
 )
 from memory_service.store.snapshots import Snapshots
 from memory_service.table_meta import TableMeta
@@ -147,7 +150,7 @@ class Compactor:
                     self.flush(meta, key)
                 self._merge_runs(meta, key)
                 runs, _ = self._directory(key)
-                if sum(r.count for r in runs) >= FOLD_FRACTION * meta.layer_rows[key[2]]:
+                if sum(r.stored_rows for r in runs) >= FOLD_FRACTION * meta.layer_rows[key[2]]:
                     self.fold(meta, key)
             finally:
                 self.counters["compactions"] += 1
@@ -209,24 +212,18 @@ class Compactor:
             self._merge(meta, key, runs[:2], next_run)
 
     def _merge(self, meta: TableMeta, key: Key, pair: list[RunInfo], next_run: int) -> None:
-        """One run out of two (pair: newest first), streamed in id ranges of bounded size."""
+        """One run out of two (pair: newest first): new ids and places, the rows stay in their parts (runs.py)."""
         started = time.perf_counter()
-        writer = RunWriter(self.dbs, key, next_run, meta.row_nbytes, meta.opt_record.itemsize)
         newer, older = self._views(meta, key, pair)
-        big = older if older.info.count >= newer.info.count else newer
-        bounds = [int(x) for x in big.ids[PART_ROWS::PART_ROWS]] + [meta.layer_rows[key[2]]]
-        lo = 0
-        for hi in bounds:
-            writer.append(*merge_sorted(older.between(lo, hi), newer.between(lo, hi)))
-            lo = hi
+        ids, places = merge_places(older, newer)
         with self.dbs.env.begin(write=True) as txn:
-            info = writer.finish(txn)
+            info = write_merged(txn, self.dbs, key, next_run, ids, places, older.info, newer.info)
             runs, _ = read_directory(txn, self.dbs, key)
             merged_at = [r.run for r in runs].index(pair[0].run)
             runs = runs[:merged_at] + [info] + [r for r in runs[merged_at:] if r.run not in (pair[0].run, pair[1].run)]
             write_directory(txn, self.dbs, key, runs, next_run + 1)
             for old in pair:
-                delete_run(txn, self.dbs, key, old)
+                delete_run(txn, self.dbs, key, old, parts=False)  # the merged run reads its rows from their parts
         self.snapshots.committed(dropped_runs=[(key, r.run) for r in pair])
         self.counters["merges"] += 1
         self.counters["merge_s"] += time.perf_counter() - started

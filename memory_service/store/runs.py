@@ -1,12 +1,17 @@
 """Sorted runs: pushed rows on disk, between the recent rows in RAM and the chunks.
 
 A run is an immutable, sorted set of (row id, row, optimizer record) of one (table,
-version, layer): its ids as one value and its rows and records in parts of PART_ROWS,
-all in the `runs` database, written sequentially. A layer's runs are listed, newest
-first, in its run directory (the `meta` database); a run exists for readers once its
-directory entry commits, and a reader's snapshot keeps the runs it started with, so
-merging runs or folding them into the chunks never disturbs a lookup (compaction.py).
-Lookups lay the runs over the chunks, oldest first, then the recent rows over them.
+version, layer), in the `runs` database. A flushed run stores its ids as one value and
+its rows and records in parts of PART_ROWS, written sequentially. A merged run stores
+only ids and where each row is (its place in the parts of the runs it was merged from,
+which stay where they are until the fold): merging two runs writes 16 bytes a row, not
+the row and its optimizer record, so the log factor of merging costs next to nothing.
+
+A layer's runs are listed, newest first, in its run directory (the `meta` database); a
+run exists for readers once its directory entry commits, and a reader's snapshot keeps
+the runs it started with, so merging runs or folding them into the chunks never
+disturbs a lookup (compaction.py). Lookups lay the runs over the chunks, oldest first,
+then the recent rows over them.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from memory_service.store.row_view import RowView
 
 Key = tuple[int, int, int]  # (table id, version, layer)
 PART_ROWS = 1 << 12  # rows (and records) per stored part of a run: values small enough for LMDB to reuse freed space
-IDS, ROWS, RECORDS = 0, 1, 2  # the arrays of a run
+IDS, ROWS, RECORDS, WHERE = 0, 1, 2, 3  # the arrays of a run (WHERE: a merged run's row places)
 _KEY = struct.Struct(">IIIIBH")  # table, version, layer, run id, array, part
 _DIRECTORY = struct.Struct(">III")
 
@@ -44,7 +49,19 @@ class RunInfo:
     """One run of a layer's directory."""
 
     run: int
-    count: int  # rows held
+    count: int  # distinct rows held
+    stored: int = 0  # rows in the parts it reads from, superseded ones included (0: count)
+    sources: tuple[tuple[int, int], ...] = ()  # a merged run's (run id, parts) holding its rows, in order
+
+    @property
+    def stored_rows(self) -> int:
+        """Rows its parts hold (what its disk space and a fold's reading follow)."""
+        return self.stored or self.count
+
+    @property
+    def part_sources(self) -> tuple[tuple[int, int], ...]:
+        """(run id, parts) whose parts hold this run's rows and records, in order."""
+        return self.sources or ((self.run, -(-self.count // PART_ROWS)),)
 
 
 def read_directory(txn, dbs: Databases, key: Key) -> tuple[list[RunInfo], int]:
@@ -53,13 +70,15 @@ def read_directory(txn, dbs: Databases, key: Key) -> tuple[list[RunInfo], int]:
     if blob is None:
         return [], 1
     data = json.loads(bytes(blob))
-    return [RunInfo(r, n) for r, n in data["runs"]], data["next"]
+    runs = [RunInfo(e[0], e[1], *(e[2], tuple(tuple(s) for s in e[3])) if len(e) > 2 else ()) for e in data["runs"]]
+    return runs, data["next"]
 
 
 def write_directory(txn, dbs: Databases, key: Key, runs: list[RunInfo], next_run: int) -> None:
     """Replace a layer's run directory (inside a write transaction)."""
-    txn.put(directory_key(key), json.dumps({"runs": [[r.run, r.count] for r in runs], "next": next_run}).encode(),
-            db=dbs.meta)
+    entries = [[r.run, r.count] if not r.sources else [r.run, r.count, r.stored, [list(s) for s in r.sources]]
+               for r in runs]
+    txn.put(directory_key(key), json.dumps({"runs": entries, "next": next_run}).encode(), db=dbs.meta)
 
 
 def _view(buf, dtype, shape) -> np.ndarray:
@@ -87,34 +106,49 @@ class RunView:
     def __init__(self, txn, dbs: Databases, key: Key, info: RunInfo, row_nbytes: int, record_nbytes: int):
         self.info = info
         self.ids = _view(txn.get(run_key(key, info.run, IDS), db=dbs.runs), np.int64, (info.count,))  # [n], ascending
-        parts = -(-info.count // PART_ROWS)
+        # [n]: row i's place in the parts (part * PART_ROWS + offset); a flushed run's rows are in order (None)
+        self.where = (_view(txn.get(run_key(key, info.run, WHERE), db=dbs.runs), np.int64, (info.count,))
+                      if info.sources else None)
+        self.num_parts = sum(n for _, n in info.part_sources)
         self.parts, self.views = {}, {}
         for array, nbytes in ((ROWS, row_nbytes), (RECORDS, record_nbytes)):
-            bufs = [txn.get(run_key(key, info.run, array, p), db=dbs.runs) for p in range(parts)]
+            bufs = [txn.get(run_key(key, run, array, p), db=dbs.runs) for run, n in info.part_sources for p in range(n)]
             self.parts[array] = [_view(buf, np.uint8, (len(buf) // nbytes, nbytes)) for buf in bufs]  # the last may be padded
             addresses = np.array([p.__array_interface__["data"][0] for p in self.parts[array]], dtype=np.int64)
-            self.views[array] = RowView(addresses, np.zeros(parts, dtype=bool), PART_ROWS * nbytes, nbytes)
+            self.views[array] = RowView(addresses, np.zeros(len(bufs), dtype=bool), PART_ROWS * nbytes, nbytes)
 
-    def overlay(self, ids: np.ndarray, out: np.ndarray, array: int) -> None:
-        """out[i] = this run's row (array ROWS) or record (RECORDS) of ids[i], where it holds one; out uint8 [N, bytes]."""
-        positions, index = find(self.ids, ids)
-        if not positions.size:
-            return
+    def places(self, index: np.ndarray) -> np.ndarray:
+        """Where rows index (positions in ids) are in the parts: part * PART_ROWS + offset."""
+        return index if self.where is None else self.where[index]
+
+    def _rows_at(self, array: int, places: np.ndarray) -> np.ndarray:
+        """Copies of the rows (or records) at places in the parts: uint8 [n, bytes]."""
         view = self.views[array]
-        nbytes = out.shape[1]
-        first = view.chunk_base[index // PART_ROWS] + index * (nbytes // view.unit)  # [H]: first unit of each row
-        got = np.empty((index.size, nbytes), dtype=np.uint8)
+        nbytes = self.parts[array][0].shape[1]
+        got = np.empty((places.size, nbytes), dtype=np.uint8)
+        if not places.size:
+            return got
+        first = view.chunk_base[places // PART_ROWS] + places * (nbytes // view.unit)  # [H]: first unit of each row
         if native.available():
             native.gather_rows(view.region, first, got)
         else:
             units = (first[:, None] + np.arange(nbytes // view.unit)[None, :]).reshape(-1)
             got.reshape(-1, view.unit)[:] = view.region[units]
-        out[positions] = got
+        return got
+
+    def overlay(self, ids: np.ndarray, out: np.ndarray, array: int) -> None:
+        """out[i] = this run's row (array ROWS) or record (RECORDS) of ids[i], where it holds one; out uint8 [N, bytes]."""
+        positions, index = find(self.ids, ids)
+        if positions.size:
+            out[positions] = self._rows_at(array, self.places(index))
 
     def between(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, rows, records) copies of the rows with lo <= id < hi (for merges and folds)."""
+        """(ids, rows, records) copies of the rows with lo <= id < hi (for folds)."""
         a, b = np.searchsorted(self.ids, [lo, hi])
         ids = np.array(self.ids[a:b])
+        if self.where is not None:
+            places = np.asarray(self.where[a:b])
+            return ids, self._rows_at(ROWS, places), self._rows_at(RECORDS, places)
         out = []
         for array in (ROWS, RECORDS):
             pieces = []
@@ -135,6 +169,25 @@ def find(run_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     at = np.minimum(np.searchsorted(run_ids, ids), run_ids.size - 1)
     hit = np.flatnonzero(run_ids[at] == ids)
     return hit, at[hit]
+
+
+def merge_places(older: RunView, newer: RunView) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, places) of the run two runs merge into, over the older's parts then the newer's; the newer row wins."""
+    shift = older.num_parts * PART_ROWS  # the newer run's parts come after the older's
+    old_places = older.places(np.arange(older.info.count, dtype=np.int64))
+    new_places = newer.places(np.arange(newer.info.count, dtype=np.int64)) + shift
+    old = (np.ascontiguousarray(older.ids), old_places.reshape(-1, 1), np.empty((older.info.count, 0), np.uint8))
+    new = (np.ascontiguousarray(newer.ids), new_places.reshape(-1, 1), np.empty((newer.info.count, 0), np.uint8))
+    ids, places, _ = merge_sorted(old, new)
+    return ids, np.ascontiguousarray(places.reshape(-1))
+
+
+def write_merged(txn, dbs: Databases, key: Key, run: int, ids: np.ndarray, places: np.ndarray, older: RunInfo,
+                 newer: RunInfo) -> RunInfo:
+    """Store a merged run's ids and places (its rows stay in the parts of the runs it came from); its directory entry."""
+    txn.put(run_key(key, run, IDS), _padded(ids.astype("<i8")).data, db=dbs.runs)
+    txn.put(run_key(key, run, WHERE), _padded(places.astype("<i8")).data, db=dbs.runs)
+    return RunInfo(run, int(ids.size), older.stored_rows + newer.stored_rows, older.part_sources + newer.part_sources)
 
 
 def merge_sorted(old: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -198,12 +251,15 @@ class RunWriter:
         return RunInfo(self.run, self.count)
 
 
-def delete_run(txn, dbs: Databases, key: Key, info: RunInfo) -> None:
-    """Delete a run's stored arrays (inside a write transaction)."""
+def delete_run(txn, dbs: Databases, key: Key, info: RunInfo, parts: bool = True) -> None:
+    """Delete a run's ids (and places), and with parts=True the parts holding its rows (inside a write transaction)."""
     txn.delete(run_key(key, info.run, IDS), db=dbs.runs)
-    for array in (ROWS, RECORDS):
-        for part in range(-(-info.count // PART_ROWS)):
-            txn.delete(run_key(key, info.run, array, part), db=dbs.runs)
+    txn.delete(run_key(key, info.run, WHERE), db=dbs.runs)
+    if parts:
+        for run, count in info.part_sources:
+            for array in (ROWS, RECORDS):
+                for part in range(count):
+                    txn.delete(run_key(key, run, array, part), db=dbs.runs)
 
 
 def delete_runs_of(txn, dbs: Databases, table_id: int, version: int | None = None) -> None:
@@ -219,3 +275,21 @@ def delete_runs_of(txn, dbs: Databases, table_id: int, version: int | None = Non
                 doomed.append(bytes(k))
         for k in doomed:
             txn.delete(k, db=db)
+
+
+def remove_unlisted(txn, dbs: Databases) -> int:
+    """Delete stored run arrays no directory refers to (a flush or merge cut short by a crash); returns how many."""
+    live: dict[Key, set[int]] = {}
+    doomed = []
+    cursor = txn.cursor(db=dbs.runs)
+    for k in cursor.iternext(values=False):
+        table, version, layer, run, _, _ = _KEY.unpack(bytes(k))
+        key = (table, version, layer)
+        if key not in live:
+            runs, _ = read_directory(txn, dbs, key)
+            live[key] = {r.run for r in runs} | {source for r in runs for source, _ in r.sources}
+        if run not in live[key]:
+            doomed.append(bytes(k))
+    for k in doomed:
+        txn.delete(k, db=dbs.runs)
+    return len(doomed)

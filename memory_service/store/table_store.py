@@ -16,6 +16,7 @@ of its parts, each in a module of its own:
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -32,10 +33,13 @@ from memory_service.store.layout import DEFAULT_MAP_SIZE, PAGE_BYTES, ROWS, open
 from memory_service.store.ledger import RequestLedger
 from memory_service.store.migration import ShardMoves
 from memory_service.store.ownership import Ownership
+from memory_service.store.runs import remove_unlisted
 from memory_service.store.snapshots import Snapshots
 from memory_service.store.versions import Versions
 from memory_service.store.write_path import DEFAULT_MAX_DELTA_ROWS, WritePath
 from memory_service.table_meta import DEFAULT_CHUNK_ROWS, TableMeta
+
+log = logging.getLogger("engram.store")
 
 
 class TableStore:
@@ -66,6 +70,10 @@ class TableStore:
                                 self.snapshots)
         self.loader = BulkLoader(self.dbs, self.catalog, self.ownership, self.snapshots, self.compactor)
         self.writes.load()
+        with self.dbs.env.begin(write=True) as txn:
+            removed = remove_unlisted(txn, self.dbs)
+        if removed:
+            log.info("removed %d stored run arrays no run lists (a compaction cut short)", removed)
 
     # ------------------------------------------------------------------ tables and versions (versions.py)
     def create_table(self, name: str, spec: EngramSpec, compression_map: np.ndarray | None = None,
