@@ -15,7 +15,7 @@ import threading
 import numpy as np
 
 from memory_service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, shown
-from memory_service.row_init import init_rows
+from memory_service.row_init import INIT_BLOCK_ROWS, init_rows
 from memory_service.spec import EngramSpec
 from memory_service.store.catalog import Catalog
 from memory_service.store.compaction import Compactor
@@ -122,12 +122,17 @@ class Versions:
             for layer, num_rows in meta.layer_rows.items():
                 owned = self.ownership.owned_range(meta.name, layer) or (0, num_rows)
                 first_chunk, end_chunk = owned[0] // meta.chunk_rows, -(-owned[1] // meta.chunk_rows)
+                group = max(1, INIT_BLOCK_ROWS // meta.chunk_rows)  # chunks drawn at once: each seeded block drawn once
                 for chunk in range(first_chunk, end_chunk):
-                    start = chunk * meta.chunk_rows
-                    stop = min(num_rows, start + meta.chunk_rows)
+                    if init_std and (chunk - first_chunk) % group == 0:
+                        start = chunk * meta.chunk_rows
+                        drawn = init_rows(num_rows, spec.head_dim, layer, start,
+                                          min(num_rows, start + group * meta.chunk_rows), init_std, init_seed, spec.dtype)
                     rows = np.zeros((meta.chunk_rows, spec.head_dim), dtype=meta.dtype)
                     if init_std:
-                        rows[: stop - start] = init_rows(num_rows, spec.head_dim, layer, start, stop, init_std, init_seed, spec.dtype)
+                        offset = (chunk - first_chunk) % group * meta.chunk_rows
+                        part = drawn[offset:offset + meta.chunk_rows]
+                        rows[: part.shape[0]] = part
                     txn.put(chunk_key(ROWS, meta.table_id, version, layer, chunk), rows.tobytes(), db=self.dbs.rows)
                     pending += rows.nbytes
                     if pending >= WRITE_BATCH_BYTES:
