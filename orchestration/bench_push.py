@@ -68,7 +68,7 @@ def _settle(client) -> None:
 
 
 def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", push_rows: int = 5400, pushes: int = 30,
-               baseline_rows: int = 1 << 20, lookup_ids: int = 4096, log=print) -> dict:
+               baseline_rows: int = 1 << 20, optimizer_state: str = "exact", lookup_ids: int = 4096, log=print) -> dict:
     """Per-push cost (mean, compaction included) at num_rows against baseline_rows, lookup latency beside pushes and
     compactions, and disk bytes per row."""
     from memory_service.client import MemoryClient
@@ -84,8 +84,8 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
     try:
         for name, rows in sizes.items():
             spec = EngramSpec(engram_vocab_size=(rows,), max_ngram_size=2, n_embed_per_ngram=dim, n_head_per_ngram=1,
-                              layer_ids=(0,), pad_id=0, dtype=dtype)
-            log(f"creating a {rows:,} x {dim} {dtype} table ...")
+                              layer_ids=(0,), pad_id=0, dtype=dtype, optimizer_state=optimizer_state)
+            log(f"creating a {rows:,} x {dim} {dtype} table ({optimizer_state} optimizer state) ...")
             store = TableStore(root / name)
             store.create_table("t", spec, init_std=1.0, init_seed=0)
             store.close()
@@ -179,11 +179,11 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
     disk = {name: _allocated_bytes(root / name) for name in sizes}
     shutil.rmtree(root, ignore_errors=True)
     row_nbytes = dim * np.dtype(dtype).itemsize
-    record_nbytes = record_dtype(dim).itemsize
+    record_nbytes = record_dtype(dim, optimizer_state).itemsize
     mean = {name: float(np.mean(t)) for name, t in times.items()}
     result = {
-        "table_rows": table_rows, "dim": dim, "dtype": dtype, "push_rows": push_rows, "pushes": len(latencies["target"]),
-        "warm_up": warm_up,
+        "table_rows": table_rows, "dim": dim, "dtype": dtype, "optimizer_state": optimizer_state, "push_rows": push_rows,
+        "pushes": len(latencies["target"]), "warm_up": warm_up,
         "mean_ms": {k: v * 1e3 for k, v in mean.items()},
         "push_p50_ms": {k: float(np.median(t)) * 1e3 for k, t in latencies.items()},
         "push_p99_ms": {k: float(np.percentile(t, 99)) * 1e3 for k, t in latencies.items()},
@@ -208,7 +208,7 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
     lines.append(f"  cost per push, {table_rows['target']:,} rows / {table_rows['baseline']:,}: {result['cost_ratio']:.2f}x "
                  f"(means, compaction included)")
     per_row = result["disk_bytes_per_row"]
-    lines.append(f"  disk: {per_row['baseline']:.0f} B/row with {covered:.0%} of the rows trained (a row and its Adam record: "
+    lines.append(f"  disk: {per_row['baseline']:.0f} B/row with {covered:.0%} of the rows trained (a row and its {optimizer_state} Adam record: "
                  f"{row_nbytes + record_nbytes} B, so {per_row['baseline'] / (row_nbytes + record_nbytes):.2f}x); "
                  f"{per_row['target']:.0f} B/row on the bigger table after the timed pushes")
     lk = result["lookups"]

@@ -44,7 +44,8 @@ def _bench(args) -> int:
     elif args.what == "push":
         from orchestration.bench_push import bench_push
 
-        result = bench_push(args.rows, args.dim, args.dtype, args.batch, args.repeats, args.baseline_rows, log=log)
+        result = bench_push(args.rows, args.dim, args.dtype, args.batch, args.repeats, args.baseline_rows,
+                            args.optimizer_state, log=log)
     elif args.what == "disk":
         from orchestration.bench_disk import bench_disk
 
@@ -277,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", help="lookup, disk: store directory to create or reuse (default: a temporary one)")
     p.add_argument("--seconds", type=float, default=20.0, help="disk: seconds of lookups per measurement")
     p.add_argument("--baseline-rows", type=int, default=1 << 20, help="push: rows of the table the cost is compared with")
+    p.add_argument("--optimizer-state", choices=OPTIMIZER_STATES, default="exact", help="push: the tables' optimizer state")
     p.add_argument("--repeats", type=int, help="timed rounds (default: hash 5, lookup 15, push 30)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
