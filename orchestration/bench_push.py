@@ -208,7 +208,8 @@ def bench_push(num_rows: int = 1 << 23, dim: int = 64, dtype: str = "float16", p
     lines.append(f"  cost per push, {table_rows['target']:,} rows / {table_rows['baseline']:,}: {result['cost_ratio']:.2f}x "
                  f"(means, compaction included)")
     per_row = result["disk_bytes_per_row"]
-    lines.append(f"  disk: {per_row['baseline']:.0f} B/row with {covered:.0%} of the rows trained (a row and its {optimizer_state} Adam record: "
+    lines.append(f"  disk: {per_row['baseline']:.0f} B/row with {covered:.0%} of the rows trained (a row and its "
+                 f"{optimizer_state} Adam record: "
                  f"{row_nbytes + record_nbytes} B, so {per_row['baseline'] / (row_nbytes + record_nbytes):.2f}x); "
                  f"{per_row['target']:.0f} B/row on the bigger table after the timed pushes")
     lk = result["lookups"]
