@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import signal
 import threading
@@ -89,7 +90,7 @@ def keep_warm(store: TableStore, every_s: float, stop: threading.Event) -> None:
         started, total = time.perf_counter(), 0
         try:
             for meta in store.list_tables():
-                total += store.warm(meta.name)
+                total += store.warm(meta.name, stop=stop)
         except Exception:  # noqa: BLE001 - a table dropped meanwhile, a store closing: try again next round
             log.exception("warming the tables failed")
         log.info("warmed %.1f GiB of rows in %.1f s", total / 2**30, time.perf_counter() - started)
@@ -109,6 +110,8 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 50051, token: str | No
     from memory_service.metrics import MetricsServer
 
     check_exposure(host, token, bool(tls_cert or tls_key), allow_unauthenticated)  # before opening anything
+    if warm_every_s is not None and (not math.isfinite(warm_every_s) or warm_every_s < 0):
+        raise ValueError(f"--keep-warm takes seconds >= 0, got {warm_every_s}")
     store = TableStore(path, **({"max_delta_rows": max_delta_rows} if max_delta_rows else {}))
     workers = max_workers or int(os.environ.get("ENGRAM_SERVER_THREADS", DEFAULT_WORKERS))
     try:
@@ -125,8 +128,10 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 50051, token: str | No
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    warmer = None
     if warm_every_s is not None:
-        threading.Thread(target=keep_warm, args=(store, warm_every_s, stop), name="engram-warm", daemon=True).start()
+        warmer = threading.Thread(target=keep_warm, args=(store, warm_every_s, stop), name="engram-warm", daemon=True)
+        warmer.start()
     if ready is not None:
         ready(bound)
     try:
@@ -135,4 +140,6 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 50051, token: str | No
         if metrics is not None:
             metrics.stop()
         server.stop(grace=5).wait()
+        if warmer is not None:
+            warmer.join()  # it stops between batches once `stop` is set; the store must outlive its reads
         store.close()

@@ -99,8 +99,8 @@ def bench_disk(num_rows: int = 1 << 28, dim: int = 64, dtype: str = "float16", b
                 rows, _ = client.lookup_raw(0, ids)
                 times.append(time.perf_counter() - began)
                 done += ids.size
-            block = int(rng.integers(0, rows_in_table // INIT_BLOCK_ROWS))  # one seeded block, checked row for row
-            ids = np.arange(block * INIT_BLOCK_ROWS, (block + 1) * INIT_BLOCK_ROWS)
+            block = int(rng.integers(0, max(1, rows_in_table // INIT_BLOCK_ROWS)))  # one seeded block, checked row for row
+            ids = np.arange(block * INIT_BLOCK_ROWS, min(rows_in_table, (block + 1) * INIT_BLOCK_ROWS))
             expected = init_rows(rows_in_table, dim, 0, int(ids[0]), int(ids[-1]) + 1, 1.0, 0, dtype)
             assert np.array_equal(client.lookup_raw(0, ids)[0], expected), "served rows differ from the seeded rows"
             out = {"rows_per_s": done / sum(times), "batches": len(times),

@@ -130,11 +130,13 @@ def _create(admin: TableAdmin, args) -> int:
                               init_std, args.seed, args.chunk_rows)
     if args.from_checkpoint:
         from memory_service.local_table import saved_rows
+        from memory_service.spec import EngramSpec
         from model_worker import checkpoint as ckpt
 
         with np.load(Path(args.from_checkpoint) / ckpt.TABLES_FILE) as z:
+            saved = EngramSpec.from_json(bytes(z["spec"]).decode())  # its row dtype, which the new table may not share
             for layer in spec.layer_ids:
-                admin.import_rows(args.table, layer, saved_rows(z, spec, layer), version=1)
+                admin.import_rows(args.table, layer, saved_rows(z, saved, layer), version=1)  # cast to the table's
     print(json.dumps(info.to_dict(), indent=2) if args.json else
           f"created table {info.name!r} on the {admin.where}: version 1 active, layers {info.layer_rows}, "
           f"fingerprint {info.fingerprint}")

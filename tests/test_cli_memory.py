@@ -95,3 +95,30 @@ def test_table_lifecycle_from_the_command_line(served, tmp_path):
     assert missing.returncode == 2 and "no table named 'nope'" in missing.stderr
     no_token = engram("table", "swap", "--address", served, "--table", "life", "--version", 1)
     assert no_token.returncode == 2 and "authorization" in no_token.stderr
+
+
+def test_a_bf16_checkpoint_creates_a_float32_table_with_the_same_values(served, tmp_path):
+    """train --table-dtype bfloat16 saves bf16 rows; table create --from-checkpoint --dtype float32 casts them (it read
+    the checkpoint's own dtype, not the new table's)."""
+    from memory_service.local_table import saved_rows
+    from memory_service.row_dtypes import BFLOAT16
+
+    out = tmp_path / "run"
+    trained = engram("train", "--preset", "tiny", "--steps", 2, "--eval-every", 100, "--out", out, "--table-dtype",
+                     "bfloat16", "--optimizer-state", "compact", "--no-progress")
+    assert trained.returncode == 0, trained.stderr
+    created = engram("table", "create", "--address", served, "--token", "tok", "--table", "from-bf16",
+                     "--from-checkpoint", out / "checkpoint", "--dtype", "float32")
+    assert created.returncode == 0, created.stderr
+    with np.load(out / "checkpoint" / "tables.npz") as z:
+        spec = EngramSpec.from_json(bytes(z["spec"]).decode())
+        assert spec.dtype == "bfloat16" and spec.optimizer_state == "compact"
+        layer = spec.layer_ids[0]
+        expected = saved_rows(z, spec, layer)
+    assert expected.dtype == BFLOAT16
+    exported = engram("table", "export", "--address", served, "--table", "from-bf16", "--layer", layer,
+                      "--out", tmp_path / "rows.npy")
+    assert exported.returncode == 0, exported.stderr
+    rows = np.load(tmp_path / "rows.npy")
+    assert rows.dtype == np.float32
+    np.testing.assert_array_equal(rows, expected.astype(np.float32))

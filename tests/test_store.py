@@ -419,3 +419,32 @@ def test_merged_runs_keep_rows_in_their_parts_and_garbage_goes_at_open(tmp_path)
         assert sum(1 for _ in txn.cursor(db=store.dbs.runs).iternext(values=False)) == 0
     _assert_same_as(store, local)
     store.close()
+
+
+def test_a_snapshot_opened_while_chunks_are_replaced_resolves_them_itself(store):
+    """Between a commit that rewrites chunks and the bookkeeping after it, a new snapshot sees the new chunks: it must
+    not take their old addresses from the shared index (freed pages), nor put its own into it."""
+    from memory_service.store.layout import ROWS, chunk_key
+
+    meta = store.create_table("t", SPEC)
+    ids = np.arange(0, 1024)
+    before, _ = store.lookup("t", 1, ids)  # the shared index now holds chunks 0 and 1
+    key = (meta.table_id, 1, 1)
+    new_chunk = np.full((meta.chunk_rows, SPEC.head_dim), 7.5, dtype=meta.dtype)
+    store.snapshots.committed()  # no idle snapshot left: the next acquire opens one
+    txn = store.dbs.env.begin(write=True)
+    txn.put(chunk_key(ROWS, *key, 0), new_chunk.tobytes(), db=store.dbs.rows)
+    with store.snapshots.replacing(rewritten={(key, ROWS): np.array([0])}):
+        txn.commit()
+        snap = store.snapshots.acquire()
+        try:
+            assert snap.private
+            out = np.empty((ids.size, SPEC.head_dim), dtype=meta.dtype)
+            snap.gather(store.table_info("t"), 1, 1, ids, out)
+        finally:
+            store.snapshots.release(snap)
+    np.testing.assert_array_equal(out[:512], 7.5)
+    np.testing.assert_array_equal(out[512:], before[512:])
+    rows, _ = store.lookup("t", 1, ids)  # after the bookkeeping: shared again, and right
+    np.testing.assert_array_equal(rows[:512], 7.5)
+    np.testing.assert_array_equal(rows[512:], before[512:])

@@ -35,6 +35,7 @@ import numpy as np
 from memory_service.row_delta import RowDelta, decode_segment, row_bytes
 from memory_service.store.catalog import Catalog
 from memory_service.store.layout import DELTA, OPT, ROWS, Databases, chunk_key, parse_key, prefix_items
+from memory_service.store.ownership import Ownership
 from memory_service.store.runs import (
     Key,
     RunInfo,
@@ -60,9 +61,9 @@ FOLD_BATCH_BYTES = 16 << 20  # a fold commits every this many bytes of chunks: t
 class Compactor:
     """Flushes, merges and folds of one store, on a background thread (or in the calling thread when asked)."""
 
-    def __init__(self, dbs: Databases, catalog: Catalog, snapshots: Snapshots, write_lock: threading.RLock,
-                 max_delta_rows: int, counters: dict, background: bool = True):
-        self.dbs, self.catalog, self.snapshots = dbs, catalog, snapshots
+    def __init__(self, dbs: Databases, catalog: Catalog, snapshots: Snapshots, ownership: Ownership,
+                 write_lock: threading.RLock, max_delta_rows: int, counters: dict, background: bool = True):
+        self.dbs, self.catalog, self.snapshots, self.ownership = dbs, catalog, snapshots, ownership
         self.write_lock = write_lock
         self.lock = threading.RLock()  # taken before write_lock, never after: one compaction at a time
         self.max_delta_rows = max_delta_rows
@@ -72,6 +73,7 @@ class Compactor:
         self._wanted: dict[Key, TableMeta] = {}
         self._wake = threading.Condition()
         self._closing = False
+        self._busy = False  # the background thread took a layer and is compacting it
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ scheduling
@@ -94,7 +96,7 @@ class Compactor:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="engram-compact", daemon=True)
                 self._thread.start()
-            self._wake.notify()
+            self._wake.notify_all()  # the loop, and any wait() caller
 
     def _loop(self) -> None:
         while True:
@@ -104,19 +106,21 @@ class Compactor:
                 if self._closing:
                     return
                 key, meta = self._wanted.popitem()
+                self._busy = True
             try:
                 self.compact(meta, key)
             except Exception:  # noqa: BLE001 - the rows stay where they are; the next push asks again
                 log.exception("compacting %s v%d layer %d failed", meta.name, key[1], key[2])
+            finally:
+                with self._wake:
+                    self._busy = False
+                    self._wake.notify_all()
 
     def wait(self) -> None:
         """Return once nothing is asked of the background thread and no compaction runs."""
-        while True:
-            with self._wake:
-                idle = not self._wanted
-            with self.lock:
-                if idle:
-                    return
+        with self._wake:
+            while self._wanted or self._busy:
+                self._wake.wait(0.05)
 
     def close(self) -> None:
         """Stop the background thread (after the compaction in progress)."""
@@ -150,7 +154,9 @@ class Compactor:
                     self.flush(meta, key)
                 self._merge_runs(meta, key)
                 runs, _ = self._directory(key)
-                if sum(r.stored_rows for r in runs) >= FOLD_FRACTION * meta.layer_rows[key[2]]:
+                owned = self.ownership.owned_range(meta.name, key[2])  # a shard of a pool folds at 1/8 of its rows
+                rows = meta.layer_rows[key[2]] if owned is None else max(owned[1] - owned[0], 1)
+                if sum(r.stored_rows for r in runs) >= FOLD_FRACTION * rows:
                     self.fold(meta, key)
             finally:
                 self.counters["compactions"] += 1
@@ -277,11 +283,11 @@ class Compactor:
                 rewritten.append(chunk)
                 pending += block.nbytes
                 if pending >= FOLD_BATCH_BYTES:
-                    txn.commit()
-                    self.snapshots.committed(rewritten={(key, kind): np.asarray(rewritten)})
+                    with self.snapshots.replacing(rewritten={(key, kind): np.asarray(rewritten, dtype=np.int64)}):
+                        txn.commit()
                     txn, pending, rewritten = self.dbs.env.begin(write=True, buffers=True), 0, []
-            txn.commit()
+            with self.snapshots.replacing(rewritten={(key, kind): np.asarray(rewritten, dtype=np.int64)}):
+                txn.commit()
         except BaseException:
             txn.abort()
             raise
-        self.snapshots.committed(rewritten={(key, kind): np.asarray(rewritten, dtype=np.int64)})

@@ -92,7 +92,8 @@ class ShardMoves:
         restructured = set()
         with self.compactor.exclusive():
             self._settle(meta, meta.layer_rows)  # nothing recent may be laid over the chunks that arrive
-            with self.dbs.env.begin(write=True) as txn:
+            txn = self.dbs.env.begin(write=True)
+            try:
                 for suffix, value in chunks:
                     kind, version, layer, chunk = _SUFFIX.unpack(suffix)
                     if version not in meta.versions:
@@ -102,7 +103,11 @@ class ShardMoves:
                         value = self._merged_records(txn, meta, key, chunk, value, start_row, stop_row)
                     txn.put(key, value, db=self.dbs.db_of(kind))
                     restructured.add((meta.table_id, version, layer))
-            self.snapshots.committed(restructured)
+                with self.snapshots.replacing(restructured):
+                    txn.commit()
+            except BaseException:
+                txn.abort()
+                raise
         return len(chunks)
 
     def _merged_records(self, txn, meta: TableMeta, key: bytes, chunk: int, incoming: bytes, start_row: int,
@@ -125,7 +130,8 @@ class ShardMoves:
                 owned = self.ownership.owned_range(name, layer)
                 if owned is None:
                     continue
-                with self.dbs.env.begin(write=True) as txn:
+                txn = self.dbs.env.begin(write=True)
+                try:
                     for version in meta.versions:
                         for kind in (ROWS, OPT):
                             first, end = self._chunk_range(meta, kind, *owned)
@@ -136,5 +142,9 @@ class ShardMoves:
                                 txn.delete(key, db=db)
                             dropped += len(doomed)
                         restructured.add((meta.table_id, version, layer))
-            self.snapshots.committed(restructured)
+                    with self.snapshots.replacing(restructured):
+                        txn.commit()
+                except BaseException:
+                    txn.abort()
+                    raise
         return dropped

@@ -17,6 +17,7 @@ new snapshots to look up again (`committed(rewritten=...)`).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
@@ -115,8 +116,12 @@ class ChunkIndex:
 class Snapshot:
     """A read transaction plus the chunk indexes and recent rows of its time; shared by concurrent lookups."""
 
-    def __init__(self, snapshots: "Snapshots", generation: int):
+    def __init__(self, snapshots: "Snapshots", generation: int, private: bool = False):
         self.dbs = snapshots.dbs
+        # opened while a write replaced chunks and before the shared indexes knew of it: this snapshot may see the
+        # new chunks, so it resolves chunk addresses for itself (never from, or into, the shared indexes)
+        self.private = private
+        self.own_indexes: dict[tuple, ChunkIndex] = {}
         self.txn = snapshots.dbs.env.begin(write=False, buffers=True)
         self.deltas = snapshots.deltas  # recent rows as of this snapshot (replaced, never mutated, by writers)
         self.generation = generation
@@ -181,6 +186,7 @@ class Snapshots:
         self._indexes: dict[tuple, tuple[ChunkIndex, int]] = {}  # (key, kind) -> (index, first generation it is valid for)
         self._restructured: dict[tuple, int] = {}  # generation of each (key, kind)'s last structural change
         self._run_views: dict[tuple, RunView] = {}  # (key, run) -> views of a run's arrays (a run never changes)
+        self._replacing = 0  # writes replacing chunks whose commit may be visible before committed() ran
 
     def acquire(self) -> Snapshot:
         """The snapshot of the latest commit (opened if needed); release() it after use."""
@@ -189,7 +195,7 @@ class Snapshots:
             if snap is None or snap.generation != self._generation:
                 if snap is not None:
                     self._retire(snap)
-                snap = self._current = Snapshot(self, self._generation)
+                snap = self._current = Snapshot(self, self._generation, private=self._replacing > 0)
             snap.refs += 1
             return snap
 
@@ -204,6 +210,9 @@ class Snapshots:
         """The shared chunk index of a key and kind, if it is valid at the snapshot's generation; else a new one
         (shared when no structural change happened since the snapshot began)."""
         slot = ((meta.table_id, version, layer), kind)
+        if snap.private:
+            with snap.lock:
+                return snap.own_indexes.setdefault(slot, ChunkIndex(meta, version, layer, kind))
         with self._lock:
             entry = self._indexes.get(slot)
             if entry is not None and entry[1] <= snap.generation:
@@ -222,15 +231,30 @@ class Snapshots:
                                                              meta.opt_record.itemsize)
         return view
 
+    @contextlib.contextmanager
+    def replacing(self, restructured: set[Key] | None = None, rewritten: dict[tuple, np.ndarray] | None = None):
+        """Around the commit of a write that replaces or deletes stored chunks (then committed() with the same
+        arguments). A snapshot opened in between may already see the commit while the shared chunk indexes still
+        hold the old chunks' addresses (pages the commit freed): it gets chunk indexes of its own instead."""
+        with self._lock:
+            self._replacing += 1
+        try:
+            yield
+        finally:
+            self.committed(restructured, rewritten, replaced=True)
+
     def committed(self, restructured: set[Key] | None = None, rewritten: dict[tuple, np.ndarray] | None = None,
-                  dropped_runs: list[tuple] | None = None) -> None:
+                  dropped_runs: list[tuple] | None = None, replaced: bool = False) -> None:
         """A write committed: lookups from now on take a new snapshot.
 
         restructured: keys whose chunks were created, replaced or deleted wholesale (their chunk
         indexes are rebuilt); rewritten: {(key, kind): chunks} rewritten in place of themselves
-        (just those are looked up again); dropped_runs: (key, run) no longer listed anywhere.
+        (just those are looked up again); dropped_runs: (key, run) no longer listed anywhere;
+        replaced: the end of a replacing() block.
         """
         with self._lock:
+            if replaced:
+                self._replacing -= 1
             self._generation += 1
             if self._current is not None and self._current.refs == 0:  # an idle snapshot would keep LMDB from reusing
                 self._retire(self._current)                            # the pages this commit freed
@@ -239,6 +263,9 @@ class Snapshots:
                 for kind in (ROWS, OPT):
                     self._indexes.pop((key, kind), None)
                     self._restructured[(key, kind)] = self._generation
+            if restructured:  # dropped versions and tables: their runs' views go too
+                for slot in [s for s in self._run_views if s[0] in restructured]:
+                    del self._run_views[slot]
             for slot, chunks in (rewritten or {}).items():
                 entry = self._indexes.get(slot)
                 if entry is not None:

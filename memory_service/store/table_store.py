@@ -60,8 +60,8 @@ class TableStore:
         self.ownership = Ownership(self.dbs, self._write_lock)
         self.ledger = RequestLedger(self.dbs)
         self.snapshots = Snapshots(self.dbs)
-        self.compactor = Compactor(self.dbs, self.catalog, self.snapshots, self._write_lock, max_delta_rows, self.counters,
-                                   background=background_compaction)
+        self.compactor = Compactor(self.dbs, self.catalog, self.snapshots, self.ownership, self._write_lock, max_delta_rows,
+                                   self.counters, background=background_compaction)
         self.writes = WritePath(self.dbs, self.catalog, self.ownership, self.ledger, self.snapshots, self.compactor,
                                 self._write_lock, optimizer or RowAdamConfig(), self.counters)
         self.versions = Versions(self.dbs, self.catalog, self.ownership, self.snapshots, self.writes, self.compactor,
@@ -231,11 +231,11 @@ class TableStore:
         return self.moves.drop_unowned_chunks(name)
 
     # ------------------------------------------------------------------ housekeeping
-    def warm(self, name: str, version: int = 0, batch_chunks: int = 4096) -> int:
+    def warm(self, name: str, version: int = 0, batch_chunks: int = 4096, stop: threading.Event | None = None) -> int:
         """Touch every page of a version's rows, so the page cache holds them (as far as they fit); returns bytes read.
 
         One short read transaction per batch of chunks: a reader held through a whole big table would keep LMDB
-        from reusing the pages compaction frees meanwhile."""
+        from reusing the pages compaction frees meanwhile. Stops early (between batches) once `stop` is set."""
         meta = self.table_info(name)
         v = meta.resolve_version(version)
         total, after = 0, None
@@ -249,7 +249,7 @@ class TableStore:
                     if seen == batch_chunks:
                         after = bytes(key)
                         break
-            if seen < batch_chunks:
+            if seen < batch_chunks or (stop is not None and stop.is_set()):
                 return total
 
     def stats(self) -> dict[str, float]:
