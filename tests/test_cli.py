@@ -50,14 +50,6 @@ def test_compress_and_hash_bench(data_dir):
     assert figures["identical"] and figures["ours_tokens_per_s"] > 0 and figures["speedup_vs_baseline"] > 0
 
 
-def test_push_bench_compares_held_and_in_place_pushes():
-    result = engram("bench", "push", "--rows", 20000, "--dim", 16, "--batch", 3000, "--repeats", 4, "--json")
-    assert result.returncode == 0, result.stderr
-    figures = json.loads(result.stdout)
-    assert figures["identical"] and figures["folds"]["in_place"] == 4 + figures["warm_up"]  # every push folded
-    assert figures["speedup_mean"] > 0 and (figures["folds"]["held"] >= 1 or figures["warm_up"] == 200)
-
-
 @pytest.mark.slow
 def test_step_bench_runs():
     result = engram("bench", "step", "--preset", "tiny", "--steps", 2, "--json")

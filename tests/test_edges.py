@@ -237,8 +237,13 @@ def test_bench_push_uses_the_rows_it_is_given():
     result = _engram("bench", "push", "--rows", 300_000, "--baseline-rows", 40_000, "--dim", 16, "--batch", 2000,
                      "--repeats", 2, "--json", timeout=300)
     assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)["table_rows"]
+    figures = json.loads(result.stdout)
+    rows = figures["table_rows"]
     assert 300_000 <= rows["target"] < 300_100 and 40_000 <= rows["baseline"] < 40_100
+    assert figures["pushes"] >= 2 and all(figures["compactions"][name]["folds"] >= 2 for name in rows)  # cycles timed
+    assert figures["cost_ratio"] == figures["mean_ms"]["target"] / figures["mean_ms"]["baseline"]
+    assert figures["disk_bytes_per_row"]["baseline"] > figures["row_plus_record_bytes"] == 16 * 2 + 16 * 8 + 8
+    assert figures["lookups"]["alone"]["count"] > 0 and figures["lookups"]["alone"]["p99_ms"] > 0
 
 
 def test_the_dead_commands_are_gone():
