@@ -1,8 +1,10 @@
 """`engram bench disk`: lookups from a table bigger than this machine's RAM, cold and warm.
 
 The store memory-maps its file: a lookup of a row whose page is not in the page cache
-waits for the disk, one read per row (rows are scattered), so a table that does not fit
-in RAM serves at the speed of random reads until its hot rows are cached. This bench
+waits for the disk (rows are scattered), so a table that does not fit in RAM serves at
+the speed of random reads until its hot rows are cached. Today the first lookup of a
+chunk also reads the whole chunk (py-lmdb touches every page of a value it returns,
+one fault at a time), so cold lookups cost about 32 page reads a row. This bench
 creates (or reuses, with --path) a table of the size asked for, serves it from an
 `engram serve` process, and times batches of lookups:
 

