@@ -80,6 +80,7 @@ def test_long_request_ids_are_refused(served):
     ("deeply nested", "[" * 30_000 + "]" * 30_000, 0),
     ("huge rows", SPEC.to_json().replace('"n_embed_per_ngram": 32', f'"n_embed_per_ngram": {2**30}'), 0),
     ("huge chunks", SPEC.to_json(), 2**40),
+    ("tiny chunks", SPEC.to_json(), 63),
     ("huge layer id", SPEC.to_json().replace('"layer_ids": [1]', f'"layer_ids": [{2**40}]'), 0),
     ("negative seed", SPEC.to_json().replace('"seed": 0', '"seed": -5'), 0),
     ("not an object", "[1, 2]", 0),
@@ -92,6 +93,8 @@ def test_impossible_tables_are_refused(served, name, spec_json, chunk_rows):
                                                                       chunk_rows=chunk_rows), "INVALID_ARGUMENT"
                     if "disk" not in name else "RESOURCE_EXHAUSTED")
     assert len(error.details()) < 3000, name
+    if name == "tiny chunks":
+        assert "at least 64 rows" in error.details()
     assert content(served["admin"]) == before, name
 
 

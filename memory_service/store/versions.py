@@ -67,7 +67,8 @@ class Versions:
         init_std = check_init_std(init_std)
         chunk_rows = int(chunk_rows or self.default_chunk_rows)
         if chunk_rows < 64 or chunk_rows * spec.row_nbytes < PAGE_BYTES:
-            raise InvalidArgument(f"chunk_rows {chunk_rows} is too small: a chunk must span at least one {PAGE_BYTES}-byte page")
+            raise InvalidArgument(f"chunk_rows {chunk_rows} is too small: a chunk holds at least 64 rows and spans at "
+                                  f"least one {PAGE_BYTES}-byte page ({spec.row_nbytes}-byte rows)")
         if chunk_rows > MAX_CHUNK_ROWS or chunk_rows * spec.row_nbytes > MAX_CHUNK_BYTES:
             raise InvalidArgument(f"chunk_rows {chunk_rows} is too large: at most {MAX_CHUNK_ROWS} rows and "
                                   f"{MAX_CHUNK_BYTES >> 20} MiB per chunk")
