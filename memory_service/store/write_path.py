@@ -127,24 +127,35 @@ class WritePath:
                 raise InvalidArgument("rows contain NaN or Inf; refusing to store them", reason="NON_FINITE_VALUE")
             if np.unique(ids).size != ids.size:
                 raise InvalidArgument("row ids of a write must be unique")
-            snap = self.snapshots.acquire()
-            try:
-                with self.dbs.wal_env.begin(write=True) as txn:
-                    done = self.ledger.seen(txn, request_id)
-                    if done is not None:
-                        return done
-                    if ids.size == 0:
-                        self.ledger.record(txn, request_id, v)
-                        return v
-                    records = self.records(meta, v, layer, ids, snap)
-                    merged = self._append(txn, meta, v, layer, ids, np.ascontiguousarray(values), records, request_id)
-            finally:
-                self.snapshots.release(snap)
-            self._publish((meta.table_id, v, layer), merged)
+            v, merged = self._commit(meta, v, layer, ids, request_id, lambda snap: (
+                np.ascontiguousarray(values), self.records(meta, v, layer, ids, snap)))
+        if merged is None:  # a retried request, or no rows
+            return v
         self._maybe_fold(meta, (meta.table_id, v, layer), merged)
         self.counters["writes"] += 1
         self.counters["rows_written"] += ids.size
         return v
+
+    def _commit(self, meta: TableMeta, v: int, layer: int, ids: np.ndarray, request_id: str | None,
+                update) -> tuple[int, RowDelta | None]:
+        """One write (under write_lock): update(snapshot) gives the new rows and optimizer records of ids, appended to
+        the log and published as recent rows. Returns the version written and the merged recent rows; None for them
+        when nothing was written (a request already applied: the version it was applied to; no ids: recorded)."""
+        snap = self.snapshots.acquire()  # the latest commit: no other writer runs while we hold the lock
+        try:
+            with self.dbs.wal_env.begin(write=True) as txn:
+                done = self.ledger.seen(txn, request_id)
+                if done is not None:
+                    return done, None
+                if ids.size == 0:
+                    self.ledger.record(txn, request_id, v)
+                    return v, None
+                rows, records = update(snap)
+                merged = self._append(txn, meta, v, layer, ids, rows, records, request_id)
+        finally:
+            self.snapshots.release(snap)
+        self._publish((meta.table_id, v, layer), merged)
+        return v, merged
 
     def _target_now(self, name: str, layer: int, version: int, fingerprint: str | None) -> tuple[TableMeta, int, int]:
         with self.dbs.env.begin() as txn:
@@ -160,26 +171,19 @@ class WritePath:
         lr = check_learning_rate(lr)
         with self.write_lock:
             meta, num_rows, v = self._target_now(name, layer, version, fingerprint)
-            snap = self.snapshots.acquire()  # the latest commit: no other writer runs while we hold the lock
-            try:
-                with self.dbs.wal_env.begin(write=True) as txn:
-                    ids = check_row_ids(row_ids, num_rows, layer)
-                    self.ownership.check(name, layer, ids, write=True)  # under the lock: ownership cannot change meanwhile
-                    g = check_gradients(ids, grads, meta.head_dim)
-                    done = self.ledger.seen(txn, request_id)
-                    if done is not None:
-                        return done
-                    if ids.size == 0:
-                        self.ledger.record(txn, request_id, v)
-                        return v
-                    rows = np.empty((ids.size, meta.head_dim), dtype=meta.dtype)  # [N, head_dim]
-                    snap.gather(meta, v, layer, ids, rows)
-                    state = self.records(meta, v, layer, ids, snap)  # [N]
-                    new_rows, new_state = row_adam_step(rows, state, g, lr, self.optimizer)
-                    merged = self._append(txn, meta, v, layer, ids, new_rows, new_state, request_id)
-            finally:
-                self.snapshots.release(snap)
-            self._publish((meta.table_id, v, layer), merged)
+            ids = check_row_ids(row_ids, num_rows, layer)
+            self.ownership.check(name, layer, ids, write=True)  # under the lock: ownership cannot change meanwhile
+            g = check_gradients(ids, grads, meta.head_dim)
+
+            def adam_step(snap) -> tuple[np.ndarray, np.ndarray]:
+                rows = np.empty((ids.size, meta.head_dim), dtype=meta.dtype)  # [N, head_dim]
+                snap.gather(meta, v, layer, ids, rows)
+                state = self.records(meta, v, layer, ids, snap)  # [N]
+                return row_adam_step(rows, state, g, lr, self.optimizer)
+
+            v, merged = self._commit(meta, v, layer, ids, request_id, adam_step)
+        if merged is None:  # a retried request, or no rows
+            return v
         self._maybe_fold(meta, (meta.table_id, v, layer), merged)
         self.counters["gradient_pushes"] += 1
         self.counters["rows_updated"] += ids.size
