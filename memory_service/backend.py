@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from memory_service.errors import InvalidArgument
-from memory_service.row_dtypes import is_floating
+from memory_service.row_dtypes import all_finite, is_floating
 from memory_service.spec import EngramSpec
 
 
@@ -81,7 +81,7 @@ def check_gradients(ids: np.ndarray, grads, head_dim: int) -> np.ndarray:
         raise InvalidArgument(f"gradients must be floating point, got dtype {g.dtype}")
     if np.unique(ids).size != ids.size:
         raise InvalidArgument("gradient row ids must be unique (sum duplicate rows' gradients first)")
-    if not np.isfinite(g).all():
+    if not all_finite(g):
         raise InvalidArgument("gradients contain NaN or Inf; refusing to corrupt the table")
     return g.astype(np.float32, copy=False)
 

@@ -27,3 +27,19 @@ def is_floating(dtype) -> bool:
     """Whether arrays of dtype hold floating-point numbers (numpy's own, or bfloat16)."""
     dtype = np.dtype(dtype)
     return dtype == BFLOAT16 or np.issubdtype(dtype, np.floating)
+
+
+# The largest magnitude bits below Inf/NaN, per 2-byte float: all exponent bits set means Inf or NaN.
+_EXPONENT_BITS_16 = {np.dtype(np.float16): 0x7C00, BFLOAT16: 0x7F80}
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """Whether every value is finite. For 2-byte floats it reads the bits (numpy's isfinite converts each float16 or
+    bfloat16 to float32 first and is about 10x slower): a value is finite when its exponent bits are not all set."""
+    values = np.asarray(values)
+    exponent = _EXPONENT_BITS_16.get(values.dtype)
+    if exponent is None:
+        return bool(np.isfinite(values).all())
+    if values.size == 0:
+        return True
+    return int((values.view(np.uint16) & 0x7FFF).max()) < exponent

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from memory_service.errors import InvalidArgument
-from memory_service.row_dtypes import BFLOAT16
+from memory_service.row_dtypes import BFLOAT16, all_finite
 
 OPTIMIZER_STATES = ("exact", "compact")
 
@@ -106,7 +106,7 @@ def row_adam_update(rows: np.ndarray, m: np.ndarray, v: np.ndarray, steps: np.nd
             w = w * np.float32(1.0 - lr * config.weight_decay)
         w = w - np.float32(lr) * update
         new_rows = w.astype(rows.dtype, copy=False)
-    if not (np.isfinite(new_rows).all() and np.isfinite(new_v).all() and np.isfinite(new_m).all()):
+    if not (all_finite(new_rows) and all_finite(new_v) and all_finite(new_m)):
         raise InvalidArgument(f"this update would store non-finite values (learning rate {lr}, largest |gradient| "
                               f"{float(np.abs(g).max()):.3g}) in a {rows.dtype.name} table: lower the learning rate or "
                               "clip the gradients; nothing was changed", reason="NON_FINITE_UPDATE")

@@ -37,6 +37,7 @@ from memory_service.hashing import NgramHasher
 from memory_service.spec import EngramSpec
 from memory_service.status import abort
 from memory_service.store import TableStore
+from memory_service.store.bulk_load import RowLoad
 from memory_service.store.ledger import MAX_REQUEST_ID_BYTES
 from memory_service.table_meta import TableMeta
 from memory_service.wire import (
@@ -56,6 +57,7 @@ from protos import engram_pb2_grpc as pb_grpc
 log = logging.getLogger("engram.server")
 
 MAX_SPEC_JSON_BYTES = 64 << 10
+LOAD_BATCH_BYTES = 64 << 20  # a LoadRows stream is written (one synced commit) every this many bytes of rows
 HASHERS_KEPT = 16  # token hashers of recently asked tables (each holds a compression map)
 
 
@@ -294,16 +296,32 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
         return pb.WriteRowsResponse(version=version, rows_written=ids.size)
 
     @rpc("write")
-    def LoadRows(self, request, context):
-        meta = self.store.table_info(request.table)
-        dtype = enum_dtype(request.dtype)
-        if dtype != meta.dtype:
-            raise InvalidArgument(f"rows are {dtype.name} but table {shown(meta.name)} stores {meta.dtype.name}")
-        rows = decode_array(request.rows, dtype, "rows", width=meta.head_dim)
-        self._check_size(rows.shape[0], meta.row_nbytes, "load")
-        loaded = self.store.load_rows(request.table, request.layer, int(request.start_row), rows, int(request.version),
-                                      self._fingerprint(request.spec_fingerprint))
-        return pb.WriteRowsResponse(version=request.version, rows_written=loaded)
+    def LoadRows(self, requests, context):
+        """A stream of whole-chunk loads into one inactive version of one table; written in shared commits of up to
+        WRITE_BATCH_BYTES (the messages of one commit are all checked first: a bad one writes none of them, the
+        commits before it stay, and a load is idempotent, so the caller sends the stream again)."""
+        loaded, batch, batch_bytes, first = 0, [], 0, None
+        for request in requests:
+            first = first or request
+            if (request.table, request.version) != (first.table, first.version):
+                raise InvalidArgument(f"a LoadRows stream loads one version of one table: it began with "
+                                      f"{shown(first.table)} v{first.version}, then named {shown(request.table)} "
+                                      f"v{request.version}")
+            meta = self.store.table_info(request.table)
+            dtype = enum_dtype(request.dtype)
+            if dtype != meta.dtype:
+                raise InvalidArgument(f"rows are {dtype.name} but table {shown(meta.name)} stores {meta.dtype.name}")
+            rows = decode_array(request.rows, dtype, "rows", width=meta.head_dim)
+            self._check_size(rows.shape[0], meta.row_nbytes, "load")
+            batch.append(RowLoad(request.table, request.layer, int(request.start_row), rows, int(request.version),
+                                 self._fingerprint(request.spec_fingerprint)))
+            batch_bytes += rows.nbytes
+            if batch_bytes >= LOAD_BATCH_BYTES:
+                loaded += self.store.load(batch)
+                batch, batch_bytes = [], 0
+        if batch:
+            loaded += self.store.load(batch)
+        return pb.WriteRowsResponse(version=first.version if first else 0, rows_written=loaded)
 
     @rpc("write")
     def ApplyGradients(self, request, context):
@@ -369,9 +387,28 @@ def _parsing(handler, request_cls):
         try:
             request = request_cls.FromString(raw)
         except (DecodeError, RecursionError) as e:
-            abort(context, InvalidArgument(f"malformed {request_cls.__name__}: {str(e)[:200]}", reason="MALFORMED_REQUEST"))
+            abort(context, _malformed(request_cls, e))
         return handler(request, context)
     return parse_then_handle
+
+
+def _parsing_stream(handler, request_cls):
+    """The same for a client stream: each message is parsed as the handler reads it; a malformed one ends the call
+    with INVALID_ARGUMENT (raised inside the handler, whose errors become statuses)."""
+
+    def parse_then_handle(raws, context):
+        def requests():
+            for raw in raws:
+                try:
+                    yield request_cls.FromString(raw)
+                except (DecodeError, RecursionError) as e:
+                    raise _malformed(request_cls, e) from None
+        return handler(requests(), context)
+    return parse_then_handle
+
+
+def _malformed(request_cls, error: Exception) -> InvalidArgument:
+    return InvalidArgument(f"malformed {request_cls.__name__}: {str(error)[:200]}", reason="MALFORMED_REQUEST")
 
 
 def add_servicer_to_server(servicer: EngramMemoryServicer, server: grpc.Server) -> None:
@@ -382,6 +419,10 @@ def add_servicer_to_server(servicer: EngramMemoryServicer, server: grpc.Server) 
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
         serializer = encode_lookup_response if response_cls is pb.LookupResponse else response_cls.SerializeToString
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _parsing(getattr(servicer, method.name), request_cls), response_serializer=serializer)
+        if method.client_streaming:
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+                _parsing_stream(getattr(servicer, method.name), request_cls), response_serializer=serializer)
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _parsing(getattr(servicer, method.name), request_cls), response_serializer=serializer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

@@ -59,16 +59,49 @@ def _torch_rows(tensor) -> np.ndarray:
     return tensor.view(torch.int16).numpy().view(BFLOAT16) if tensor.dtype == torch.bfloat16 else tensor.numpy()
 
 
+def _npy_rows(path: Path) -> RowSource | None:
+    """A 2-D C-order .npy read a block of rows at a time with plain reads (None for any other layout: then it is
+    memory-mapped). Sequential reads get the kernel's readahead (measured here: 1.2 GB/s from a cold file); a
+    memory map is faulted in a few pages at a time and read a cold 4 GiB file about 2x slower."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            return None
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = header(f)
+        offset = f.tell()
+    if fortran_order or len(shape) != 2 or dtype.hasobject or not dtype.isnative:
+        return None
+    row_bytes = shape[1] * dtype.itemsize
+    if path.stat().st_size < offset + shape[0] * row_bytes:
+        raise InvalidArgument(f"{path} is {path.stat().st_size:,} bytes, shorter than the {shape[0]:,} x {shape[1]} "
+                              f"{dtype.name} rows its header names")
+
+    def read_rows(start: int, stop: int) -> np.ndarray:
+        out = np.empty((stop - start, shape[1]), dtype=dtype)  # [stop - start, head_dim]
+        with open(path, "rb", buffering=0) as f:
+            f.seek(offset + start * row_bytes)
+            view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+            while done < out.nbytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise InvalidArgument(f"{path} ends before row {stop} of the {shape[0]:,} its header names")
+                done += n
+        return out
+
+    return RowSource(shape, dtype, read_rows)
+
+
 def read_table_file(path: str | Path, key: str | None = None, mmap: bool = True) -> np.ndarray | RowSource:
-    """Rows [rows, head_dim] from a .npy, .safetensors or torch (.pt/.pth/.bin) file, read lazily: a memory-mapped
-    .npy, a RowSource over a safetensors tensor or a memory-mapped torch checkpoint (so a file bigger than RAM
-    imports a block at a time)."""
+    """Rows [rows, head_dim] from a .npy, .safetensors or torch (.pt/.pth/.bin) file, read lazily: a RowSource
+    over a .npy (read a block at a time) or a safetensors tensor, or a memory-mapped torch checkpoint (so a file
+    bigger than RAM imports a block at a time)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"table file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        rows = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        rows = (_npy_rows(path) if mmap else None) or np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     elif suffix == ".safetensors":
         from safetensors import safe_open
 

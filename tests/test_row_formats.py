@@ -162,3 +162,20 @@ def test_compact_adam_first_step_moves_each_value_by_lr_when_the_gradient_is_eve
     np.testing.assert_allclose(local.table(0)[7], -0.01 * np.sign(grads[0]), rtol=1e-5)
     record = local.optimizer_state(0)[7]
     assert record["step"] == 1 and record["v"] == pytest.approx(0.001 * 9.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_all_finite_reads_the_bits_right_for_every_row_dtype(dtype):
+    from memory_service.row_dtypes import all_finite, row_dtype
+
+    dt = row_dtype(dtype)
+    edge = np.array([0.0, -0.0, 1.0, -2.5, 1e-30, -1e-30], dtype=np.float32).astype(dt)
+    largest = np.array([np.finfo(np.float16).max if dtype == "float16" else 3.0e38], dtype=np.float32).astype(dt)
+    assert all_finite(np.concatenate([edge, largest, -largest]).reshape(2, 4))
+    assert all_finite(np.zeros((0, 4), dtype=dt))
+    for bad in (np.inf, -np.inf, np.nan):
+        values = np.ones((3, 4), dtype=np.float32)
+        values[2, 1] = bad
+        assert not all_finite(values.astype(dt)), bad
+        assert not all_finite(values.astype(dt)[:, 1::2].T), bad  # strided views too
+        assert all_finite(values.astype(dt)[:, ::2].T)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +24,7 @@ from memory_service.spec import EngramSpec
 from memory_service.table_meta import TableMeta
 
 IMPORT_BLOCK_ROWS = 1 << 18  # rows read from a table file and sent per step of an import or export
+IMPORT_BLOCKS_IN_FLIGHT = 2  # blocks read ahead of the oldest one not yet acknowledged (memory: 3 blocks)
 
 
 @dataclass(frozen=True)
@@ -129,8 +132,9 @@ class TableAdmin(ABC):
 
     # ------------------------------------------------------------------ built on the operations above
     def import_rows(self, table: str, layer: int, rows, version: int = 0, activate: bool = False, progress=None) -> int:
-        """Write a whole layer's rows [num_rows, head_dim] into `version` (0: a new copy of the active one, so the other
-        layers stay); returns the version written, made active with activate=True.
+        """Write a whole layer's rows [num_rows, head_dim] into `version`; returns the version written, made active
+        with activate=True. version 0: a new one, empty when the table has no other layer (it costs nothing, and the
+        imported rows start with no optimizer state), else a copy of the active one, so the other layers stay.
 
         rows: anything with .shape and row slices (a memory-mapped .npy, table_io.RowSource): read a block at a time,
         so a table far bigger than RAM imports in bounded memory. An inactive version takes whole chunks straight
@@ -144,24 +148,35 @@ class TableAdmin(ABC):
             raise InvalidArgument(f"the rows are {list(rows.shape)}, layer {layer} of {table!r} needs {list(expected)}")
         new = not version
         if new:
-            version = self.create_version(table, copy_of=0)
+            version = self.create_version(table, copy_of=0 if len(info.layer_rows) > 1 else None)
         client = self.data_client(table, version)
+        sender = ThreadPoolExecutor(IMPORT_BLOCKS_IN_FLIGHT, thread_name_prefix="engram-import")
+        in_flight: deque = deque()  # (future, rows) of blocks sent and not yet acknowledged
         try:
             bulk = version != info.active_version and info.chunk_rows * client.row_nbytes <= client.max_payload_bytes
             step = max(1, IMPORT_BLOCK_ROWS // info.chunk_rows) * info.chunk_rows  # whole chunks per block
             for start in range(0, rows.shape[0], step):
+                # the next block is read while the one before it is sent and written
                 block = np.asarray(rows[start:start + step]).astype(client.dtype, copy=False)  # [<= step, head_dim]
                 if bulk:
-                    client.load_rows(layer, start, block, version)
+                    in_flight.append((sender.submit(client.load_rows, layer, start, block, version), block.shape[0]))
                 else:
-                    client.write_rows(layer, np.arange(start, start + block.shape[0]), block)
-                if progress is not None:
-                    progress(block.shape[0])
+                    in_flight.append((sender.submit(client.write_rows, layer, np.arange(start, start + block.shape[0]),
+                                                    block), block.shape[0]))
+                while len(in_flight) > IMPORT_BLOCKS_IN_FLIGHT or (in_flight and start + step >= rows.shape[0]):
+                    future, count = in_flight.popleft()
+                    future.result()
+                    if progress is not None:
+                        progress(count)
         except BaseException:
+            for future, _ in in_flight:  # nothing may still be writing into the version dropped below
+                future.cancel()
+                wait([future])
             if new:  # a refused import leaves no half-written version behind
                 self.drop_version(table, version)
             raise
         finally:
+            sender.shutdown(wait=True)
             client.close()
         if activate:
             self.swap(table, version)

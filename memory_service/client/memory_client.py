@@ -300,11 +300,12 @@ class MemoryClient(TableBackend):
                                   "write the rows with write_rows instead")
         ids = np.arange(start_row, start_row + values.shape[0], dtype=np.int64)
         per_message = self.max_payload_bytes // chunk_nbytes * self.chunk_rows
-        calls = [(shard, "LoadRows", pb.LoadRowsRequest(
-            table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, version=version, start_row=int(ids[a]),
-            rows=np.ascontiguousarray(values[a:b]).tobytes(), dtype=dtype_enum(self.dtype)))
-            for shard, a, b in self.shard_map.plan(layer_id, ids, per_message)]
-        self.channels.call_all(calls)
+        streams: dict[int, list] = {}  # shard -> its messages, sent as one stream (the shard commits them together)
+        for shard, a, b in self.shard_map.plan(layer_id, ids, per_message):
+            streams.setdefault(shard, []).append(pb.LoadRowsRequest(
+                table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, version=version,
+                start_row=int(ids[a]), rows=np.ascontiguousarray(values[a:b]).tobytes(), dtype=dtype_enum(self.dtype)))
+        self.channels.call_all([(shard, "LoadRows", messages) for shard, messages in streams.items()])
 
     def stats(self) -> list[dict[str, float]]:
         """Counters of every shard."""

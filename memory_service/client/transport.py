@@ -139,7 +139,7 @@ class ShardChannels:
         delay = 0.05
         while True:
             try:
-                return getattr(self.stub(shard), method)(request, timeout=self.deadline_s, metadata=self.metadata())
+                return getattr(self.stub(shard), method)(_sent(request), timeout=self.deadline_s, metadata=self.metadata())
             except grpc.RpcError as e:
                 if e.code() in RETRYABLE and self.map_moved():
                     raise StaleShardMap(f"{method}: shard {self.shard_map.addresses[shard]} unavailable and the shard map "
@@ -153,8 +153,9 @@ class ShardChannels:
                 delay = min(delay * 2, 1.0)
 
     def send(self, calls: list[tuple[int, str, object]]) -> list:
-        """Start several (shard, method, request) calls at once; returns their futures."""
-        return [getattr(self.stub(s), m).future(r, timeout=self.deadline_s, metadata=self.metadata()) for s, m, r in calls]
+        """Start several (shard, method, request) calls at once; returns their futures. A request that is a list is
+        the messages of a client stream (LoadRows)."""
+        return [getattr(self.stub(s), m).future(_sent(r), timeout=self.deadline_s, metadata=self.metadata()) for s, m, r in calls]
 
     def results(self, calls: list[tuple[int, str, object]], futures: list):
         """Yield the results of started calls in order as each arrives; a failed one is retried alone."""
@@ -179,3 +180,9 @@ class ShardChannels:
         for channel in self._channels + self._retired:
             channel.close()
         self._retired = []
+
+
+def _sent(request):
+    """What a stub takes: a message, or for a client stream (a list of messages) a fresh iterator over them, so a
+    retried stream sends them all again."""
+    return iter(request) if isinstance(request, list) else request

@@ -11,15 +11,29 @@ version, then swap.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from memory_service.errors import FailedPrecondition, InvalidArgument, shown
+from memory_service.row_dtypes import all_finite
 from memory_service.store.catalog import Catalog
 from memory_service.store.compaction import Compactor
 from memory_service.store.layout import ROWS, WRITE_BATCH_BYTES, Databases, chunk_key
 from memory_service.store.ownership import Ownership
 from memory_service.store.snapshots import Snapshots
 from memory_service.table_meta import TableMeta
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLoad:
+    """Rows [start_row, start_row + n) of one layer of an inactive version (one LoadRows message)."""
+    name: str
+    layer: int
+    start_row: int
+    rows: np.ndarray  # [n, head_dim] in the table dtype
+    version: int
+    fingerprint: str | None = None
 
 
 class BulkLoader:
@@ -32,35 +46,63 @@ class BulkLoader:
                   fingerprint: str | None = None) -> int:
         """Set rows [start_row, start_row + n) of an inactive version; start_row on a chunk boundary, n whole chunks
         (or up to the layer's end). Returns the rows loaded."""
+        return self.load([RowLoad(name, layer, start_row, rows, version, fingerprint)])
+
+    def load(self, loads: list[RowLoad]) -> int:
+        """Several loads in as few synced commits as WRITE_BATCH_BYTES allows (a stream of LoadRows messages: one
+        commit per 4 MiB message cost more than the writes). All are checked before any is written: one bad load
+        writes none of them. Returns the rows loaded."""
         with self.compactor.exclusive():  # no swap, drop, freeze or compaction between the checks and the writes
-            meta = self.catalog.info(name)
-            num_rows = meta.check_request(layer, fingerprint)
-            values = self._checked(meta, layer, num_rows, start_row, rows, version)
-            count = values.shape[0]
-            if count == 0:
-                return 0
-            stop_row = start_row + count
-            self.ownership.check(name, layer, np.array([start_row, stop_row - 1]), write=True)
-            key = (meta.table_id, version, layer)
-            first = start_row // meta.chunk_rows
-            chunks = np.arange(first, -(-stop_row // meta.chunk_rows))
-            self.compactor.settle(meta, key)  # nothing pushed earlier may lie over the chunks loaded now
-            batch, txn = [], self.dbs.env.begin(write=True)
+            checked = [self._check(load) for load in loads]
+            layers = {(meta.table_id, load.version, load.layer): meta for load, (meta, _) in zip(loads, checked)}
+            for key, meta in layers.items():
+                self.compactor.settle(meta, key)  # nothing pushed earlier may lie over the chunks loaded now
+            txn, written, pending_bytes = self.dbs.env.begin(write=True), {}, 0
             try:
-                for chunk in chunks:
-                    block = np.zeros((meta.chunk_rows, meta.head_dim), dtype=meta.dtype)  # [chunk_rows, head_dim]
-                    part = values[(chunk - first) * meta.chunk_rows:(chunk - first + 1) * meta.chunk_rows]
-                    block[:part.shape[0]] = part
-                    txn.put(chunk_key(ROWS, meta.table_id, version, layer, int(chunk)), block.tobytes(), db=self.dbs.rows)
-                    batch.append(chunk)
-                    if len(batch) * block.nbytes >= WRITE_BATCH_BYTES or chunk == chunks[-1]:
-                        # readers' chunk indexes look these chunks up again (their old pages are free)
-                        with self.snapshots.replacing(rewritten={(key, ROWS): np.asarray(batch, dtype=np.int64)}):
-                            txn.commit()
-                        batch, txn = [], self.dbs.env.begin(write=True)
+                for load, (meta, values) in zip(loads, checked):
+                    if values.shape[0] == 0:
+                        continue
+                    key = (meta.table_id, load.version, load.layer)
+                    chunks = self._put(txn, meta, load, values)
+                    written.setdefault((key, ROWS), []).extend(chunks)
+                    pending_bytes += len(chunks) * meta.chunk_rows * meta.row_nbytes
+                    if pending_bytes >= WRITE_BATCH_BYTES:
+                        self._commit(txn, written)
+                        txn, written, pending_bytes = self.dbs.env.begin(write=True), {}, 0
+                if written:
+                    self._commit(txn, written)
             finally:
                 txn.abort()
-        return count
+        return sum(values.shape[0] for _, values in checked)
+
+    def _check(self, load: RowLoad) -> tuple[TableMeta, np.ndarray]:
+        """The table and the rows of a load, once they and the shard's ownership of them are acceptable."""
+        meta = self.catalog.info(load.name)
+        num_rows = meta.check_request(load.layer, load.fingerprint)
+        values = self._checked(meta, load.layer, num_rows, load.start_row, load.rows, load.version)
+        if values.shape[0]:
+            rows = np.array([load.start_row, load.start_row + values.shape[0] - 1])
+            self.ownership.check(load.name, load.layer, rows, write=True)
+        return meta, values
+
+    def _put(self, txn, meta: TableMeta, load: RowLoad, values: np.ndarray) -> list[int]:
+        """Put a load's chunks in txn (uncommitted); returns the chunk numbers."""
+        first = load.start_row // meta.chunk_rows
+        chunks = range(first, -(-(load.start_row + values.shape[0]) // meta.chunk_rows))
+        for chunk in chunks:
+            block = values[(chunk - first) * meta.chunk_rows:(chunk - first + 1) * meta.chunk_rows]
+            if block.shape[0] < meta.chunk_rows:  # the layer's last chunk: zeros past its end
+                block = np.concatenate([block, np.zeros((meta.chunk_rows - block.shape[0], meta.head_dim),
+                                                        dtype=meta.dtype)])  # [chunk_rows, head_dim]
+            # a whole chunk goes in as a view of the request's rows: LMDB copies it into its page once
+            txn.put(chunk_key(ROWS, meta.table_id, load.version, load.layer, chunk),
+                    block.reshape(-1).view(np.uint8), db=self.dbs.rows)
+        return list(chunks)
+
+    def _commit(self, txn, written: dict[tuple, list[int]]) -> None:
+        """Commit (synced); readers' chunk indexes look the written chunks up again (their old pages are free)."""
+        with self.snapshots.replacing(rewritten={k: np.asarray(v, dtype=np.int64) for k, v in written.items()}):
+            txn.commit()
 
     @staticmethod
     def _checked(meta: TableMeta, layer: int, num_rows: int, start_row: int, rows, version: int) -> np.ndarray:
@@ -83,6 +125,7 @@ class BulkLoader:
                 count % meta.chunk_rows and stop_row != num_rows):
             raise InvalidArgument(f"a bulk load covers whole chunks of {meta.chunk_rows} rows from a chunk boundary (or up "
                                   f"to the layer's end, {num_rows}): got rows [{start_row}, {stop_row})")
-        if not np.isfinite(values).all():
+        values = np.ascontiguousarray(values)  # whole chunks are handed to LMDB as views
+        if not all_finite(values):
             raise InvalidArgument("rows contain NaN or Inf; refusing to store them", reason="NON_FINITE_VALUE")
         return values

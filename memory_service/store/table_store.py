@@ -26,7 +26,7 @@ from memory_service.backend import check_row_ids
 from memory_service.errors import InvalidArgument, ResourceExhausted
 from memory_service.row_optim import RowAdamConfig
 from memory_service.spec import EngramSpec
-from memory_service.store.bulk_load import BulkLoader
+from memory_service.store.bulk_load import BulkLoader, RowLoad
 from memory_service.store.catalog import Catalog
 from memory_service.store.compaction import Compactor
 from memory_service.store.layout import DEFAULT_MAP_SIZE, PAGE_BYTES, ROWS, open_databases, prefix_items
@@ -175,6 +175,10 @@ class TableStore:
     def load_rows(self, name: str, layer: int, start_row: int, rows, version: int, fingerprint: str | None = None) -> int:
         """Whole chunks of rows from start_row into an inactive version, written once each (bulk_load.py)."""
         return self.loader.load_rows(name, layer, start_row, rows, version, fingerprint)
+
+    def load(self, loads: list[RowLoad]) -> int:
+        """Several bulk loads (a LoadRows stream's messages) in shared commits; one bad load writes none of them."""
+        return self.loader.load(loads)
 
     def apply_gradients(self, name: str, layer: int, row_ids, grads, lr: float, version: int = 0,
                         fingerprint: str | None = None, request_id: str | None = None) -> int:

@@ -115,7 +115,11 @@ class Versions:
                                         reason="STORE_FULL")
 
     def _fill(self, meta: TableMeta, version: int, init_std: float, init_seed: int) -> None:
-        """Write every owned chunk of a new version: seeded rows, or zeros when init_std == 0 (batched commits)."""
+        """Write every owned chunk of a new version: seeded rows (batched commits). Zeros (init_std == 0) write
+        nothing: an absent chunk reads as zeros everywhere (lookups, folds, copies), so an empty version for an
+        import costs nothing before the rows arrive."""
+        if not init_std:
+            return
         spec = meta.spec
         pending = 0
         txn = self.dbs.env.begin(write=True)

@@ -22,6 +22,7 @@ import numpy as np
 from memory_service.backend import check_gradients, check_row_ids
 from memory_service.errors import InvalidArgument
 from memory_service.row_delta import RowDelta, decode_segment, encode_segment
+from memory_service.row_dtypes import all_finite
 from memory_service.row_optim import RowAdamConfig, check_learning_rate, row_adam_step
 from memory_service.store.catalog import Catalog
 from memory_service.store.compaction import Compactor
@@ -123,7 +124,7 @@ class WritePath:
                 raise InvalidArgument(f"rows must be [{ids.size}, {meta.head_dim}] for {ids.size} ids, got {list(values.shape)}")
             if values.dtype != meta.dtype:
                 raise InvalidArgument(f"rows must be {meta.dtype.name} (the table dtype), got {values.dtype.name}")
-            if not np.isfinite(values).all():
+            if not all_finite(values):
                 raise InvalidArgument("rows contain NaN or Inf; refusing to store them", reason="NON_FINITE_VALUE")
             if np.unique(ids).size != ids.size:
                 raise InvalidArgument("row ids of a write must be unique")
