@@ -34,6 +34,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def backend_for(device: torch.device) -> str:
+    """The torch.distributed backend of a group computing on device: gloo for host tensors, and nccl for CUDA ones."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 class DataParallel:
     """One rank's view of the data-parallel group."""
 
@@ -45,7 +50,9 @@ class DataParallel:
 
     @classmethod
     def join(cls, master: str, rank: int, world_size: int, device: torch.device) -> "DataParallel":
-        """Join the process group at master (HOST:PORT, rank 0's); blocks until every rank joined."""
+        """Join the process group at master (HOST:PORT, rank 0's); blocks until every rank joined. device: the one
+        the driver chose for the whole group (every rank must pass the same type, or the backends differ and the
+        first collective hangs)."""
         if world_size == 1:
             return cls()
         host = master.rpartition(":")[0]
@@ -54,7 +61,7 @@ class DataParallel:
         if dist.is_initialized():
             dist.destroy_process_group()
         # host-side collectives (row gradients, losses, counts) use gloo; CUDA tensors go through nccl
-        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        backend = backend_for(torch.device(device))
         dist.init_process_group(backend, init_method=f"tcp://{master}", rank=rank, world_size=world_size,
                                 timeout=COLLECTIVE_TIMEOUT)
         return cls(rank, world_size)
@@ -95,16 +102,15 @@ class DataParallel:
         params = [p for p in parameters if p.requires_grad]
         if not params:
             return
-        device = params[0].device
-        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)  # [P]
-        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-                 for p in params]
-        flat = torch.cat(grads + [has_grad.to(grads[0].dtype)])  # [sum of numels + P]
+        # which parameters anyone has a gradient for: a host tensor (gloo), so nothing here waits for the GPU
+        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)  # [P]
+        dist.all_reduce(has_grad)
+        flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                          for p in params])  # [sum of numels]: the one copy of the gradients
         dist.all_reduce(flat)
-        anyone = flat[-len(params):] > 0  # [P]
-        flat = flat[:-len(params)] / self.world_size
+        flat.div_(self.world_size)
         offset = 0
-        for p, used in zip(params, anyone.tolist()):
+        for p, used in zip(params, has_grad.tolist()):
             if used:
                 p.grad = flat[offset:offset + p.numel()].view_as(p)  # views of one buffer: no copy per parameter
             else:

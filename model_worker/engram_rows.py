@@ -20,6 +20,8 @@ from memory_service.backend import TableBackend
 from memory_service.compression import CompressedTokenizer
 from memory_service.dedup import dedup_ids
 from memory_service.hashing import NgramHasher
+from memory_service.row_dtypes import row_dtype
+from model_worker.device import numpy_view, to_device
 
 
 @dataclass
@@ -66,6 +68,7 @@ class FetchedRows(Mapping):
 
     def __init__(self, layers: dict[int, LayerRows]):
         self.layers = layers
+        self._staged = None  # CUDA: ({layer_id: pinned grads [U, hd]}, the copies' event), once stage_gradients ran
 
     def __getitem__(self, layer_id: int) -> torch.Tensor:
         return self.layers[layer_id].gathered()
@@ -96,8 +99,35 @@ class FetchedRows(Mapping):
         """Time the forward pass spent waiting for prefetched rows, all layers."""
         return sum(r.wait_seconds for r in self.layers.values())
 
+    def stage_gradients(self) -> None:
+        """Start bringing every layer's row gradients to the host, right after backward: on CUDA one non-blocking copy
+        per layer into one pinned buffer, on the compute stream (so it overlaps what the host does next, e.g. the
+        dense optimizer step); row_gradients() waits for it. A no-op on the CPU."""
+        used = {layer_id: rows for layer_id, rows in self.layers.items() if rows.leaf is not None}
+        if self._staged is not None or not used or next(iter(used.values())).leaf.device.type != "cuda":
+            return
+        width = next(iter(used.values())).leaf.shape[-1]
+        total = sum(rows.leaf.shape[0] for rows in used.values())
+        host = torch.empty((total, width), dtype=torch.float32, pin_memory=True)  # [sum U, hd]
+        parts, start = {}, 0
+        for layer_id, rows in used.items():
+            part = host[start:start + rows.leaf.shape[0]]
+            if rows.leaf.grad is None:
+                part.zero_()
+            else:
+                part.copy_(rows.leaf.grad.detach(), non_blocking=True)
+            parts[layer_id] = part
+            start += rows.leaf.shape[0]
+        done = torch.cuda.Event()
+        done.record()
+        self._staged = (parts, done)
+
     def row_gradients(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """{layer_id: (unique ids [U], grads float32 [U, hd])} after backward (zeros where no grad flowed)."""
+        if self._staged is not None:
+            parts, done = self._staged
+            done.synchronize()  # only the gradient copies (and what the stream ran before them) are waited for
+            return {layer_id: (self.layers[layer_id].unique_ids, part.numpy()) for layer_id, part in parts.items()}
         out = {}
         for layer_id, rows in self.layers.items():
             if rows.leaf is None:
@@ -161,11 +191,14 @@ class EngramRowFetcher:
         for layer_id, ids in self.row_ids(tokens, context).items():
             batch = dedup_ids(ids.reshape(-1))
             if can_prefetch:  # send first, then work out the inverse while the rows travel
-                pending = self.stager.submit(self.backend.lookup_unique_async(layer_id, batch.unique))
-                inverse = torch.from_numpy(batch.inverse()).to(self.device)
+                # on CUDA the replies land straight in pinned memory, the source of the device copy
+                host = self.stager.host_buffer(batch.unique.size, self.spec.head_dim, row_dtype(self.spec.dtype))
+                out = None if host is None else numpy_view(host)
+                pending = self.stager.submit(self.backend.lookup_unique_async(layer_id, batch.unique, out=out), host)
+                inverse = to_device(batch.inverse(), self.device)
                 layers[layer_id] = LayerRows(batch.unique, None, inverse, tuple(ids.shape), pending, requires_grad, self.device)
             else:
-                inverse = torch.from_numpy(batch.inverse()).to(self.device)
+                inverse = to_device(batch.inverse(), self.device)
                 rows = self.backend.lookup(layer_id, batch.unique)  # [U, hd] float32
                 layers[layer_id] = LayerRows(batch.unique, rows_to_leaf(rows, self.device, requires_grad), inverse, tuple(ids.shape))
         return FetchedRows(layers)

@@ -17,9 +17,9 @@ from memory_service.compression import CompressedTokenizer
 from memory_service.hashing import NgramHasher
 from model_worker import checkpoint as ckpt
 from model_worker.data import load_tokenizer
-from model_worker.device import pick_device
+from model_worker.device import resolve_device, to_device
 from model_worker.engram_rows import EngramRowFetcher
-from model_worker.model import EngramMoEModel
+from model_worker.model import EngramMoEModel, check_token_range
 from model_worker.tables import TableSource, table_source
 
 
@@ -36,24 +36,30 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, generator:
 
 
 class Generator:
-    """A trained model plus its row fetcher and tokenizer."""
+    """A trained model plus its row fetcher and tokenizer.
 
-    def __init__(self, model: EngramMoEModel, fetcher: EngramRowFetcher, tokenizer=None):
+    On a GPU it decodes in bfloat16 (autocast, and a bfloat16 KV cache: half the cache memory and traffic); on the CPU
+    in float32. Each decode step syncs the host once: hashing the next token's n-grams needs it there (its
+    max_ngram_size-1 predecessors are kept on the host, never copied back from the device)."""
+
+    def __init__(self, model: EngramMoEModel, fetcher: EngramRowFetcher, tokenizer=None, dtype: torch.dtype | None = None):
         self.model = model.eval()
         self.fetcher = fetcher
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path, tables: TableSource | None = None) -> "Generator":
+    def from_checkpoint(cls, directory: str | Path, tables: TableSource | None = None, device: str = "auto") -> "Generator":
         """Load model, compression map, tokenizer and the tables: `tables` when given, else where the checkpoint's
-        rows are (saved in it, or on the memory service it names)."""
+        rows are (saved in it, or on the memory service it names). device: auto, cpu or cuda (no silent fallback)."""
         directory = ckpt.require_checkpoint(directory)
-        device = pick_device()
-        state = torch.load(directory / ckpt.MODEL_FILE, map_location=device, weights_only=False)
+        device = resolve_device(device)
+        state = torch.load(directory / ckpt.MODEL_FILE, map_location="cpu", weights_only=False)  # then to the device
         config = ckpt.model_config_from_dict(state["model_config"])
-        model = EngramMoEModel(config).to(device)
+        model = EngramMoEModel(config)
         model.load_state_dict(state["model"])
+        model.to(device)
         compressor = CompressedTokenizer.load(directory / ckpt.COMPRESSION_FILE)
         spec = config.engram
         if spec.compressed_vocab_size != len(compressor):
@@ -68,32 +74,45 @@ class Generator:
         fetcher = EngramRowFetcher(backend, compressor, hasher, device)
         return cls(model, fetcher, load_tokenizer(directory / ckpt.TOKENIZER_FILE))
 
+    def autocast(self):
+        """Autocast to the decode dtype (a no-op in float32)."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
     @torch.no_grad()
     def generate_ids(self, prompt_ids, max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,
                      seed: int = 0, return_logits: bool = False):
-        """Continue prompts [B, T0] by max_new_tokens tokens -> ids [B, T0 + n] (and the step logits [B, n, V])."""
-        prompt = torch.as_tensor(np.asarray(prompt_ids), dtype=torch.int64, device=self.device)
-        if prompt.dim() != 2 or prompt.shape[1] == 0:
-            raise ValueError(f"prompt ids must be a non-empty [batch, time] array, got shape {list(prompt.shape)}")
+        """Continue prompts [B, T0] by max_new_tokens tokens -> ids [B, T0 + n] on the model's device (and the step
+        logits [B, n, V] in float32)."""
+        prompt = np.asarray(prompt_ids)
+        if prompt.ndim != 2 or prompt.shape[1] == 0 or not np.issubdtype(prompt.dtype, np.integer):
+            raise ValueError(f"prompt ids must be a non-empty [batch, time] integer array, got shape {list(prompt.shape)}")
+        prompt = prompt.astype(np.int64)
+        check_token_range(prompt, self.model.config.vocab_size)  # on the host: the model skips it on a GPU
         total = prompt.shape[1] + max_new_tokens
         if total > self.model.config.max_seq_len:
             raise ValueError(f"prompt ({prompt.shape[1]}) + new tokens ({max_new_tokens}) exceed max_seq_len "
                              f"{self.model.config.max_seq_len}")
         generator = torch.Generator().manual_seed(seed)
-        cache = self.model.new_cache(prompt.shape[0], total)
-        logits, _ = self.model(prompt, self.fetcher.fetch(prompt, prefetch=True), cache, start_pos=0)  # prefill
-        tokens = prompt
-        step_logits = []
+        cache = self.model.new_cache(prompt.shape[0], total, dtype=self.dtype)
+        width = self.fetcher.spec.max_ngram_size - 1
+        recent = prompt[:, -width:] if width else prompt[:, :0]  # [B, <= n-1] tokens before the next, on the host
+        with self.autocast():  # prefill
+            logits, _ = self.model(to_device(prompt, self.device), self.fetcher.fetch(prompt, prefetch=True), cache, 0)
+        new_tokens, step_logits = [], []
         for i in range(max_new_tokens):
-            last = logits[:, -1]  # [B, V]
+            last = logits[:, -1].float()  # [B, V]
             step_logits.append(last)
-            nxt = sample_next(last, temperature, top_k, generator)[:, None]  # [B, 1]
-            tokens = torch.cat([tokens, nxt], dim=1)
+            nxt = sample_next(last, temperature, top_k, generator)[:, None]  # [B, 1] on the device
+            new_tokens.append(nxt)
             if i == max_new_tokens - 1:
                 break
+            nxt_host = nxt.cpu().numpy()  # the step's one sync: the next lookups hash this token on the host
             # only the new token's n-grams; they travel while the layers before the first Engram layer run
-            rows = self.fetcher.fetch(nxt, context=tokens[:, :-1], prefetch=True)
-            logits, _ = self.model(nxt, rows, cache, start_pos=tokens.shape[1] - 1)
+            rows = self.fetcher.fetch(nxt_host, context=recent, prefetch=True)
+            with self.autocast():
+                logits, _ = self.model(nxt, rows, cache, start_pos=prompt.shape[1] + i)
+            recent = np.concatenate([recent, nxt_host], axis=1)[:, -width:] if width else recent
+        tokens = torch.cat([to_device(prompt, self.device)] + new_tokens, dim=1)
         if return_logits:
             return tokens, torch.stack(step_logits, dim=1)
         return tokens
@@ -109,4 +128,4 @@ class Generator:
         if room <= 0:
             raise ValueError(f"the prompt is {len(ids)} tokens; the model's context is {self.model.config.max_seq_len}")
         out = self.generate_ids([ids], min(max_new_tokens, room), temperature, top_k, seed)
-        return self.tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
+        return self.tokenizer.decode(out[0].cpu().tolist(), skip_special_tokens=False)

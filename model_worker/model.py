@@ -96,6 +96,13 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
 
+def check_token_range(tokens, vocab_size: int) -> None:
+    """Refuse token ids outside [0, vocab_size) (a host array or CPU tensor: no device sync)."""
+    tokens = torch.as_tensor(tokens)
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got range [{int(tokens.min())}, {int(tokens.max())}]")
+
+
 # ---------------------------------------------------------------- building blocks
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of RoPE angles, each [max_len, head_dim // 2]."""
@@ -207,7 +214,8 @@ class MoE(nn.Module):
         flat_experts = experts.reshape(-1)  # [N*k]
         order = flat_experts.argsort(stable=True)
         token_of_slot = order // top_k  # [N*k] token index of each sorted slot
-        counts = torch.bincount(flat_experts, minlength=num_experts).tolist()
+        per_expert = torch.bincount(flat_experts, minlength=num_experts)  # [E] token slots per expert, on the device
+        counts = per_expert.tolist()  # the step's one host sync per MoE layer: slicing needs the counts on the host
         out = torch.zeros_like(flat)
         start = 0
         for e, count in enumerate(counts):
@@ -219,7 +227,7 @@ class MoE(nn.Module):
             start += count
         if self.shared is not None:
             out = out + self.shared(flat)
-        per_expert = torch.tensor(counts, dtype=torch.float32, device=x.device)  # [E] token slots per expert
+        per_expert = per_expert.float()  # [E]
         if self.count_reducer is not None:
             per_expert = self.count_reducer(per_expert)  # the whole data-parallel batch's counts
         fraction = per_expert / per_expert.sum().clamp(min=1.0)  # f_e
@@ -299,8 +307,8 @@ class EngramMoEModel(nn.Module):
         end = start_pos + time
         if end > self.config.max_seq_len:
             raise ValueError(f"positions up to {end} exceed max_seq_len {self.config.max_seq_len}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got range [{int(tokens.min())}, {int(tokens.max())}]")
+        if tokens.device.type == "cpu":  # on a GPU this check would wait for the queue: callers check on the host
+            check_token_range(tokens, self.config.vocab_size)
         if cache is not None and end > cache.max_len:
             raise ValueError(f"positions up to {end} exceed the cache length {cache.max_len}")
         cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
@@ -319,7 +327,7 @@ class EngramMoEModel(nn.Module):
             if isinstance(module, MoE):
                 module.count_reducer = reducer
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty KV cache on this model's device and dtype."""
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache on this model's device, in dtype (default: the model's; bfloat16 for a bf16 decode)."""
         p = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, p.device, p.dtype)
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, p.device, dtype or p.dtype)

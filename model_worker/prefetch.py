@@ -5,8 +5,8 @@ prefetch). A single staging thread then takes the replies in layer order as they
 arrive and turns each into the tensor the layer consumes:
 
 - on CPU: float32 rows (the fp16/bf16 -> fp32 cast runs here, not in the forward pass);
-- on CUDA: the table-dtype rows are copied into pinned host memory and sent to the GPU
-  on a side stream, cast to float32 there, and an event is recorded. The layer makes
+- on CUDA: the replies land in pinned host memory (the lookup writes them there) and
+  are sent to the GPU in the table dtype on a side stream, cast to float32 there, and an event is recorded. The layer makes
   the compute stream wait for that event (a GPU-side wait: the host does not block once
   the rows are staged), so the copy overlaps the layers that run before it.
 """
@@ -48,18 +48,27 @@ class RowStager:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="engram-stage")
 
-    def submit(self, pending) -> Future:
-        """Stage a pending lookup (anything with .result() -> (rows [U, hd], version)); a Future of StagedRows."""
-        return self.pool.submit(self.stage, pending)
+    def host_buffer(self, num_rows: int, width: int, dtype) -> torch.Tensor | None:
+        """On CUDA, pinned host memory [num_rows, width] in the table dtype for a lookup to write its replies into
+        (then the device copy reads it with no host copy in between); None on the CPU."""
+        if self.stream is None:
+            return None
+        return torch.empty((num_rows, width), dtype=host_tensor(np.empty(0, dtype=dtype)).dtype, pin_memory=True)
 
-    def stage(self, pending) -> StagedRows:
+    def submit(self, pending, host: torch.Tensor | None = None) -> Future:
+        """Stage a pending lookup (anything with .result() -> (rows [U, hd], version)) whose replies land in host (a
+        host_buffer) if given; a Future of StagedRows."""
+        return self.pool.submit(self.stage, pending, host)
+
+    def stage(self, pending, host: torch.Tensor | None = None) -> StagedRows:
         """Wait for the rows and bring them to the device as float32."""
         rows, version = pending.result()  # [U, hd] in the table dtype
         if self.stream is None:
             return StagedRows(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)), version)
         source = host_tensor(rows)  # the table dtype as it came off the wire (bf16 too): no host-side cast
-        host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
-        host.copy_(source)
+        if host is None or source.data_ptr() != host.data_ptr() or source.shape != host.shape:
+            host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)  # the replies landed elsewhere
+            host.copy_(source)
         with torch.cuda.stream(self.stream):
             tensor = host.to(self.device, non_blocking=True).float()  # [U, hd]: copy the table dtype, cast on the GPU
             event = torch.cuda.Event()

@@ -25,7 +25,7 @@ from memory_service.hashing import NgramHasher
 from model_worker import checkpoint as ckpt
 from model_worker.data import Corpus, eval_batches, load_corpus, sample_batch, unigram_cross_entropy
 from model_worker.data_parallel import DataParallel
-from model_worker.device import pick_device
+from model_worker.device import resolve_device, to_device
 from model_worker.engram_rows import EngramRowFetcher
 from model_worker.model import EngramMoEModel, ModelConfig
 from model_worker.presets import build_preset, count_parameters
@@ -90,6 +90,9 @@ class TrainConfig:
     mode: str = "sync"
     """sync: a step's lookups see every earlier update. async: a step's row-gradient push runs while the
     next step fetches and computes (rows may miss the previous step's update: staleness at most 1)."""
+    device: str = "auto"
+    """auto (CUDA when torch can use it, else CPU), cpu, or cuda / cuda:N (an error, never a CPU fallback, when the
+    GPU cannot be used). A data-parallel group's driver resolves it once for every rank."""
 
     def __post_init__(self):
         if self.mode not in ("sync", "async"):
@@ -110,6 +113,9 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+LOSS_READ_EVERY = 10  # on a GPU, steps whose losses are read (one host sync) at once
+
+
 class Trainer:
     """Owns the model, optimizer, table backend and data of one run."""
 
@@ -124,7 +130,7 @@ class Trainer:
         self.log = log
         self.progress = progress
         self.out_dir = Path(config.out_dir)
-        self.device = pick_device()
+        self.device = resolve_device(config.device)
         self.corpus: Corpus = load_corpus(config.data, config.tokenizer, config.vocab_size, log=log)
         self.compressor = CompressedTokenizer.from_tokenizer_file(self.corpus.tokenizer_path)
         self.tokenizer_json = self.corpus.tokenizer_path.read_bytes()  # kept: a resumed run's source file is replaced
@@ -178,8 +184,7 @@ class Trainer:
         if self._push is not None and not self._push.done():
             self.overlapped_fetches += 1
         fetched = self.fetcher.fetch(inputs, requires_grad=True, prefetch=self.config.prefetch)
-        x = torch.from_numpy(inputs).to(self.device)
-        y = torch.from_numpy(targets).to(self.device)
+        x, y = to_device(inputs, self.device), to_device(targets, self.device)  # pinned, non-blocking on CUDA
         self.model.set_count_reducer(self.parallel.sum_ if self.parallel.active else None)
         try:
             with self.autocast():
@@ -188,15 +193,27 @@ class Trainer:
             self.model.set_count_reducer(None)
         loss = lm_loss(logits, y)
         (loss + aux).backward()
+        fetched.stage_gradients()  # CUDA: row gradients start for the host now, overlapping the dense step
         self.parallel.average_gradients(self.model.parameters())
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.push_row_gradients(fetched, lr * self.config.engram_lr_mult)
         self.step += 1
-        loss_value, aux_value = self.parallel.means(float(loss.detach()), float(aux.detach()))
-        return {"loss": loss_value, "aux": aux_value, "lr": lr, "ids": fetched.num_ids,
+        # the losses stay on the device: reading them waits for the GPU, so run() reads a few steps' at once
+        return {"loss": loss.detach(), "aux": aux.detach(), "lr": lr, "ids": fetched.num_ids,
                 "unique": fetched.num_unique, "wait": fetched.wait_seconds, "versions": fetched.versions}
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (timing; a no-op on the CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def step_losses(self, losses: list[torch.Tensor]) -> list[float]:
+        """Steps' losses (device scalars from train_step), averaged across data-parallel ranks: one host sync and one
+        all-reduce for all of them."""
+        values = torch.stack(losses).double().cpu().tolist()
+        return self.parallel.means(*values)
 
     def push_row_gradients(self, fetched, lr: float) -> None:
         """Send the step's Engram row gradients (combined across data-parallel workers) to the tables.
@@ -268,6 +285,8 @@ class Trainer:
             bar = tqdm(total=last, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         tokens, seconds = 0, 0.0
         ids_total, unique_total, wait_total, steps_run = 0, 0, 0.0, 0
+        unread = []  # (step, loss on the device, lr) of steps whose loss the host has not read yet
+        read_every = 1 if self.device.type == "cpu" else LOSS_READ_EVERY  # reading a GPU loss waits for the GPU
         while self.step < last:
             inputs, targets = sample_batch(self.corpus.train_ids, config.batch_size, config.seq_len, self.rng)
             started = time.perf_counter()
@@ -278,17 +297,26 @@ class Trainer:
             unique_total += stats["unique"]
             wait_total += stats["wait"]
             steps_run += 1
-            self.history["train"].append([self.step, stats["loss"], stats["lr"]])
+            unread.append((self.step, stats["loss"], stats["lr"]))
             self.history.setdefault("versions", []).append(stats["versions"])
-            if self.step % config.eval_every == 0 or self.step == config.steps:
+            evaluate = self.step % config.eval_every == 0 or self.step == config.steps
+            save = self.step % config.ckpt_every == 0 or self.step == config.steps or (self.step == last and save_at_stop)
+            if not (evaluate or save or self.step == last or len(unread) >= read_every):
+                continue
+            started = time.perf_counter()  # reading the losses waits for the steps' GPU work: it is their time
+            losses = self.step_losses([loss for _, loss, _ in unread])  # the same steps on every rank
+            seconds += time.perf_counter() - started
+            self.history["train"].extend([step, loss, lr] for (step, _, lr), loss in zip(unread, losses))
+            advanced, unread = len(unread), []
+            if evaluate:
                 self._record_val(self.evaluate())
-            if self.step % config.ckpt_every == 0 or self.step == config.steps or (self.step == last and save_at_stop):
+            if save:
                 self.save()
             if self.on_step is not None:
-                self.on_step(self.step, config.steps, stats["loss"], tokens / max(seconds, 1e-9))
+                self.on_step(self.step, config.steps, losses[-1], tokens / max(seconds, 1e-9))
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", val=f"{self.history['val'][-1][1]:.3f}",
+                bar.update(advanced)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", val=f"{self.history['val'][-1][1]:.3f}",
                                 tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
         self.wait_for_push()
         if bar is not None:
@@ -312,6 +340,7 @@ class Trainer:
             "workers": self.parallel.world_size,
             "mode": config.mode,
             "overlapped_fetches": self.overlapped_fetches,
+            "device": str(self.device),
         }
         if self.is_leader:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -379,7 +408,9 @@ class Trainer:
     def load(self, directory: str | Path) -> None:
         """Restore the state of a checkpoint written by save() for the same config."""
         directory = ckpt.require_checkpoint(directory)
-        state = torch.load(directory / ckpt.MODEL_FILE, map_location=self.device, weights_only=False)
+        # on the CPU first: load_state_dict moves the moments to their parameters' device and keeps AdamW's step
+        # counters on the host (on the GPU, foreach AdamW would read them back twice per parameter, every step)
+        state = torch.load(directory / ckpt.MODEL_FILE, map_location="cpu", weights_only=False)
         self.load_state(state, f"checkpoint {directory}")
         if not self.backend.remote:
             self.backend.load(directory / ckpt.TABLES_FILE)

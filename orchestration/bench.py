@@ -242,6 +242,7 @@ def bench_step(preset: str = "small", steps: int = 12, warmup: int = 3, batch_si
                 for inputs, targets in batches:
                     waits[mode].append(trainer.train_step(inputs, targets)["wait"])
                 trainer.wait_for_push()
+                trainer.synchronize()  # a GPU's queued work belongs to the block that queued it
                 times[mode].append((time.perf_counter() - started) / block)
         for mode in modes:
             results[mode] = {"step_ms": 1e3 * float(np.median(times[mode])), "prefetch_wait_ms": 1e3 * float(np.median(waits[mode]))}
@@ -250,9 +251,10 @@ def bench_step(preset: str = "small", steps: int = 12, warmup: int = 3, batch_si
         proc.wait(timeout=30)
         shutil.rmtree(path, ignore_errors=True)
     base = results["in_process"]["step_ms"]
+    device = str(trainers["in_process"].device)
     lines = [f"train step ({preset}, batch {batch_size} x {seq_len}, median of {len(times['in_process'])} blocks of {block} steps "
-             f"after {warmup} warm-up, round-robin)"]
+             f"after {warmup} warm-up, round-robin; device {device})"]
     for mode, r in results.items():
         lines.append(f"  {mode:22s} {r['step_ms']:8.1f} ms/step   x{r['step_ms'] / base:5.2f} of in-process   "
                      f"prefetch wait {r['prefetch_wait_ms']:6.1f} ms")
-    return {"preset": preset, "results": results, "lines": lines}
+    return {"preset": preset, "device": device, "results": results, "lines": lines}

@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefetch", action="store_true", help="fetch each step's rows before the forward pass (for comparison)")
     p.add_argument("--mode", choices=["sync", "async"], help="sync: lookups see every earlier update; async: the row push "
                    "overlaps the next step (staleness <= 1)")
+    p.add_argument("--device", help="auto (default: CUDA when torch can use it), cpu, or cuda[:N] "
+                   "(an error naming the cause, never a CPU fallback, when the GPU cannot be used)")
     p.add_argument("--workers", type=int, help="with --memory pool[:NAME]: data-parallel model workers as Ray actors "
                    "(scale them with engram workers scale)")
     p.add_argument("--address", help="Ray cluster address for --workers (default $RAY_ADDRESS or engram cluster up's)")
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory", help="grpc://HOST:PORT holding the tables (default: the checkpoint's)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (no CPU fallback)")
     p.set_defaults(func=_lazy("commands_model", "generate"))
 
     p = sub.add_parser("compress", help="build a tokenizer's compression map and report the reduction")

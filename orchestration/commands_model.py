@@ -23,7 +23,7 @@ def train(args) -> int:
 
     out_dir = args.out or f"runs/{args.preset}"
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "lr", "eval_every", "ckpt_every", "seed",
-                                               "version", "table_dtype", "optimizer_state")}
+                                               "version", "table_dtype", "optimizer_state", "device")}
     if args.resume:
         config = train_config_from_checkpoint(Path(out_dir) / "checkpoint", out_dir=out_dir, **overrides)
     else:
@@ -94,7 +94,7 @@ def print_train_summary(summary: dict, out_dir: str, as_json: bool) -> None:
         print(f"step {summary['step']}: val loss {summary['val_loss_start']:.3f} -> {summary['val_loss']:.3f} "
               f"(unigram baseline {summary['unigram_loss']:.3f}); {summary['tokens_per_s']:.0f} tokens/s; "
               f"unique row ratio {summary['unique_id_ratio']:.2f}; prefetch wait {summary['prefetch_wait_ms_per_step']:.1f} ms/step; "
-              f"tables: {summary['tables']}")
+              f"tables: {summary['tables']}; device {summary['device']}")
         print(f"checkpoint: {summary['checkpoint']}   loss curve: {Path(out_dir) / 'loss_curve.png'}")
 
 
@@ -108,9 +108,11 @@ def generate(args) -> int:
     memory = args.memory or where["memory"]
     trained = json.loads((checkpoint / ckpt.CONFIG_FILE).read_text())["train"]
     table = where["table"] or (trained.get("table") or f"engram-{trained['preset']}" if memory else None)
-    generator = Generator.from_checkpoint(checkpoint, tables_for(memory, table, token_from(args), where["version"]))
+    generator = Generator.from_checkpoint(checkpoint, tables_for(memory, table, token_from(args), where["version"]),
+                                          device=args.device)
     text = generator.generate(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     print(text)
+    print(f"[device {generator.device}, {str(generator.dtype).removeprefix('torch.')} decode]", file=sys.stderr)
     return 0
 
 

@@ -84,7 +84,8 @@ def run_demo(args) -> int:
         lookup_seconds = sum(s.get("seconds.Lookup", 0.0) for s in state["shards"])
         result = {
             "val_loss_start": summary["val_loss_start"], "val_loss": summary["val_loss"], "unigram_loss": summary["unigram_loss"],
-            "steps": summary["step"], "workers": summary["workers"], "mode": args.mode, "tokens_per_s": summary["tokens_per_s"],
+            "steps": summary["step"], "workers": summary["workers"], "device": summary["device"], "mode": args.mode,
+            "tokens_per_s": summary["tokens_per_s"],
             "step_seconds": summary["step_seconds"],
             "prefetch_wait_ms_per_step": summary["prefetch_wait_ms_per_step"], "unique_id_ratio": summary["unique_id_ratio"],
             "rows_served": served, "lookup_rows_per_s": served / summary["wall_seconds"] if summary["wall_seconds"] else 0.0,
@@ -122,7 +123,7 @@ def print_summary(r: dict) -> None:
     """Human-readable demo summary."""
     print("=" * 72)
     print(f"val loss            {r['val_loss_start']:.3f} -> {r['val_loss']:.3f}   (unigram baseline {r['unigram_loss']:.3f})")
-    print(f"training            {r['steps']} steps on {r['workers']} worker(s), {r['mode']} mode, "
+    print(f"training            {r['steps']} steps on {r['workers']} worker(s) ({r['device']}), {r['mode']} mode, "
           f"{r['tokens_per_s']:.0f} tokens/s, {r['step_seconds'] * 1e3:.0f} ms/step")
     print(f"prefetch wait       {r['prefetch_wait_ms_per_step']:.1f} ms/step   unique-id ratio {r['unique_id_ratio']:.2f}")
     print(f"lookups             {r['rows_served']:,.0f} rows served, {r['lookup_rows_per_s']:,.0f} rows/s over the run")

@@ -9,15 +9,18 @@ them into one torch.distributed group (see model_worker/data_parallel.py).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from pathlib import Path
 
-from model_worker.device import pick_device
+from model_worker.device import cuda_unavailable_reason, resolve_device
 from model_worker.train import TrainConfig, Trainer
 from orchestration.pool_tables import tables_for
 
 REPORT_EVERY_S = 0.5  # progress sent to the training job at most this often
+
+log = logging.getLogger("engram.worker")
 
 
 class TrainWorker:
@@ -47,11 +50,29 @@ class TrainWorker:
         host = ray.util.get_node_ip_address()
         return f"{host}:{free_port(host)}"
 
-    def setup(self, rank: int = 0, world_size: int = 1, master: str | None = None, state: dict | None = None) -> int:
-        """Join the data-parallel group (every rank at once), build the Trainer, continue from `state`; returns the step."""
+    def device_for(self, requested: str = "auto") -> str:
+        """The device this worker would compute on for `requested` (auto, cpu, cuda): the driver asks rank 0 and
+        hands the answer to every rank. Refuses cuda this worker cannot use, naming the cause."""
+        device = resolve_device(requested)
+        if device.type == "cpu" and requested in (None, "auto"):
+            reason = cuda_unavailable_reason()
+            if _ray_gpu_ids():  # Ray gave this actor a GPU that torch cannot use: say so, in the worker's log
+                log.warning("Ray assigned GPU ids %s to this worker but it runs on the CPU: %s", _ray_gpu_ids(), reason)
+        return str(device)
+
+    def setup(self, rank: int = 0, world_size: int = 1, master: str | None = None, state: dict | None = None,
+              device: str | None = None) -> int:
+        """Join the data-parallel group (every rank at once), build the Trainer, continue from `state`; returns the step.
+        device: the driver's choice for the whole group (device_for on rank 0); a rank that cannot use it fails here,
+        before any collective, with the cause."""
+        import dataclasses
+
         from model_worker.data_parallel import DataParallel
 
-        parallel = DataParallel.join(master, rank, world_size, pick_device()) if world_size > 1 else None
+        if device is not None:
+            self.config = dataclasses.replace(self.config, device=device)
+        chosen = resolve_device(self.config.device)  # raises now, naming the cause, instead of hanging the group
+        parallel = DataParallel.join(master, rank, world_size, chosen) if world_size > 1 else None
         tables = tables_for(self.config.memory, self.config.table or f"engram-{self.config.preset}", self.token,
                             self.config.version)
         self._trainer = Trainer(self.config, tables, progress=False, log=lambda *a: None, token=self.token,
@@ -121,6 +142,16 @@ def local_tokenizer_copy(tokenizer_json: bytes) -> Path:
         tmp.write_bytes(tokenizer_json)
         tmp.replace(path)
     return path
+
+
+def _ray_gpu_ids() -> list:
+    """GPU ids Ray assigned to this actor ([] outside Ray)."""
+    try:
+        import ray
+
+        return list(ray.get_gpu_ids())
+    except Exception:  # noqa: BLE001 - not in a Ray worker
+        return []
 
 
 def node_id() -> str | None:

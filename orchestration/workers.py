@@ -101,7 +101,10 @@ class WorkerGroup:
         master = ray.get(self.workers[0].rendezvous.remote(), timeout=RAY_TIMEOUT_S) if num_workers > 1 else None
         state_ref = ray.put(state) if state is not None else None
         try:  # a rank that fails to set up leaves the others waiting in the first broadcast: stop them all
-            steps = _results_or_lost([w.setup.remote(rank, num_workers, master, state_ref)
+            # one device (and so one collective backend) for the whole group, chosen where rank 0 runs
+            device = _results_or_lost([self.workers[0].device_for.remote(self.config.get("device", "auto"))],
+                                      "choosing the device")[0]
+            steps = _results_or_lost([w.setup.remote(rank, num_workers, master, state_ref, device)
                                       for rank, w in enumerate(self.workers)], "setting up")
         except WorkerLost:
             self.stop(graceful=False)

@@ -68,17 +68,40 @@ def make_pool(ray_cluster, tmp_path, request):
         p.shutdown()
 
 
+def usable_gpus() -> int:
+    """GPUs torch can use in this process (0 on a CPU host or with a CPU-only torch)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpu_node_gpus(real: int) -> int:
+    """GPUs the test cluster's model-worker node declares: the real ones on a GPU host (Ray hands each worker a
+    distinct real id), else two placeholders (their ids mean nothing: torch sees no GPU and workers run on the CPU)."""
+    return real if real else 2
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A multi-node Ray cluster on this machine: a head, two memory nodes and a node declaring two GPUs."""
+    """A multi-node Ray cluster on this machine: a head, two memory nodes and a model-worker node with the GPUs
+    (only that node: a head or memory node that auto-detected a real GPU would hand out the same device again)."""
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
-    memory_nodes = [cluster.add_node(num_cpus=1, resources={"engram_memory": 3}) for _ in range(2)]
-    gpu_node = cluster.add_node(num_cpus=1, num_gpus=2)  # room for two data-parallel workers
+    gpus = gpu_node_gpus(usable_gpus())
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "resources": {"head": 1}})
+    memory_nodes = [cluster.add_node(num_cpus=1, num_gpus=0, resources={"engram_memory": 3}) for _ in range(2)]
+    gpu_node = cluster.add_node(num_cpus=1, num_gpus=gpus)  # room for two data-parallel workers (on a CPU host)
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     cluster.wait_for_nodes()
-    yield {"cluster": cluster, "memory_nodes": [n.node_id for n in memory_nodes], "gpu_node": gpu_node.node_id}
+    yield {"cluster": cluster, "memory_nodes": [n.node_id for n in memory_nodes], "gpu_node": gpu_node.node_id,
+           "gpus": gpus}
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture
+def two_workers(ray_cluster):
+    """Skip where the cluster cannot place two model workers (a GPU host with one GPU)."""
+    if ray_cluster["gpus"] < 2:
+        pytest.skip(f"two data-parallel workers need two GPUs; this host has {ray_cluster['gpus']}")

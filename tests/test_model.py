@@ -130,3 +130,45 @@ def test_gqa_model_runs_and_counts():
     assert logits.shape == (2, 8, VOCAB)
     counts = count_parameters(model.config)
     assert counts["total"] - counts["engram_tables"] == sum(p.numel() for p in model.parameters())
+
+
+def test_moe_routing_with_one_host_sync_gives_the_per_token_result_and_counts():
+    """The MoE layer's output, balance loss and expert counts equal a per-token evaluation of the same routing."""
+    from model_worker.model import MoE
+
+    torch.manual_seed(3)
+    moe = MoE(24, MoEConfig(num_routed_experts=6, num_shared_experts=1, top_k=2, expert_hidden_size=16))
+    x = torch.randn(3, 11, 24)
+    seen = []
+    moe.count_reducer = lambda counts: seen.append(counts.clone()) or counts
+    out, aux = moe(x)
+    flat = x.reshape(-1, 24)
+    probs = moe.router(flat).float().softmax(-1)
+    weights, experts = probs.topk(2, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    expected = torch.stack([sum(weights[n, j] * moe.experts[int(experts[n, j])](flat[n]) for j in range(2))
+                            + moe.shared(flat[n]) for n in range(flat.shape[0])])
+    torch.testing.assert_close(out.reshape(-1, 24), expected, atol=1e-5, rtol=1e-5)
+    counts = torch.bincount(experts.reshape(-1), minlength=6).float()
+    torch.testing.assert_close(seen[0], counts)
+    fraction = counts / counts.sum()
+    torch.testing.assert_close(aux, 6 * (fraction * probs.mean(0)).sum() * 0.01)
+
+
+def test_a_bfloat16_decode_stays_within_a_stated_tolerance_of_the_float32_full_forward():
+    """bf16 decode (autocast and a bf16 KV cache, the GPU default) against the fp32 full forward: step logits within
+    0.05 x the logits' standard deviation, and greedy tokens equal wherever fp32's top two differ by more than that."""
+    model, fetcher = build()
+    prompt = np.random.default_rng(1).integers(0, VOCAB, size=(2, 7))
+    tokens, step_logits = Generator(model, fetcher, dtype=torch.bfloat16).generate_ids(
+        prompt, max_new_tokens=10, temperature=0.0, return_logits=True)
+    assert step_logits.dtype == torch.float32
+    with torch.no_grad():
+        full, _ = model(tokens, fetcher.fetch(tokens))
+    reference = full[:, 6:16]  # [B, 10, V]: the fp32 logits that chose each new token
+    tolerance = 0.05 * float(reference.std())
+    assert float((step_logits - reference).abs().max()) < tolerance  # measured: 0.015 x the spread
+    top2 = reference.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * tolerance  # [B, 10]
+    assert clear.float().mean() > 0.5
+    assert torch.equal(tokens[:, 7:][clear], reference.argmax(-1)[clear])

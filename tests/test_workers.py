@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from memory_service.row_init import init_rows
+from model_worker.device import cuda_unavailable_reason
 from model_worker.train import TrainConfig, Trainer
-from orchestration.workers import WorkerGroup, attach_job, start_job
+from orchestration.workers import WorkerGroup, WorkerLost, attach_job, start_job
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +64,7 @@ def assert_same_run(summary, pool, reference):
 
 
 def test_two_data_parallel_workers_equal_one_worker_with_the_doubled_batch(
-        pool, ray_cluster, tmp_path, small_corpus, small_tokenizer, one_worker_doubled_batch):
+        pool, ray_cluster, two_workers, tmp_path, small_corpus, small_tokenizer, one_worker_doubled_batch):
     group = WorkerGroup(config_for(tmp_path, small_corpus, small_tokenizer, pool.config.name), token="tok")
     group.start(2)
     try:
@@ -72,6 +73,7 @@ def test_two_data_parallel_workers_equal_one_worker_with_the_doubled_batch(
         group.stop()
     assert summary["workers"] == 2 and summary["step"] == 24
     assert summary["worker_nodes"] == [ray_cluster["gpu_node"]] * 2  # model workers only on the GPU node
+    assert summary["device"] == ("cpu" if cuda_unavailable_reason() else "cuda")  # the summary names it
     assert_same_run(summary, pool, one_worker_doubled_batch)
 
 
@@ -92,7 +94,7 @@ def run_job_and_meddle(pool, config, meddle) -> dict:
         ray.kill(job)
 
 
-def test_scaling_workers_mid_run_keeps_the_trajectory(pool, tmp_path, small_corpus, small_tokenizer, one_worker_doubled_batch):
+def test_scaling_workers_mid_run_keeps_the_trajectory(pool, two_workers, tmp_path, small_corpus, small_tokenizer, one_worker_doubled_batch):
     import ray
 
     config = config_for(tmp_path, small_corpus, small_tokenizer, pool.config.name)
@@ -105,7 +107,8 @@ def test_scaling_workers_mid_run_keeps_the_trajectory(pool, tmp_path, small_corp
         attach_job("no-such-pool")
 
 
-def test_async_mode_overlaps_the_push_with_the_next_step(pool, tmp_path, small_corpus, small_tokenizer, one_worker_doubled_batch):
+def test_async_mode_overlaps_the_push_with_the_next_step(pool, two_workers, tmp_path, small_corpus, small_tokenizer,
+                                                          one_worker_doubled_batch):
     config = config_for(tmp_path, small_corpus, small_tokenizer, pool.config.name, mode="async")
     group = WorkerGroup(config, token="tok")
     group.start(2)
@@ -121,7 +124,7 @@ def test_async_mode_overlaps_the_push_with_the_next_step(pool, tmp_path, small_c
     assert abs(val[-1] - sync_val[-1]) < 0.05  # and a step of staleness barely changes where it gets
 
 
-def test_a_worker_that_dies_is_replaced_and_training_finishes(pool, tmp_path, small_corpus, small_tokenizer):
+def test_a_worker_that_dies_is_replaced_and_training_finishes(pool, two_workers, tmp_path, small_corpus, small_tokenizer):
     import ray
 
     config = config_for(tmp_path, small_corpus, small_tokenizer, pool.config.name)
@@ -133,7 +136,7 @@ def test_a_worker_that_dies_is_replaced_and_training_finishes(pool, tmp_path, sm
     assert np.all(np.isfinite(val)) and val[-1] < val[0] - 0.2
 
 
-def test_workers_that_cannot_start_end_the_job_with_their_error(pool, tmp_path, small_tokenizer):
+def test_workers_that_cannot_start_end_the_job_with_their_error(pool, two_workers, tmp_path, small_tokenizer):
     """Ranks that fail at setup (no corpus where they run) are stopped at once and retried, then the job reports why."""
     import ray
 
@@ -146,3 +149,20 @@ def test_workers_that_cannot_start_end_the_job_with_their_error(pool, tmp_path, 
     finally:
         ray.kill(job)
     assert time.time() - started < 300  # not left waiting in a collective
+
+
+def test_the_driver_chooses_one_device_and_a_rank_that_cannot_use_it_fails_at_once(pool, ray_cluster, two_workers, tmp_path,
+                                                                                   small_corpus, small_tokenizer):
+    """The device is chosen once for the group (so every rank joins with the same collective backend); asked for
+    CUDA where torch cannot use it, setup fails at once with the cause, instead of a CPU fallback or a hang."""
+    if cuda_unavailable_reason() is None:
+        pytest.skip("CUDA is usable here: the refusal cannot be shown")
+    config = dict(config_for(tmp_path, small_corpus, small_tokenizer, pool.config.name), device="cuda")
+    group = WorkerGroup(config, token="tok")
+    started = time.time()
+    try:
+        with pytest.raises(WorkerLost, match="device cuda was asked for but cannot be used: "):
+            group.start(2)
+    finally:
+        group.stop(graceful=False)
+    assert time.time() - started < 120
