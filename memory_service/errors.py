@@ -92,6 +92,13 @@ class ShardUnavailable(EngramError):
     reason = "SHARD_UNAVAILABLE"
 
 
+class Cancelled(EngramError):
+    """The client went away mid-call (a stream it stopped sending); nothing more of it is written."""
+
+    code = "CANCELLED"
+    reason = "CANCELLED"
+
+
 BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted,
                                      Unauthenticated, PermissionDenied, ShardUnavailable)}
 BY_REASON = {StaleShardMap.reason: StaleShardMap}  # reasons with a class of their own

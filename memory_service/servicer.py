@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 
 from memory_service.compression import CompressedTokenizer
 from memory_service.errors import (
+    Cancelled,
     EngramError,
     FailedPrecondition,
     InvalidArgument,
@@ -398,7 +399,14 @@ def _parsing_stream(handler, request_cls):
 
     def parse_then_handle(raws, context):
         def requests():
-            for raw in raws:
+            received = iter(raws)
+            while True:
+                try:
+                    raw = next(received)
+                except StopIteration:
+                    return
+                except grpc.RpcError:  # cancelled or past its deadline: not a server error, and no commit follows
+                    raise Cancelled(f"the client ended its {request_cls.__name__} stream early") from None
                 try:
                     yield request_cls.FromString(raw)
                 except (DecodeError, RecursionError) as e:

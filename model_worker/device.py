@@ -15,7 +15,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 def cuda_unavailable_reason() -> str | None:
     """Why torch cannot use a GPU in this process (None when it can): a CPU-only build, GPUs masked by
     CUDA_VISIBLE_DEVICES (Ray sets it to the GPUs an actor asked for: none unless it asked), or no driver/device."""
-    if torch.version.cuda is None:
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:  # ROCm builds use torch.cuda too
         return f"this torch build ({torch.__version__}) has no CUDA support: install a CUDA build of torch"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
@@ -42,6 +42,13 @@ def resolve_device(requested: str | torch.device | None = "auto") -> torch.devic
     elif device.type != "cpu":
         raise ValueError(f"device must be one of {DEVICE_CHOICES} (or cuda:N), got {name!r}")
     return device
+
+
+def use_device(device: torch.device) -> None:
+    """Make a CUDA device the current one (streams, events and NCCL default to it; cuda:1 must not run on cuda:0's
+    streams); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def pick_device() -> torch.device:

@@ -119,7 +119,7 @@ class FetchedRows(Mapping):
             parts[layer_id] = part
             start += rows.leaf.shape[0]
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(next(iter(used.values())).leaf.device))  # the copies' stream, any GPU
         self._staged = (parts, done)
 
     def row_gradients(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:

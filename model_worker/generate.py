@@ -17,7 +17,7 @@ from memory_service.compression import CompressedTokenizer
 from memory_service.hashing import NgramHasher
 from model_worker import checkpoint as ckpt
 from model_worker.data import load_tokenizer
-from model_worker.device import resolve_device, to_device
+from model_worker.device import resolve_device, to_device, use_device
 from model_worker.engram_rows import EngramRowFetcher
 from model_worker.model import EngramMoEModel, check_token_range
 from model_worker.tables import TableSource, table_source
@@ -47,6 +47,7 @@ class Generator:
         self.fetcher = fetcher
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        use_device(self.device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
 
     @classmethod

@@ -25,9 +25,9 @@ from memory_service.hashing import NgramHasher
 from model_worker import checkpoint as ckpt
 from model_worker.data import Corpus, eval_batches, load_corpus, sample_batch, unigram_cross_entropy
 from model_worker.data_parallel import DataParallel
-from model_worker.device import resolve_device, to_device
+from model_worker.device import resolve_device, to_device, use_device
 from model_worker.engram_rows import EngramRowFetcher
-from model_worker.model import EngramMoEModel, ModelConfig
+from model_worker.model import EngramMoEModel, ModelConfig, check_token_range
 from model_worker.presets import build_preset, count_parameters
 from model_worker.tables import TableSource, table_source
 
@@ -131,6 +131,7 @@ class Trainer:
         self.progress = progress
         self.out_dir = Path(config.out_dir)
         self.device = resolve_device(config.device)
+        use_device(self.device)
         self.corpus: Corpus = load_corpus(config.data, config.tokenizer, config.vocab_size, log=log)
         self.compressor = CompressedTokenizer.from_tokenizer_file(self.corpus.tokenizer_path)
         self.tokenizer_json = self.corpus.tokenizer_path.read_bytes()  # kept: a resumed run's source file is replaced
@@ -181,6 +182,7 @@ class Trainer:
         self.model.train()
         mine = self.parallel.local_slice(inputs.shape[0])
         inputs, targets = inputs[mine], targets[mine]
+        check_token_range(inputs, self.model_config.vocab_size)  # here on the host: the model skips it on a GPU
         if self._push is not None and not self._push.done():
             self.overlapped_fetches += 1
         fetched = self.fetcher.fetch(inputs, requires_grad=True, prefetch=self.config.prefetch)
@@ -249,9 +251,10 @@ class Trainer:
         for i, (inputs, targets) in enumerate(self.eval_set):
             if i % self.parallel.world_size != self.parallel.rank:
                 continue
+            check_token_range(inputs, self.model_config.vocab_size)
             fetched = self.fetcher.fetch(inputs)
             with self.autocast():
-                logits, _ = self.model(torch.from_numpy(inputs).to(self.device), fetched)
+                logits, _ = self.model(to_device(inputs, self.device), fetched)
             sums[0] += float(lm_loss(logits, torch.from_numpy(targets).to(self.device))) * inputs.shape[0]
             sums[1] += inputs.shape[0]
         total, count = self.parallel.sum_(sums).tolist()
@@ -461,6 +464,7 @@ def train_config_from_checkpoint(directory: str | Path, **overrides) -> TrainCon
     """The TrainConfig a checkpoint was written with, with some fields replaced."""
     directory = ckpt.require_checkpoint(directory)
     data = json.loads((Path(directory) / ckpt.CONFIG_FILE).read_text())["train"]
+    data["device"] = "auto"  # where it was trained says nothing of where it resumes (--device overrides)
     data.update({k: v for k, v in overrides.items() if v is not None})
     data["tokenizer"] = str(Path(directory) / ckpt.TOKENIZER_FILE)
     return TrainConfig(**data)

@@ -229,8 +229,8 @@ class MemoryPool:
         ray.get([self.shards[src].freeze.remote(name, layer, lo, hi) for name, layer, src, dst, lo, hi in moves], timeout=RAY_TIMEOUT_S)
         moved = 0
         for name, layer, src, dst, lo, hi in moves:
-            moved += ray.get(self.shards[dst].import_chunks.remote(name, self.shards[src].export_chunks.remote(name, layer, lo, hi),
-                                                                   lo, hi),
+            moved += ray.get(self.shards[dst].import_chunks.remote(name, layer, self.shards[src].export_chunks.remote(
+                                 name, layer, lo, hi), lo, hi),
                              timeout=RAY_TIMEOUT_S)
             log(f"moved rows [{lo}, {hi}) of {name} layer {layer}: shard {src} -> {dst}")
         ray.get(self.directory.set_shards.remote(addresses), timeout=RAY_TIMEOUT_S)

@@ -129,9 +129,9 @@ class ShardServer:
         """Raw chunks (every version, rows and Adam state) covering rows [start, stop)."""
         return self.store.export_chunks(name, layer, start, stop)
 
-    def import_chunks(self, name: str, chunks: list[tuple[bytes, bytes]], start: int, stop: int) -> int:
-        """Store chunks moved from another shard."""
-        return self.store.import_chunks(name, chunks, start, stop)
+    def import_chunks(self, name: str, layer: int, chunks: list[tuple[bytes, bytes]], start: int, stop: int) -> int:
+        """Store chunks of a layer moved from another shard."""
+        return self.store.import_chunks(name, layer, chunks, start, stop)
 
     def drop_unowned(self, name: str) -> int:
         """Delete chunks this shard no longer owns."""

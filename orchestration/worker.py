@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from model_worker.device import cuda_unavailable_reason, resolve_device
+from model_worker.device import cuda_unavailable_reason, resolve_device, use_device
 from model_worker.train import TrainConfig, Trainer
 from orchestration.pool_tables import tables_for
 
@@ -72,6 +72,7 @@ class TrainWorker:
         if device is not None:
             self.config = dataclasses.replace(self.config, device=device)
         chosen = resolve_device(self.config.device)  # raises now, naming the cause, instead of hanging the group
+        use_device(chosen)  # before joining: NCCL binds to the current GPU
         parallel = DataParallel.join(master, rank, world_size, chosen) if world_size > 1 else None
         tables = tables_for(self.config.memory, self.config.table or f"engram-{self.config.preset}", self.token,
                             self.config.version)

@@ -448,3 +448,20 @@ def test_a_snapshot_opened_while_chunks_are_replaced_resolves_them_itself(store)
     rows, _ = store.lookup("t", 1, ids)  # after the bookkeeping: shared again, and right
     np.testing.assert_array_equal(rows[:512], 7.5)
     np.testing.assert_array_equal(rows[512:], before[512:])
+
+
+def test_a_move_replaces_what_the_new_owner_held_in_the_range_even_with_no_chunks_arriving(tmp_path):
+    """An empty (absent) chunk at the source means zeros: stale chunks at the destination must not show through."""
+    source, dest = TableStore(tmp_path / "a", chunk_rows=512), TableStore(tmp_path / "b", chunk_rows=512)
+    source.create_table("t", SPEC, init_std=0.0)  # writes no chunk: every row reads as zeros
+    dest.create_table("t", SPEC, init_std=1.0)  # stale rows in the range, e.g. from an earlier failed move
+    ids = np.arange(512, 1024)
+    dest.apply_gradients("t", 1, ids, np.ones((ids.size, SPEC.head_dim), np.float32), lr=0.1)  # and stale Adam state
+    chunks = source.export_chunks("t", 1, 512, 1536)
+    assert chunks == []
+    dest.import_chunks("t", 1, chunks, 512, 1536)
+    np.testing.assert_array_equal(dest.lookup("t", 1, np.arange(512, 1536))[0], 0)
+    assert not dest.optimizer_state("t", 1, ids)["step"].any()
+    assert dest.lookup("t", 1, np.arange(0, 512))[0].any()  # outside the range: untouched
+    source.close()
+    dest.close()

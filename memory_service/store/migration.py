@@ -82,33 +82,51 @@ class ShardMoves:
                             out.append((_SUFFIX.pack(kind, version, layer, chunk), bytes(value)))
         return out
 
-    def import_chunks(self, name: str, chunks: list[tuple[bytes, bytes]], start_row: int, stop_row: int) -> int:
-        """Store chunks another shard exported for rows [start_row, stop_row) of this table (same version numbers).
+    def import_chunks(self, name: str, layer: int, chunks: list[tuple[bytes, bytes]], start_row: int, stop_row: int) -> int:
+        """Store chunks another shard exported for rows [start_row, stop_row) of a layer (same version numbers).
 
-        Row chunks are whole (shard ranges are cut at chunk boundaries). An optimizer chunk may
-        also hold rows this shard keeps: only the records of rows in the range are taken from it.
+        Row chunks are whole (shard ranges are cut at chunk boundaries); what this shard held in
+        the range before goes first, since the source sends no chunk for rows that are all zeros
+        (an absent chunk). An optimizer chunk may also hold rows this shard keeps: only the
+        records of rows in the range are taken from it.
         """
         meta = self.catalog.info(name)
-        restructured = set()
+        restructured = {(meta.table_id, version, layer) for version in meta.versions}
         with self.compactor.exclusive():
             self._settle(meta, meta.layer_rows)  # nothing recent may be laid over the chunks that arrive
             txn = self.dbs.env.begin(write=True)
             try:
+                self._clear_range(txn, meta, layer, start_row, stop_row)
                 for suffix, value in chunks:
-                    kind, version, layer, chunk = _SUFFIX.unpack(suffix)
+                    kind, version, chunk_layer, chunk = _SUFFIX.unpack(suffix)
+                    if chunk_layer != layer:
+                        raise FailedPrecondition(f"a chunk of layer {chunk_layer} came with a move of layer {layer}")
                     if version not in meta.versions:
                         raise FailedPrecondition(f"version {version} of {shown(name)} does not exist on this shard")
                     key = chunk_key(kind, meta.table_id, version, layer, chunk)
                     if kind == OPT:
                         value = self._merged_records(txn, meta, key, chunk, value, start_row, stop_row)
                     txn.put(key, value, db=self.dbs.db_of(kind))
-                    restructured.add((meta.table_id, version, layer))
                 with self.snapshots.replacing(restructured):
                     txn.commit()
             except BaseException:
                 txn.abort()
                 raise
         return len(chunks)
+
+    def _clear_range(self, txn, meta: TableMeta, layer: int, start_row: int, stop_row: int) -> None:
+        """Delete this shard's chunks that lie wholly in rows [start_row, stop_row) of a layer, every version."""
+        for kind in (ROWS, OPT):
+            rows = meta.chunk_rows if kind == ROWS else meta.opt_rows
+            first, end = -(-start_row // rows), stop_row // rows  # chunks wholly inside
+            if stop_row == meta.layer_rows[layer]:
+                end = -(-stop_row // rows)  # the layer's last chunk ends with it
+            db = self.dbs.db_of(kind)
+            for version in meta.versions:
+                doomed = [bytes(key) for key, _ in prefix_items(txn, db, kind, meta.table_id, version, layer)
+                          if first <= parse_key(key)[4] < end]
+                for key in doomed:
+                    txn.delete(key, db=db)
 
     def _merged_records(self, txn, meta: TableMeta, key: bytes, chunk: int, incoming: bytes, start_row: int,
                         stop_row: int) -> bytes:

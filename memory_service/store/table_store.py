@@ -226,9 +226,9 @@ class TableStore:
         """Every version's chunks (rows and Adam state) covering rows [start, stop)."""
         return self.moves.export_chunks(name, layer, start_row, stop_row)
 
-    def import_chunks(self, name: str, chunks: list[tuple[bytes, bytes]], start_row: int, stop_row: int) -> int:
-        """Store chunks another shard exported for rows [start_row, stop_row); returns how many."""
-        return self.moves.import_chunks(name, chunks, start_row, stop_row)
+    def import_chunks(self, name: str, layer: int, chunks: list[tuple[bytes, bytes]], start_row: int, stop_row: int) -> int:
+        """Store chunks another shard exported for rows [start_row, stop_row) of a layer; returns how many."""
+        return self.moves.import_chunks(name, layer, chunks, start_row, stop_row)
 
     def drop_unowned_chunks(self, name: str) -> int:
         """Delete chunks of rows this shard no longer owns; returns how many."""
