@@ -35,6 +35,10 @@ class ShortConvState:
 
     frames: torch.Tensor | None = None
 
+    def remember(self, padded: torch.Tensor, history_len: int) -> None:
+        """Keep the history the next frames need: the last history_len of padded [B, C, L + T]."""
+        self.frames = padded[:, :, -history_len:].detach()
+
 
 class ShortConv(nn.Module):
     """Per-branch RMSNorm, then a causal depthwise dilated conv over time, then SiLU."""
@@ -66,7 +70,7 @@ class ShortConv(nn.Module):
             history = frames.new_zeros(batch, frames.shape[1], self.history_len)
         padded = torch.cat([history, frames], dim=-1)  # [B, C, L + T]
         if state is not None and self.history_len:
-            state.frames = padded[:, :, -self.history_len:].detach()
+            state.remember(padded, self.history_len)
         y = F.silu(self.conv(padded))  # [B, C, T]
         return y.transpose(1, 2).reshape(batch, time, groups, dim)
 

@@ -127,6 +127,19 @@ class LayerCache:
     v: torch.Tensor
     conv: ShortConvState
 
+    def attend(self, k: torch.Tensor, v: torch.Tensor, start_pos: int):
+        """Store new keys/values [B, KV, T, hd] at start_pos; returns what the new queries attend to:
+        (keys, values [B, KV, end, hd], boolean mask [T, end] or None, is_causal)."""
+        time = k.shape[2]
+        end = start_pos + time
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        k, v = self.k[:, :, :end], self.v[:, :, :end]
+        if start_pos == 0:
+            return k, v, None, True
+        # new queries see the whole cache and the causal part of themselves
+        return k, v, torch.ones(time, end, dtype=torch.bool, device=k.device).tril(diagonal=start_pos), False
+
 
 class KVCache:
     """Per-block caches for incremental decoding; `length` tokens are filled."""
@@ -155,23 +168,21 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None, start_pos: int) -> torch.Tensor:
-        """x: [B, T, D] -> [B, T, D]; positions start at start_pos (cos/sin already sliced to [T, hd/2])."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None, start_pos) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D]; positions start at start_pos (an int, or a host tensor [B] of each row's start),
+        cos/sin already taken for them ([T, hd/2], or [B, 1, T, hd/2] per row)."""
         batch, time, _ = x.shape
         q = self.wq(x).view(batch, time, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k = self.wk(x).view(batch, time, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
         v = self.wv(x).view(batch, time, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            end = start_pos + time
-            cache.k[:, :, start_pos:end] = k
-            cache.v[:, :, start_pos:end] = v
-            k, v = cache.k[:, :, :end], cache.v[:, :, :end]
+        mask, causal = None, True
+        if cache is not None:  # a sequence's cache (LayerCache) or a batch of decoding slots (slot_cache.py)
+            k, v, mask, causal = cache.attend(k, v, start_pos)
         gqa = self.num_kv_heads != self.num_heads
-        if start_pos == 0:
+        if causal:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:  # new queries see the whole cache and the causal part of themselves
-            mask = torch.ones(time, start_pos + time, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+        else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(batch, time, -1))
 
@@ -294,24 +305,30 @@ class EngramMoEModel(nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, tokens: torch.Tensor, engram_rows: RowsSource | None = None,
-                cache: KVCache | None = None, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                cache: KVCache | None = None, start_pos=0) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens: int64 [B, T] -> (logits [B, T, vocab], aux loss).
 
-        With a cache, the tokens are positions start_pos..start_pos+T-1 and the cache is updated.
+        With a cache, the tokens are positions start_pos..start_pos+T-1 and the cache is updated. start_pos may be a
+        host int64 tensor [B]: each row at its own position (a batch of decoding slots, slot_cache.py).
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {list(tokens.shape)}")
         if tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be integer ids, got {tokens.dtype}")
         time = tokens.shape[1]
-        end = start_pos + time
+        per_row = torch.is_tensor(start_pos)
+        end = (int(start_pos.max()) if per_row and start_pos.numel() else 0 if per_row else start_pos) + time
         if end > self.config.max_seq_len:
             raise ValueError(f"positions up to {end} exceed max_seq_len {self.config.max_seq_len}")
         if tokens.device.type == "cpu":  # on a GPU this check would wait for the queue: callers check on the host
             check_token_range(tokens, self.config.vocab_size)
         if cache is not None and end > cache.max_len:
             raise ValueError(f"positions up to {end} exceed the cache length {cache.max_len}")
-        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+        if per_row:  # [B, 1, T, hd/2]: each row's own positions
+            index = (start_pos[:, None] + torch.arange(time)).to(self.rope_cos.device, non_blocking=True)  # [B, T]
+            cos, sin = self.rope_cos[index].unsqueeze(1), self.rope_sin[index].unsqueeze(1)
+        else:
+            cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
         h = self.embed(tokens)  # [B, T, D]
         aux_total = h.new_zeros(())
         for i, block in enumerate(self.blocks):

@@ -1,0 +1,256 @@
+"""A batched decoding engine: requests join and leave a running batch (continuous batching).
+
+Each request gets a KV-cache slot (slot_cache.py). A step of the engine:
+
+1. admits waiting requests into free slots: one prefill of all of them (prompts right-padded to the
+   longest), whose last real position gives each its first new token;
+2. decodes one token for every live request at once: the new tokens of all of them are hashed,
+   deduplicated across the batch and looked up per Engram layer in one go, sent ahead (prefetch)
+   so they travel while the layers before the first Engram layer run; each row attends to its own
+   slot only;
+3. retires requests that reached max_new_tokens, freeing their slots for the next admission.
+
+Greedy output of every request equals what the single-request Generator gives for it alone
+(tests/test_engine.py); sampling uses a generator per request, seeded by the request, so it does too.
+Each decode step syncs the host once (the new tokens: the next lookups hash them on the host).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from model_worker.device import to_device
+from model_worker.engram_rows import EngramRowFetcher
+from model_worker.generate import sample_next
+from model_worker.model import EngramMoEModel, check_token_range
+from model_worker.slot_cache import SlotCache
+
+
+@dataclass
+class Completion:
+    """A finished request: its new token ids and the table versions its rows came from (one, unless swapped)."""
+
+    request_id: int
+    prompt: list[int]
+    tokens: list[int]
+    versions: list[int]
+
+
+@dataclass
+class _Sequence:
+    """A request in a slot: what it generated so far and what its next step needs."""
+
+    request_id: int
+    prompt: np.ndarray  # [T0] int64
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    generator: torch.Generator
+    future: Future
+    slot: int = -1
+    length: int = 0  # positions filled in its slot
+    generated: list[int] = field(default_factory=list)
+    versions: set = field(default_factory=set)
+
+    def recent(self, width: int) -> np.ndarray:
+        """The last `width` tokens before the next one (host), [<= width]."""
+        history = np.concatenate([self.prompt, np.asarray(self.generated[:-1], dtype=np.int64)])
+        return history[len(history) - width:] if width else history[:0]
+
+
+class DecodingEngine:
+    """Continuous batching over a model and its row fetcher: submit() from any thread, step() or start() to run."""
+
+    def __init__(self, model: EngramMoEModel, fetcher: EngramRowFetcher, max_batch: int = 32,
+                 dtype: torch.dtype | None = None, prefetch: bool = True):
+        self.model = model.eval()
+        self.fetcher = fetcher
+        self.device = next(model.parameters()).device
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.prefetch = prefetch
+        self.config = model.config
+        history = 0
+        for block in model.blocks:
+            if block.engram is not None:
+                history = block.engram.short_conv.history_len
+        self.cache = SlotCache(self.config, max_batch, self.config.max_seq_len, history, self.device, self.dtype)
+        self.width = fetcher.spec.max_ngram_size - 1  # tokens of context a new token's n-grams need
+        self.free = list(range(max_batch))
+        self.waiting: deque[_Sequence] = deque()
+        self.live: list[_Sequence] = []
+        self.ids = itertools.count(1)
+        self.lock = threading.Condition()
+        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "requests": 0, "batch_sum": 0}
+        self._thread = None
+        self._stop = False
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 50, seed: int = 0) -> Future:
+        """Queue a request (prompt ids [T0]); a Future of its Completion. Bad input raises here, not in the loop."""
+        prompt = np.asarray(prompt_ids)
+        if prompt.ndim != 1 or prompt.size == 0 or not np.issubdtype(prompt.dtype, np.integer):
+            raise ValueError(f"a prompt is a non-empty 1-D list of token ids, got shape {list(prompt.shape)}")
+        prompt = prompt.astype(np.int64)
+        check_token_range(prompt, self.config.vocab_size)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if prompt.size + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt ({prompt.size}) + new tokens ({max_new_tokens}) exceed max_seq_len "
+                             f"{self.config.max_seq_len}")
+        future: Future = Future()
+        sequence = _Sequence(next(self.ids), prompt, max_new_tokens, float(temperature), int(top_k),
+                             torch.Generator().manual_seed(seed), future)
+        with self.lock:
+            self.waiting.append(sequence)
+            self.lock.notify_all()
+        return future
+
+    def generate(self, prompts: list, max_new_tokens, temperature: float = 0.0, top_k: int = 50,
+                 seed: int = 0) -> list[Completion]:
+        """Run a list of prompts to completion (max_new_tokens: one for all, or one per prompt); completions in order."""
+        counts = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
+        futures = [self.submit(p, n, temperature, top_k, seed) for p, n in zip(prompts, counts)]
+        if self._thread is None:
+            while not all(f.done() for f in futures):
+                self.step()
+        return [f.result() for f in futures]
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> int:
+        """Admit what fits, decode one token for every live request, retire the finished; returns tokens made."""
+        with self.lock:
+            admitted = []
+            while self.waiting and self.free:
+                sequence = self.waiting.popleft()
+                sequence.slot = self.free.pop()
+                admitted.append(sequence)
+        made = 0
+        try:
+            if admitted:
+                made += self._prefill(admitted)
+                self.live.extend(admitted)
+            self._retire()
+            decoding = list(self.live)
+            if decoding:
+                made += self._decode(decoding)
+                self._retire()
+        except BaseException as e:  # a failed step fails the requests in it, and the engine goes on
+            for sequence in admitted + [s for s in self.live if s not in admitted]:
+                self._finish(sequence, error=e)
+            self.live = []
+            if not isinstance(e, Exception):
+                raise
+        self.stats["steps"] += 1
+        self.stats["tokens"] += made
+        return made
+
+    @torch.no_grad()
+    def _prefill(self, sequences: list[_Sequence]) -> int:
+        """One forward pass over the admitted prompts (right-padded); each gets its first new token."""
+        lengths = [s.prompt.size for s in sequences]
+        tokens = np.full((len(sequences), max(lengths)), self.fetcher.spec.pad_id, dtype=np.int64)  # [B, Tmax]
+        for row, sequence in enumerate(sequences):
+            tokens[row, :sequence.prompt.size] = sequence.prompt
+        rows = self.fetcher.fetch(tokens, prefetch=self.prefetch)
+        view = self.cache.batch([s.slot for s in sequences], ends=lengths)
+        with self._autocast():
+            logits, _ = self.model(to_device(tokens, self.device), rows, view, 0)  # [B, Tmax, V]
+        last = logits[torch.arange(len(sequences)), torch.tensor(lengths) - 1].float()  # [B, V]
+        for sequence, length in zip(sequences, lengths):
+            sequence.length = length
+            sequence.versions.update(rows.versions)
+        self._take(sequences, last)
+        self.stats["prefills"] += 1
+        self.stats["requests"] += len(sequences)
+        return len(sequences)
+
+    @torch.no_grad()
+    def _decode(self, sequences: list[_Sequence]) -> int:
+        """One token for every live request, in one forward pass over their slots."""
+        tokens = np.array([[s.generated[-1]] for s in sequences], dtype=np.int64)  # [B, 1] on the host
+        context = np.stack([self._window(s) for s in sequences]) if self.width else None  # [B, n-1]
+        rows = self.fetcher.fetch(tokens, context=context, prefetch=self.prefetch)
+        lengths = [s.length for s in sequences]
+        view = self.cache.batch([s.slot for s in sequences], lengths=lengths)
+        with self._autocast():
+            logits, _ = self.model(to_device(tokens, self.device), rows, view, torch.tensor(lengths))  # [B, 1, V]
+        for sequence in sequences:
+            sequence.length += 1
+            sequence.versions.update(rows.versions)
+        self._take(sequences, logits[:, -1].float())
+        self.stats["batch_sum"] += len(sequences)
+        return len(sequences)
+
+    def _window(self, sequence: _Sequence) -> np.ndarray:
+        """[n-1] tokens before the sequence's newest, left-padded with pad_id (as the fetcher pads a short context)."""
+        recent = sequence.recent(self.width)
+        if recent.size < self.width:
+            recent = np.concatenate([np.full(self.width - recent.size, self.fetcher.spec.pad_id, dtype=np.int64), recent])
+        return recent
+
+    def _take(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
+        """Each sequence's next token from its row of logits [B, V] (one host sync for all of them)."""
+        if all(s.temperature <= 0 for s in sequences):
+            chosen = logits.argmax(dim=-1).cpu().tolist()
+        else:
+            chosen = [int(sample_next(logits[i:i + 1], s.temperature, s.top_k, s.generator)[0])
+                      for i, s in enumerate(sequences)]
+        for sequence, token in zip(sequences, chosen):
+            sequence.generated.append(int(token))
+
+    def _retire(self) -> None:
+        done = [s for s in self.live if len(s.generated) >= s.max_new_tokens]
+        if done:
+            self.live = [s for s in self.live if len(s.generated) < s.max_new_tokens]
+            for sequence in done:
+                self._finish(sequence)
+
+    def _finish(self, sequence: _Sequence, error: BaseException | None = None) -> None:
+        with self.lock:
+            if sequence.slot >= 0:
+                self.free.append(sequence.slot)
+                sequence.slot = -1
+        if sequence.future.done():
+            return
+        if error is not None:
+            sequence.future.set_exception(error)
+        else:
+            sequence.future.set_result(Completion(sequence.request_id, sequence.prompt.tolist(), sequence.generated,
+                                                  sorted(sequence.versions)))
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    # ------------------------------------------------------------------ background loop
+    def start(self) -> "DecodingEngine":
+        """Run the loop in a background thread (for a server): steps while there is work, waits otherwise."""
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="engram-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self._stop and not self.waiting and not self.live:
+                    self.lock.wait()
+                if self._stop:
+                    return
+            self.step()
+
+    def stop(self) -> None:
+        """Stop the background loop (requests still queued stay queued)."""
+        with self.lock:
+            self._stop = True
+            self.lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
