@@ -37,11 +37,12 @@ class TableBackend(ABC):
     def apply_gradients(self, layer_id: int, row_ids: np.ndarray, grads: np.ndarray, lr: float) -> None:
         """Row-wise Adam step for unique int64 ids [N] with gradients [N, head_dim]; durable on return."""
 
-    def lookup_unique_async(self, layer_id: int, unique_ids: np.ndarray, out: np.ndarray | None = None):
+    def lookup_unique_async(self, layer_id: int, unique_ids: np.ndarray, out: np.ndarray | None = None, version: int = 0):
         """Start a lookup of ascending unique ids; `.result()` gives (rows [U, head_dim] in the table dtype, version).
 
         Remote backends send it at once (prefetch) and write the rows into `out` when it is given ([U, head_dim] in
-        the table dtype: e.g. pinned memory a GPU copy reads); this default looks the rows up now and ignores out.
+        the table dtype: e.g. pinned memory a GPU copy reads), from `version` when it is not 0 (a request pinned to
+        the version it began on); this default (one version, in process) looks the rows up now and ignores both.
         """
         return _Done((self.lookup(layer_id, unique_ids), 0))
 

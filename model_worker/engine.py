@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -58,11 +59,33 @@ class _Sequence:
     length: int = 0  # positions filled in its slot
     generated: list[int] = field(default_factory=list)
     versions: set = field(default_factory=set)
+    pinned: int = 0  # the table version its prefill read (0: an in-process table): every later step reads it too
 
     def recent(self, width: int) -> np.ndarray:
         """The last `width` tokens before the next one (host), [<= width]."""
         history = np.concatenate([self.prompt, np.asarray(self.generated[:-1], dtype=np.int64)])
         return history[len(history) - width:] if width else history[:0]
+
+
+class StackedRows(Mapping):
+    """Several fetches' rows stacked along the batch, layer by layer (one fetch per table version)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    def __getitem__(self, layer_id: int) -> torch.Tensor:
+        return torch.cat([part[layer_id] for part in self.parts], dim=0)  # [B, T, heads, head_dim]
+
+    def __iter__(self):
+        return iter(self.parts[0])
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    @property
+    def versions(self) -> list[int]:
+        """Every version the parts were read from."""
+        return sorted({v for part in self.parts for v in part.versions})
 
 
 class DecodingEngine:
@@ -166,6 +189,7 @@ class DecodingEngine:
         for sequence, length in zip(sequences, lengths):
             sequence.length = length
             sequence.versions.update(rows.versions)
+            sequence.pinned = max(rows.versions, default=0)  # a swap reaches requests that start after it
         self._take(sequences, last)
         self.stats["prefills"] += 1
         self.stats["requests"] += len(sequences)
@@ -173,17 +197,27 @@ class DecodingEngine:
 
     @torch.no_grad()
     def _decode(self, sequences: list[_Sequence]) -> int:
-        """One token for every live request, in one forward pass over their slots."""
-        tokens = np.array([[s.generated[-1]] for s in sequences], dtype=np.int64)  # [B, 1] on the host
-        context = np.stack([self._window(s) for s in sequences]) if self.width else None  # [B, n-1]
-        rows = self.fetcher.fetch(tokens, context=context, prefetch=self.prefetch)
+        """One token for every live request, in one forward pass over their slots. Requests pinned to different
+        table versions (a swap happened while some were running) get one lookup per version."""
+        by_version: dict[int, list[_Sequence]] = {}
+        for sequence in sequences:
+            by_version.setdefault(sequence.pinned, []).append(sequence)
+        sequences = [s for group in by_version.values() for s in group]  # the batch, grouped by version
+        parts = []
+        for version, group in by_version.items():
+            tokens = np.array([[s.generated[-1]] for s in group], dtype=np.int64)  # [b, 1] on the host
+            context = np.stack([self._window(s) for s in group]) if self.width else None  # [b, n-1]
+            parts.append(self.fetcher.fetch(tokens, context=context, prefetch=self.prefetch, version=version))
+        rows = parts[0] if len(parts) == 1 else StackedRows(parts)
+        tokens = np.array([[s.generated[-1]] for s in sequences], dtype=np.int64)  # [B, 1]
         lengths = [s.length for s in sequences]
         view = self.cache.batch([s.slot for s in sequences], lengths=lengths)
         with self._autocast():
             logits, _ = self.model(to_device(tokens, self.device), rows, view, torch.tensor(lengths))  # [B, 1, V]
-        for sequence in sequences:
-            sequence.length += 1
-            sequence.versions.update(rows.versions)
+        for group, part in zip(by_version.values(), parts):
+            for sequence in group:
+                sequence.length += 1
+                sequence.versions.update(part.versions)
         self._take(sequences, logits[:, -1].float())
         self.stats["batch_sum"] += len(sequences)
         return len(sequences)

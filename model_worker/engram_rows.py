@@ -179,12 +179,13 @@ class EngramRowFetcher:
             history = self.compressor(ctx)
         return self.hasher.row_ids(compressed, history)
 
-    def fetch(self, tokens, context=None, requires_grad: bool = False, prefetch: bool = False) -> FetchedRows:
+    def fetch(self, tokens, context=None, requires_grad: bool = False, prefetch: bool = False, version: int = 0) -> FetchedRows:
         """Rows of raw tokens [B, T] for all Engram layers (one lookup of unique ids per layer).
 
         prefetch=True sends every layer's lookup now and returns at once; each layer's rows
         are awaited when the model first uses them (remote backends; an in-process table
-        answers at once, so it is looked up directly).
+        answers at once, so it is looked up directly). version: the table version to read
+        (0: the active one; remote backends).
         """
         layers = {}
         can_prefetch = prefetch and self.backend.remote
@@ -194,13 +195,19 @@ class EngramRowFetcher:
                 # on CUDA the replies land straight in pinned memory, the source of the device copy
                 host = self.stager.host_buffer(batch.unique.size, self.spec.head_dim, row_dtype(self.spec.dtype))
                 out = None if host is None else numpy_view(host)
-                pending = self.stager.submit(self.backend.lookup_unique_async(layer_id, batch.unique, out=out), host)
+                pending = self.stager.submit(self.backend.lookup_unique_async(layer_id, batch.unique, out=out,
+                                                                              version=version), host)
                 inverse = to_device(batch.inverse(), self.device)
                 layers[layer_id] = LayerRows(batch.unique, None, inverse, tuple(ids.shape), pending, requires_grad, self.device)
             else:
                 inverse = to_device(batch.inverse(), self.device)
-                rows = self.backend.lookup(layer_id, batch.unique)  # [U, hd] float32
-                layers[layer_id] = LayerRows(batch.unique, rows_to_leaf(rows, self.device, requires_grad), inverse, tuple(ids.shape))
+                served = 0
+                if self.backend.remote:  # the version served is kept: a decoding request stays on it
+                    rows, served = self.backend.lookup_unique_async(layer_id, batch.unique, version=version).result()
+                else:
+                    rows = self.backend.lookup(layer_id, batch.unique)  # [U, hd] float32
+                leaf = rows_to_leaf(rows, self.device, requires_grad)
+                layers[layer_id] = LayerRows(batch.unique, leaf, inverse, tuple(ids.shape), version=served)
         return FetchedRows(layers)
 
     def push_gradients(self, fetched: FetchedRows, lr: float) -> int:

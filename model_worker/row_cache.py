@@ -1,0 +1,177 @@
+"""A bounded cache of Engram rows on the model worker, in front of a remote table.
+
+N-gram traffic is Zipfian, so a small cache of hot rows saves most lookups. The cache is
+set-associative (4 ways per set, the set chosen by a hash of the row id) with a frequency count
+per way that ages (halves) every `AGE_EVERY` probes: a hot row keeps its way, a row seen once is
+the first to go. Every operation is a handful of numpy calls over the batch: no per-row Python.
+
+Entries are keyed by (layer, row id, table version) and stamped with the time they were fetched:
+
+- a lookup pinned to a version (a request that began on it) takes only rows of that version;
+- a lookup that follows the active version uses the version it last saw, and asks the service
+  again (all of its rows, bypassing the cache) once that knowledge is older than `max_staleness_s`,
+  which is how a swap reaches new requests;
+- no row older than `max_staleness_s` is served, so a table trained while it is served is seen
+  at most `max_staleness_s` late (plus the lookup's own time).
+
+Training cannot use it exactly: a step must see every earlier push, including other workers'.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+WAYS = 4
+AGE_EVERY = 64  # probes between halvings of the frequency counts
+ENTRY_OVERHEAD = 8 + 8 + 8 + 4  # id, version, fetch time, count
+
+
+class _LayerCache:
+    """One layer's sets: tags (row id, version), fetch times, counts and the rows themselves."""
+
+    def __init__(self, num_sets: int, width: int, dtype):
+        self.ids = np.full((num_sets, WAYS), -1, dtype=np.int64)
+        self.versions = np.zeros((num_sets, WAYS), dtype=np.int64)
+        self.stamps = np.zeros((num_sets, WAYS), dtype=np.float64)
+        self.counts = np.zeros((num_sets, WAYS), dtype=np.uint32)
+        self.rows = np.zeros((num_sets, WAYS, width), dtype=dtype)
+        self.num_sets = num_sets
+
+    def sets_of(self, ids: np.ndarray) -> np.ndarray:
+        """The set of each row id (a multiplicative hash: neighbouring ids spread out)."""
+        return ((ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(33)).astype(np.int64) % self.num_sets
+
+
+class RowCache:
+    """Rows of one table, several layers, within a byte budget; thread-safe."""
+
+    def __init__(self, budget_bytes: int, layers: list[int], width: int, dtype, max_staleness_s: float = 1.0):
+        if budget_bytes < 0 or max_staleness_s < 0:
+            raise ValueError("the cache budget and the staleness bound must be >= 0")
+        dtype = np.dtype(dtype)
+        per_entry = width * dtype.itemsize + ENTRY_OVERHEAD
+        num_sets = max(1, budget_bytes // max(1, len(layers)) // (per_entry * WAYS))
+        self.layers = {layer: _LayerCache(num_sets, width, dtype) for layer in layers}
+        self.max_staleness_s = max_staleness_s
+        self.nbytes = sum(c.rows.nbytes + c.ids.nbytes * 3 + c.counts.nbytes for c in self.layers.values())
+        self.lock = threading.Lock()
+        self.hits = self.misses = self.probes = 0
+
+    def get(self, layer: int, ids: np.ndarray, version: int, out: np.ndarray) -> np.ndarray:
+        """Copy the cached, fresh rows of `version` for unique ids [U] into out [U, width]; returns the hit mask [U]."""
+        cache = self.layers[layer]
+        now = time.monotonic()
+        with self.lock:
+            sets = cache.sets_of(ids)  # [U]
+            match = ((cache.ids[sets] == ids[:, None]) & (cache.versions[sets] == version)
+                     & (now - cache.stamps[sets] <= self.max_staleness_s))  # [U, WAYS]
+            hit = match.any(axis=1)  # [U]
+            way = match.argmax(axis=1)  # [U]
+            out[hit] = cache.rows[sets[hit], way[hit]]
+            cache.counts[sets[hit], way[hit]] += 1
+            self.probes += 1
+            if self.probes % AGE_EVERY == 0:
+                for c in self.layers.values():
+                    c.counts >>= 1
+            self.hits += int(hit.sum())
+            self.misses += int(ids.size - hit.sum())
+        return hit
+
+    def put(self, layer: int, ids: np.ndarray, rows: np.ndarray, version: int) -> None:
+        """Store fetched rows [N, width] of unique ids [N] at `version`, each in its set's least used way."""
+        if ids.size == 0:
+            return
+        cache = self.layers[layer]
+        now = time.monotonic()
+        with self.lock:
+            sets = cache.sets_of(ids)
+            same = (cache.ids[sets] == ids[:, None]) & (cache.versions[sets] == version)  # refresh in place
+            victim = np.where(same.any(axis=1), same.argmax(axis=1), cache.counts[sets].argmin(axis=1))  # [N]
+            # ids of one batch that share a set would take the same way: the last one written keeps it
+            cache.ids[sets, victim] = ids
+            cache.versions[sets, victim] = version
+            cache.stamps[sets, victim] = now
+            cache.counts[sets, victim] = 1
+            cache.rows[sets, victim] = rows
+
+    def stats(self) -> dict:
+        """Hits, misses, hit rate and the bytes the cache holds."""
+        total = self.hits + self.misses
+        return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / total if total else 0.0,
+                "bytes": self.nbytes}
+
+
+class CachedTables:
+    """A remote TableBackend with a RowCache in front: lookups serve what the cache holds and fetch the rest.
+
+    Pinned lookups (version > 0) take rows of that version only; unpinned ones use the active version last seen
+    and look it up again (bypassing the cache) once that is older than the staleness bound."""
+
+    remote = True
+
+    def __init__(self, backend, cache: RowCache):
+        self.backend, self.cache = backend, cache
+        self.dtype = backend.dtype
+        self._active, self._checked = 0, -float("inf")
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name):  # everything else (num_rows, apply_gradients, close, ...) is the backend's
+        return getattr(self.backend, name)
+
+    def lookup_unique_async(self, layer_id: int, unique_ids: np.ndarray, out: np.ndarray | None = None,
+                            version: int = 0) -> "_CachedLookup":
+        """Start a lookup: cached rows now, the others sent to the service (pinned to the version served)."""
+        width = self.cache.layers[layer_id].rows.shape[-1]
+        if out is None or out.shape != (unique_ids.size, width) or out.dtype != self.dtype:
+            out = np.empty((unique_ids.size, width), dtype=self.dtype)
+        with self._lock:
+            fresh = time.monotonic() - self._checked <= self.cache.max_staleness_s
+            target = version or (self._active if fresh else 0)
+        if not target:  # the active version is not known (or too old): ask the service for all of it
+            return _CachedLookup(self, layer_id, unique_ids, np.zeros(unique_ids.size, dtype=bool), out, 0,
+                                 self.backend.lookup_unique_async(layer_id, unique_ids, version=0, out=out))
+        hit = self.cache.get(layer_id, unique_ids, target, out)
+        missing = unique_ids[~hit]
+        if not missing.size:
+            pending = None
+        elif not hit.any():  # nothing cached: the replies land in out directly
+            pending = self.backend.lookup_unique_async(layer_id, missing, version=target, out=out)
+        else:
+            pending = self.backend.lookup_unique_async(layer_id, missing, version=target)
+        return _CachedLookup(self, layer_id, unique_ids, hit, out, target, pending)
+
+    def lookup_unique(self, layer_id: int, unique_ids: np.ndarray, version: int = 0,
+                      out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """Rows and the version they are of (waits)."""
+        return self.lookup_unique_async(layer_id, unique_ids, out, version).result()
+
+    def learned(self, version: int) -> None:
+        """A reply that followed the active version named it: take it as the active one for a while."""
+        with self._lock:
+            self._active, self._checked = version, time.monotonic()
+
+
+class _CachedLookup:
+    """A lookup whose misses may still be in flight; result() merges them in and caches them."""
+
+    def __init__(self, tables: CachedTables, layer: int, ids: np.ndarray, hit: np.ndarray, out: np.ndarray,
+                 version: int, pending):
+        self.tables, self.layer, self.ids, self.hit, self.out = tables, layer, ids, hit, out
+        self.version, self.pending, self._result = version, pending, None
+
+    def result(self) -> tuple[np.ndarray, int]:
+        if self._result is None:
+            version = self.version
+            if self.pending is not None:
+                rows, served = self.pending.result()  # [misses, width]
+                if not version:  # followed the active version: all rows came from the service
+                    self.tables.learned(served)
+                    version = served
+                if rows is not self.out:
+                    self.out[~self.hit] = rows
+                self.tables.cache.put(self.layer, self.ids[~self.hit], rows, version)
+            self._result = (self.out, version)
+        return self._result

@@ -1,0 +1,109 @@
+"""The worker-side row cache: bounded, Zipf-friendly, version-keyed, never staler than its bound; and the engine's
+requests each on one table version through a real memory service (gRPC on loopback, LMDB store)."""
+
+import time
+
+import numpy as np
+import pytest
+from test_engine import alone, mixed_requests, tiny_model
+
+from memory_service.admin import ServiceAdmin
+from memory_service.client import MemoryClient
+from memory_service.hashing import NgramHasher
+from memory_service.server import build_server
+from memory_service.store import TableStore
+from model_worker.engine import DecodingEngine
+from model_worker.engram_rows import EngramRowFetcher
+from model_worker.generate import Generator
+from model_worker.row_cache import CachedTables, RowCache
+
+TOKEN = "tok"
+
+
+def test_the_cache_keeps_hot_rows_within_its_budget_and_serves_only_fresh_rows_of_the_asked_version():
+    width, budget = 16, 1 << 20
+    cache = RowCache(budget, layers=[1, 3], width=width, dtype=np.float32, max_staleness_s=0.3)
+    assert cache.nbytes <= budget
+    rng = np.random.default_rng(0)
+    universe = 1_000_000
+    hot = np.unique(rng.zipf(1.1, 200_000) % universe)[:2000]  # ids a Zipf stream repeats
+    rows = np.broadcast_to(np.arange(universe, dtype=np.float32)[:, None], (universe, width))  # row i holds i
+    for _ in range(30):  # Zipf traffic: hot ids again and again, among cold ones
+        ids = np.unique(np.concatenate([rng.choice(hot, 500), rng.integers(0, universe, 500)]))
+        out = np.empty((ids.size, width), np.float32)
+        hit = cache.get(1, ids, 7, out)
+        np.testing.assert_array_equal(out[hit], rows[ids[hit]])  # a hit is the row that was put
+        cache.put(1, ids[~hit], rows[ids[~hit]], 7)
+    assert cache.stats()["hit_rate"] > 0.3  # half of each batch is cold: about 0.4 at best over 30 batches
+    ids = np.sort(hot[:200])
+    out = np.empty((ids.size, width), np.float32)
+    assert cache.get(1, ids, 7, out).mean() > 0.9  # the hot rows stayed
+    assert not cache.get(1, ids, 8, out).any()  # another version: none of them
+    assert not cache.get(3, ids, 7, out).any()  # another layer: none of them
+    time.sleep(0.35)
+    assert not cache.get(1, ids, 7, out).any()  # older than the bound: none served
+    with pytest.raises(ValueError):
+        RowCache(-1, [1], 16, np.float16)
+
+
+@pytest.fixture
+def service(tmp_path):
+    store = TableStore(tmp_path / "store")
+    server, port, _ = build_server(store, token=TOKEN)
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
+    store.close()
+
+
+@pytest.mark.slow
+def test_cached_decoding_through_the_service_gives_the_same_tokens_and_each_request_one_version(service):
+    model, spec, compressor = tiny_model()
+    hasher = NgramHasher.from_compressor(spec, compressor)
+    admin = ServiceAdmin(service, token=TOKEN)
+    admin.create_table("t", spec, compressor.lookup_table, init_std=1.0, init_seed=0)
+    client = MemoryClient(service, "t", token=TOKEN)
+    cached = CachedTables(client, RowCache(8 << 20, list(spec.layer_ids), spec.head_dim, client.dtype, max_staleness_s=60))
+    prompts, counts = mixed_requests(9, seed=3)
+    plain = DecodingEngine(model, EngramRowFetcher(client, compressor, hasher), max_batch=4).generate(prompts, counts)
+    engine = DecodingEngine(model, EngramRowFetcher(cached, compressor, hasher), max_batch=4)
+    for _ in range(2):  # the second round is served from the cache
+        completions = engine.generate(prompts, counts)
+        assert [c.tokens for c in completions] == [c.tokens for c in plain]
+    assert cached.cache.stats()["hit_rate"] > 0.4
+
+    # a swap while requests run: those begun before it finish on the old version, the next ones use the new one
+    new = admin.create_version("t", init_std=0.5, init_seed=9)
+    early = [engine.submit(p, 12) for p in prompts[:3]]
+    engine.step()  # they are prefilled on version 1
+    admin.swap("t", new)
+    cached.learned(0)  # as if the bound had passed: the next unpinned lookup asks the service
+    late = [engine.submit(p, 4) for p in prompts[3:5]]
+    while not all(f.done() for f in early + late):
+        engine.step()
+    assert [f.result().versions for f in early] == [[1]] * 3
+    assert [f.result().versions for f in late] == [[new]] * 2
+    fresh = Generator(model, EngramRowFetcher(MemoryClient(service, "t", token=TOKEN, version=new), compressor, hasher))
+    assert [f.result().tokens for f in late] == [alone(fresh, p, 4) for p in prompts[3:5]]
+
+
+@pytest.mark.slow
+def test_rows_trained_while_served_reach_the_cache_within_its_staleness_bound(service):
+    model, spec, compressor = tiny_model()
+    admin = ServiceAdmin(service, token=TOKEN)
+    admin.create_table("t", spec, compressor.lookup_table, init_std=1.0, init_seed=0)
+    client = MemoryClient(service, "t", token=TOKEN)
+    bound = 0.5
+    cached = CachedTables(client, RowCache(1 << 20, list(spec.layer_ids), spec.head_dim, client.dtype, bound))
+    layer = spec.layer_ids[0]
+    ids = np.arange(100, 400)
+    before, _ = cached.lookup_unique(layer, ids)
+    before = before.copy()
+    assert cached.lookup_unique(layer, ids)[1] == 1 and cached.cache.stats()["hits"] == ids.size  # cached
+    client.apply_gradients(layer, ids, np.ones((ids.size, spec.head_dim), np.float32), lr=0.05)  # training
+    trained = client.lookup_unique(layer, ids)[0].copy()
+    assert not np.array_equal(trained, before)
+    started = time.monotonic()
+    while not np.array_equal(cached.lookup_unique(layer, ids)[0], trained):
+        assert time.monotonic() - started < bound + 0.5, "the cache served rows older than its bound"
+        time.sleep(0.05)
