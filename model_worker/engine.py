@@ -110,7 +110,7 @@ class DecodingEngine:
         self.live: list[_Sequence] = []
         self.ids = itertools.count(1)
         self.lock = threading.Condition()
-        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "requests": 0, "batch_sum": 0}
+        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "requests": 0, "batch_sum": 0, "wait_s": 0.0}
         self._thread = None
         self._stop = False
 
@@ -186,6 +186,7 @@ class DecodingEngine:
         with self._autocast():
             logits, _ = self.model(to_device(tokens, self.device), rows, view, 0)  # [B, Tmax, V]
         last = logits[torch.arange(len(sequences)), torch.tensor(lengths) - 1].float()  # [B, V]
+        self.stats["wait_s"] += rows.wait_seconds
         for sequence, length in zip(sequences, lengths):
             sequence.length = length
             sequence.versions.update(rows.versions)
@@ -214,6 +215,7 @@ class DecodingEngine:
         view = self.cache.batch([s.slot for s in sequences], lengths=lengths)
         with self._autocast():
             logits, _ = self.model(to_device(tokens, self.device), rows, view, torch.tensor(lengths))  # [B, 1, V]
+        self.stats["wait_s"] += sum(part.wait_seconds for part in parts)  # the forward pass waited for rows this long
         for group, part in zip(by_version.values(), parts):
             for sequence in group:
                 sequence.length += 1

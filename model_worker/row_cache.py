@@ -8,11 +8,11 @@ the first to go. Every operation is a handful of numpy calls over the batch: no 
 Entries are keyed by (layer, row id, table version) and stamped with the time they were fetched:
 
 - a lookup pinned to a version (a request that began on it) takes only rows of that version;
-- a lookup that follows the active version uses the version it last saw, and asks the service
-  again (all of its rows, bypassing the cache) once that knowledge is older than `max_staleness_s`,
-  which is how a swap reaches new requests;
-- no row older than `max_staleness_s` is served, so a table trained while it is served is seen
-  at most `max_staleness_s` late (plus the lookup's own time).
+- a lookup that follows the active version (a request's first) uses the version it last saw, and
+  asks the service again (all of its rows, bypassing the cache) once that knowledge is older than
+  `version_check_s` (1 s), which is how a swap reaches new requests;
+- no row older than `max_staleness_s` (10 s by default) is served, so a table trained while it is
+  served is seen at most that late (plus the lookup's own time).
 
 Training cannot use it exactly: a step must see every earlier push, including other workers'.
 """
@@ -48,7 +48,7 @@ class _LayerCache:
 class RowCache:
     """Rows of one table, several layers, within a byte budget; thread-safe."""
 
-    def __init__(self, budget_bytes: int, layers: list[int], width: int, dtype, max_staleness_s: float = 1.0):
+    def __init__(self, budget_bytes: int, layers: list[int], width: int, dtype, max_staleness_s: float = 10.0):
         if budget_bytes < 0 or max_staleness_s < 0:
             raise ValueError("the cache budget and the staleness bound must be >= 0")
         dtype = np.dtype(dtype)
@@ -107,13 +107,14 @@ class RowCache:
 class CachedTables:
     """A remote TableBackend with a RowCache in front: lookups serve what the cache holds and fetch the rest.
 
-    Pinned lookups (version > 0) take rows of that version only; unpinned ones use the active version last seen
-    and look it up again (bypassing the cache) once that is older than the staleness bound."""
+    Pinned lookups (version > 0) take rows of that version only; unpinned ones (a request's first) use the active
+    version last seen and ask the service again (bypassing the cache for that lookup) once that knowledge is
+    older than version_check_s: a swap reaches new requests within it."""
 
     remote = True
 
-    def __init__(self, backend, cache: RowCache):
-        self.backend, self.cache = backend, cache
+    def __init__(self, backend, cache: RowCache, version_check_s: float = 1.0):
+        self.backend, self.cache, self.version_check_s = backend, cache, version_check_s
         self.dtype = backend.dtype
         self._active, self._checked = 0, -float("inf")
         self._lock = threading.Lock()
@@ -128,7 +129,7 @@ class CachedTables:
         if out is None or out.shape != (unique_ids.size, width) or out.dtype != self.dtype:
             out = np.empty((unique_ids.size, width), dtype=self.dtype)
         with self._lock:
-            fresh = time.monotonic() - self._checked <= self.cache.max_staleness_s
+            fresh = time.monotonic() - self._checked <= self.version_check_s
             target = version or (self._active if fresh else 0)
         if not target:  # the active version is not known (or too old): ask the service for all of it
             return _CachedLookup(self, layer_id, unique_ids, np.zeros(unique_ids.size, dtype=bool), out, 0,

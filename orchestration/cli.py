@@ -52,6 +52,13 @@ def _bench(args) -> int:
         result = bench_disk(args.rows, args.dim, args.dtype, args.batch, args.seconds, args.path, log=log)
     elif args.what == "step":
         result = bench.bench_step(args.preset, args.steps)
+    elif args.what == "generate":
+        from orchestration.bench_generate import bench_generate, plot_generate
+
+        concurrency = tuple(int(c) for c in args.concurrency.split(","))
+        result = bench_generate(args.preset, concurrency, args.new_tokens, args.repeats or 1, args.cache_mb, log=log)
+        if args.plot:
+            plot_generate(result, args.plot)
     else:
         result = bench.bench_lookup(args.rows, args.dim, args.dtype, args.batch, args.repeats, args.path, log=log)
     if args.json:
@@ -268,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lazy("commands_cluster", "workers"))
 
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)")
-    p.add_argument("what", choices=["hash", "lookup", "push", "disk", "step"])
+    p.add_argument("what", choices=["hash", "lookup", "push", "disk", "step", "generate"])
     p.add_argument("--preset", default="small", help="step: model preset")
     p.add_argument("--steps", type=int, default=12, help="step: timed steps per mode")
     p.add_argument("--tokens", type=int, default=262144, help="hash: tokens")
@@ -283,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-rows", type=int, default=1 << 20, help="push: rows of the table the cost is compared with")
     p.add_argument("--optimizer-state", choices=OPTIMIZER_STATES, default="exact", help="push: the tables' optimizer state")
     p.add_argument("--repeats", type=int, help="timed rounds (default: hash 5, lookup 15, push 30)")
+    p.add_argument("--concurrency", default="1,8,32,128", help="generate: offered concurrencies")
+    p.add_argument("--new-tokens", type=int, default=64, help="generate: new tokens a request")
+    p.add_argument("--cache-mb", type=int, default=64, help="generate: the worker's row cache (pool_prefetch_cache)")
+    p.add_argument("--plot", help="generate: draw tokens/s against concurrency per mode into this PNG")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
     return parser
