@@ -224,6 +224,21 @@ class DecodingEngine:
         self.stats["batch_sum"] += len(sequences)
         return len(sequences)
 
+    def complete(self, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,
+                 seed: int = 0) -> str:
+        """A text completion (prompt included): the prompt encoded, decoded with the others in the batch."""
+        ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens; give some text")
+        room = self.config.max_seq_len - len(ids)
+        if room <= 0:
+            raise ValueError(f"the prompt is {len(ids)} tokens; the model's context is {self.config.max_seq_len}")
+        done = self.submit(ids, min(max_new_tokens, room), temperature, top_k, seed)
+        if self._thread is None:
+            while not done.done():
+                self.step()
+        return tokenizer.decode(ids + done.result().tokens, skip_special_tokens=False)
+
     def _window(self, sequence: _Sequence) -> np.ndarray:
         """[n-1] tokens before the sequence's newest, left-padded with pad_id (as the fetcher pads a short context)."""
         recent = sequence.recent(self.width)

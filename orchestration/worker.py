@@ -121,11 +121,11 @@ class TrainWorker:
         self.trainer.parallel.leave()
 
     def generate(self, prompt: str, max_new_tokens: int = 80, temperature: float = 0.8, seed: int = 0) -> str:
-        """A completion through the pool (KV cache; each new token fetches only its own rows)."""
-        from model_worker.generate import Generator
+        """A completion through the pool, by the decoding engine (each new token fetches only its own rows)."""
+        from model_worker.engine import DecodingEngine
 
-        generator = Generator(self.trainer.model, self.trainer.fetcher, self.trainer.corpus.tokenizer())
-        return generator.generate(prompt, max_new_tokens, temperature, seed=seed)
+        engine = DecodingEngine(self.trainer.model, self.trainer.fetcher, max_batch=1, prefetch=self.trainer.config.prefetch)
+        return engine.complete(self.trainer.corpus.tokenizer(), prompt, max_new_tokens, temperature, seed=seed)
 
     def where(self) -> str:
         """Ray node id of this worker."""
