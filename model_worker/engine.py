@@ -17,6 +17,7 @@ Each decode step syncs the host once (the new tokens: the next lookups hash them
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import threading
 from collections import deque
@@ -152,7 +153,7 @@ class DecodingEngine:
             admitted = []
             while self.waiting and self.free:
                 sequence = self.waiting.popleft()
-                sequence.slot = self.free.pop()
+                sequence.slot = heapq.heappop(self.free)  # the lowest free slot: live slots stay one range
                 admitted.append(sequence)
         made = 0
         try:
@@ -203,6 +204,8 @@ class DecodingEngine:
         by_version: dict[int, list[_Sequence]] = {}
         for sequence in sequences:
             by_version.setdefault(sequence.pinned, []).append(sequence)
+        for group in by_version.values():
+            group.sort(key=lambda s: s.slot)  # slots in order: often one range, whose caches are views
         sequences = [s for group in by_version.values() for s in group]  # the batch, grouped by version
         parts = []
         for version, group in by_version.items():
@@ -266,7 +269,7 @@ class DecodingEngine:
     def _finish(self, sequence: _Sequence, error: BaseException | None = None) -> None:
         with self.lock:
             if sequence.slot >= 0:
-                self.free.append(sequence.slot)
+                heapq.heappush(self.free, sequence.slot)
                 sequence.slot = -1
         if sequence.future.done():
             return

@@ -48,6 +48,9 @@ class SlotBatch:
     def __init__(self, cache: SlotCache, slots: list[int], lengths: list[int] | None, ends: list[int] | None):
         self.cache = cache
         self.slots = torch.tensor(slots, dtype=torch.int64).to(cache.device, non_blocking=True)  # [B]
+        # slots lo..lo+B-1 in order: the batch's keys and values are a view of the cache, not a copy
+        lo = slots[0] if slots else 0
+        self.range = slice(lo, lo + len(slots)) if slots == list(range(lo, lo + len(slots))) else None
         self.max_len = cache.max_len
         self.length = 0
         if lengths is not None:  # decode: keys 0..length of each slot, the new one at position length
@@ -82,7 +85,8 @@ class _SlotLayer:
         values[batch.slots, :, batch.positions] = v[:, :, 0]
         span = batch.span
         mask = torch.arange(span, device=k.device)[None, :] <= batch.positions[:, None]  # [B, span]
-        return keys[batch.slots, :, :span], values[batch.slots, :, :span], mask[:, None, None, :], False
+        rows = batch.range if batch.range is not None else batch.slots
+        return keys[rows, :, :span], values[rows, :, :span], mask[:, None, None, :], False
 
 
 class _SlotConv:

@@ -26,6 +26,7 @@ BENCH_DEFAULTS = {
     "lookup": {"rows": 1 << 24, "batch": 262144, "repeats": 15},
     "push": {"rows": 1 << 23, "batch": 5400, "repeats": 30},
     "disk": {"rows": 1 << 28, "batch": 16384},
+    "generate": {"repeats": 3},  # rounds: the median of three turns per mode (this machine's drift is +-10%)
 }
 
 
@@ -56,7 +57,7 @@ def _bench(args) -> int:
         from orchestration.bench_generate import bench_generate, plot_generate
 
         concurrency = tuple(int(c) for c in args.concurrency.split(","))
-        result = bench_generate(args.preset, concurrency, args.new_tokens, args.repeats or 1, args.cache_mb, log=log)
+        result = bench_generate(args.preset, concurrency, args.new_tokens, args.repeats, args.cache_mb, log=log)
         if args.plot:
             plot_generate(result, args.plot)
     else:
