@@ -71,7 +71,7 @@ def bench_generate(preset: str = "small", concurrency: tuple[int, ...] = (1, 8, 
     rng = np.random.default_rng(seed)
     requests = {c: _prompts(corpus.val_ids, max(4, 2 * c), rng) for c in concurrency}
 
-    ray.init(num_cpus=max(2, shards + 1), resources={"engram_memory": shards}, include_dashboard=False,
+    ray.init(address="local", num_cpus=max(2, shards + 1), resources={"engram_memory": shards}, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     pool = None
     backends = []

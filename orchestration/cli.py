@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=20.0, help="disk: seconds of lookups per measurement")
     p.add_argument("--baseline-rows", type=int, default=1 << 20, help="push: rows of the table the cost is compared with")
     p.add_argument("--optimizer-state", choices=OPTIMIZER_STATES, default="exact", help="push: the tables' optimizer state")
-    p.add_argument("--repeats", type=int, help="timed rounds (default: hash 5, lookup 15, push 30)")
+    p.add_argument("--repeats", type=int, help="timed rounds (default: hash 5, lookup 15, push 30, generate 3)")
     p.add_argument("--concurrency", default="1,8,32,128", help="generate: offered concurrencies")
     p.add_argument("--new-tokens", type=int, default=64, help="generate: new tokens a request")
     p.add_argument("--cache-mb", type=int, default=64, help="generate: the worker's row cache (pool_prefetch_cache)")

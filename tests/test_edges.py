@@ -252,3 +252,19 @@ def test_bench_push_uses_the_rows_it_is_given():
 
 def test_the_dead_commands_are_gone():
     assert "invalid choice: 'pool-table'" in _engram("pool-table", "swap").stderr
+
+
+def test_bench_generate_reports_every_mode_at_every_concurrency(tmp_path):
+    """A small run of the benchmark (its own local Ray cluster and pool): the JSON the issue names, a plot."""
+    result = _engram("bench", "generate", "--concurrency", "1,2", "--new-tokens", 3, "--repeats", 1, "--cache-mb", 4,
+                     "--json", "--plot", tmp_path / "gen.png", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout)["results"]
+    assert [(r["mode"], r["concurrency"]) for r in rows] == [
+        (m, c) for c in (1, 2) for m in ("in_process", "pool", "pool_prefetch", "pool_prefetch_cache")]
+    for r in rows:
+        assert set(r) == {"mode", "concurrency", "tokens_per_s", "ratio", "cache_hit_rate", "prefetch_wait_ms"}
+        assert r["tokens_per_s"] > 0 and r["prefetch_wait_ms"] >= 0
+        assert (r["cache_hit_rate"] is None) == (r["mode"] != "pool_prefetch_cache")
+    assert all(r["ratio"] == 1.0 for r in rows if r["mode"] == "in_process")
+    assert (tmp_path / "gen.png").stat().st_size > 1000

@@ -59,6 +59,11 @@ def test_placement_and_training_through_the_pool_equals_in_process(pool, ray_clu
     for layer in local.model_config.engram.layer_ids:
         np.testing.assert_allclose(client.read_layer(layer), local.backend.table(layer), atol=1e-6)
     assert all(s["rows_served"] > 0 for s in pool.state()["shards"])  # every shard served its range
+    # the worker generates through the decoding engine and the pool: the in-process model's greedy text
+    from model_worker.generate import Generator
+
+    text = ray.get(worker.generate.remote("def ", 12, 0.0))
+    assert text == Generator(local.model, local.fetcher, local.corpus.tokenizer()).generate("def ", 12, 0.0)
 
 
 def test_killing_a_shard_during_training(pool, tmp_path, small_corpus, small_tokenizer):
