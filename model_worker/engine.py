@@ -22,7 +22,7 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,7 +65,7 @@ class _Sequence:
     def recent(self, width: int) -> np.ndarray:
         """The last `width` tokens before the next one (host), [<= width]."""
         history = np.concatenate([self.prompt, np.asarray(self.generated[:-1], dtype=np.int64)])
-        return history[len(history) - width:] if width else history[:0]
+        return history[max(0, len(history) - width):] if width else history[:0]
 
 
 class StackedRows(Mapping):
@@ -114,6 +114,7 @@ class DecodingEngine:
         self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "requests": 0, "batch_sum": 0, "wait_s": 0.0}
         self._thread = None
         self._stop = False
+        self._stepping = threading.Lock()
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 50, seed: int = 0) -> Future:
@@ -148,11 +149,18 @@ class DecodingEngine:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> int:
-        """Admit what fits, decode one token for every live request, retire the finished; returns tokens made."""
+        """Admit what fits, decode one token for every live request, retire the finished; returns tokens made.
+        One step at a time (callers of generate() on an engine without a loop thread take turns)."""
+        with self._stepping:
+            return self._step()
+
+    def _step(self) -> int:
         with self.lock:
             admitted = []
             while self.waiting and self.free:
                 sequence = self.waiting.popleft()
+                if not sequence.future.set_running_or_notify_cancel():
+                    continue  # cancelled while it waited
                 sequence.slot = heapq.heappop(self.free)  # the lowest free slot: live slots stay one range
                 admitted.append(sequence)
         made = 0
@@ -186,6 +194,10 @@ class DecodingEngine:
         view = self.cache.batch([s.slot for s in sequences], ends=lengths)
         with self._autocast():
             logits, _ = self.model(to_device(tokens, self.device), rows, view, 0)  # [B, Tmax, V]
+        if len(rows.versions) > 1:  # a swap landed between the layers' lookups: again, all on the newer version
+            rows = self.fetcher.fetch(tokens, prefetch=self.prefetch, version=max(rows.versions))
+            with self._autocast():  # overwrites the slots' keys, values and conv histories
+                logits, _ = self.model(to_device(tokens, self.device), rows, self.cache.batch(view.slot_list, ends=lengths), 0)
         last = logits[torch.arange(len(sequences)), torch.tensor(lengths) - 1].float()  # [B, V]
         self.stats["wait_s"] += rows.wait_seconds
         for sequence, length in zip(sequences, lengths):
@@ -260,7 +272,7 @@ class DecodingEngine:
             sequence.generated.append(int(token))
 
     def _retire(self) -> None:
-        done = [s for s in self.live if len(s.generated) >= s.max_new_tokens]
+        done = [s for s in self.live if len(s.generated) >= s.max_new_tokens or s.future.cancelled()]
         if done:
             self.live = [s for s in self.live if len(s.generated) < s.max_new_tokens]
             for sequence in done:
@@ -271,13 +283,14 @@ class DecodingEngine:
             if sequence.slot >= 0:
                 heapq.heappush(self.free, sequence.slot)
                 sequence.slot = -1
-        if sequence.future.done():
-            return
-        if error is not None:
-            sequence.future.set_exception(error)
-        else:
-            sequence.future.set_result(Completion(sequence.request_id, sequence.prompt.tolist(), sequence.generated,
-                                                  sorted(sequence.versions)))
+        try:
+            if error is not None:
+                sequence.future.set_exception(error)
+            else:
+                sequence.future.set_result(Completion(sequence.request_id, sequence.prompt.tolist(), sequence.generated,
+                                                      sorted(sequence.versions)))
+        except InvalidStateError:  # cancelled (or already failed) meanwhile: nobody waits for it
+            pass
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -285,26 +298,40 @@ class DecodingEngine:
     # ------------------------------------------------------------------ background loop
     def start(self) -> "DecodingEngine":
         """Run the loop in a background thread (for a server): steps while there is work, waits otherwise."""
-        if self._thread is None:
-            self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="engram-engine", daemon=True)
-            self._thread.start()
+        with self.lock:
+            if self._thread is None:
+                self._stop = False
+                self._thread = threading.Thread(target=self._loop, name="engram-engine", daemon=True)
+                self._thread.start()
         return self
 
     def _loop(self) -> None:
-        while True:
-            with self.lock:
-                while not self._stop and not self.waiting and not self.live:
-                    self.lock.wait()
-                if self._stop:
-                    return
-            self.step()
+        try:
+            while True:
+                with self.lock:
+                    while not self._stop and not self.waiting and not self.live:
+                        self.lock.wait()
+                    if self._stop:
+                        return
+                self.step()
+        except BaseException as e:  # the loop is gone: nobody may wait for it
+            self._fail_all(RuntimeError(f"the decoding engine stopped: {type(e).__name__}: {e}"))
+            raise
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Fail every queued and live request (the engine cannot finish them)."""
+        with self.lock:
+            pending, self.waiting = list(self.waiting), deque()
+        for sequence in pending + self.live:
+            self._finish(sequence, error=error)
+        self.live = []
 
     def stop(self) -> None:
-        """Stop the background loop (requests still queued stay queued)."""
+        """Stop the background loop; requests not finished by then fail (their futures raise)."""
         with self.lock:
             self._stop = True
             self.lock.notify_all()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._fail_all(RuntimeError("the decoding engine was stopped before this request finished"))

@@ -64,9 +64,8 @@ class ShortConv(nn.Module):
         batch, time, groups, dim = x.shape
         normed = torch.cat([self.norms[g](x[:, :, g, :]) for g in range(groups)], dim=-1)  # [B, T, G*D]
         frames = normed.transpose(1, 2)  # [B, C, T]
-        if state is not None and state.frames is not None:
-            history = state.frames
-        else:
+        history = state.frames if state is not None else None  # read once: a slot batch gathers it
+        if history is None:
             history = frames.new_zeros(batch, frames.shape[1], self.history_len)
         padded = torch.cat([history, frames], dim=-1)  # [B, C, L + T]
         if state is not None and self.history_len:

@@ -201,13 +201,15 @@ class EngramRowFetcher:
                 layers[layer_id] = LayerRows(batch.unique, None, inverse, tuple(ids.shape), pending, requires_grad, self.device)
             else:
                 inverse = to_device(batch.inverse(), self.device)
-                served = 0
+                served, started = 0, time.perf_counter()
                 if self.backend.remote:  # the version served is kept: a decoding request stays on it
                     rows, served = self.backend.lookup_unique_async(layer_id, batch.unique, version=version).result()
                 else:
                     rows = self.backend.lookup(layer_id, batch.unique)  # [U, hd] float32
+                waited = time.perf_counter() - started if self.backend.remote else 0.0  # a remote lookup is waited for
                 leaf = rows_to_leaf(rows, self.device, requires_grad)
-                layers[layer_id] = LayerRows(batch.unique, leaf, inverse, tuple(ids.shape), version=served)
+                layers[layer_id] = LayerRows(batch.unique, leaf, inverse, tuple(ids.shape), version=served,
+                                             wait_seconds=waited)
         return FetchedRows(layers)
 
     def push_gradients(self, fetched: FetchedRows, lr: float) -> int:

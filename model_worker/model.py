@@ -325,7 +325,10 @@ class EngramMoEModel(nn.Module):
         if cache is not None and end > cache.max_len:
             raise ValueError(f"positions up to {end} exceed the cache length {cache.max_len}")
         if per_row:  # [B, 1, T, hd/2]: each row's own positions
-            index = (start_pos[:, None] + torch.arange(time)).to(self.rope_cos.device, non_blocking=True)  # [B, T]
+            index = start_pos[:, None] + torch.arange(time)  # [B, T] on the host
+            if self.rope_cos.device.type == "cuda":
+                index = index.pin_memory()
+            index = index.to(self.rope_cos.device, non_blocking=True)
             cos, sin = self.rope_cos[index].unsqueeze(1), self.rope_sin[index].unsqueeze(1)
         else:
             cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]

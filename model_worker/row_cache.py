@@ -80,22 +80,30 @@ class RowCache:
             self.misses += int(ids.size - hit.sum())
         return hit
 
-    def put(self, layer: int, ids: np.ndarray, rows: np.ndarray, version: int) -> None:
-        """Store fetched rows [N, width] of unique ids [N] at `version`, each in its set's least used way."""
+    def put(self, layer: int, ids: np.ndarray, rows: np.ndarray, version: int, fetched_at: float | None = None) -> None:
+        """Store fetched rows [N, width] of unique ids [N] at `version`, each in its set's least used way. fetched_at:
+        when the lookup was sent (time.monotonic()), which the staleness bound counts from."""
         if ids.size == 0:
             return
         cache = self.layers[layer]
-        now = time.monotonic()
+        now = time.monotonic() if fetched_at is None else fetched_at
         with self.lock:
             sets = cache.sets_of(ids)
             same = (cache.ids[sets] == ids[:, None]) & (cache.versions[sets] == version)  # refresh in place
             victim = np.where(same.any(axis=1), same.argmax(axis=1), cache.counts[sets].argmin(axis=1))  # [N]
-            # ids of one batch that share a set would take the same way: the last one written keeps it
+            # ids of one batch that chose the same way of a set: one of them takes it (each way written once)
+            _, first = np.unique(sets * WAYS + victim, return_index=True)
+            sets, victim, ids, rows = sets[first], victim[first], ids[first], rows[first]
             cache.ids[sets, victim] = ids
             cache.versions[sets, victim] = version
             cache.stamps[sets, victim] = now
             cache.counts[sets, victim] = 1
             cache.rows[sets, victim] = rows
+
+    def count_misses(self, count: int) -> None:
+        """Rows looked up without asking the cache (a version check): misses all the same."""
+        with self.lock:
+            self.misses += count
 
     def stats(self) -> dict:
         """Hits, misses, hit rate and the bytes the cache holds."""
@@ -132,6 +140,7 @@ class CachedTables:
             fresh = time.monotonic() - self._checked <= self.version_check_s
             target = version or (self._active if fresh else 0)
         if not target:  # the active version is not known (or too old): ask the service for all of it
+            self.cache.count_misses(unique_ids.size)
             return _CachedLookup(self, layer_id, unique_ids, np.zeros(unique_ids.size, dtype=bool), out, 0,
                                  self.backend.lookup_unique_async(layer_id, unique_ids, version=0, out=out))
         hit = self.cache.get(layer_id, unique_ids, target, out)
@@ -162,6 +171,7 @@ class _CachedLookup:
                  version: int, pending):
         self.tables, self.layer, self.ids, self.hit, self.out = tables, layer, ids, hit, out
         self.version, self.pending, self._result = version, pending, None
+        self.sent = time.monotonic()  # the rows are at least this old when they arrive
 
     def result(self) -> tuple[np.ndarray, int]:
         if self._result is None:
@@ -173,6 +183,6 @@ class _CachedLookup:
                     version = served
                 if rows is not self.out:
                     self.out[~self.hit] = rows
-                self.tables.cache.put(self.layer, self.ids[~self.hit], rows, version)
+                self.tables.cache.put(self.layer, self.ids[~self.hit], rows, version, fetched_at=self.sent)
             self._result = (self.out, version)
         return self._result

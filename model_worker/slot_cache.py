@@ -16,8 +16,10 @@ single-sequence cache would hold.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from model_worker.device import to_device
 from model_worker.model import ModelConfig
 
 
@@ -32,7 +34,9 @@ class SlotCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         channels = config.hidden_size * config.hc_mult
-        self.frames = [torch.zeros((num_slots, channels, history_len), device=device, dtype=dtype)
+        # conv histories in float32 whatever the decode dtype: the Engram value path stays float32 under autocast
+        # (as in a single sequence's cache), and they are small
+        self.frames = [torch.zeros((num_slots, channels, history_len), device=device, dtype=torch.float32)
                        for _ in range(config.num_layers)]
         self.num_slots, self.max_len, self.history_len, self.device = num_slots, max_len, history_len, torch.device(device)
 
@@ -47,20 +51,20 @@ class SlotBatch:
 
     def __init__(self, cache: SlotCache, slots: list[int], lengths: list[int] | None, ends: list[int] | None):
         self.cache = cache
-        self.slots = torch.tensor(slots, dtype=torch.int64).to(cache.device, non_blocking=True)  # [B]
+        self.slot_list = list(slots)
+        self.slots = to_device(np.asarray(slots, dtype=np.int64), cache.device)  # [B]
         # slots lo..lo+B-1 in order: the batch's keys and values are a view of the cache, not a copy
         lo = slots[0] if slots else 0
         self.range = slice(lo, lo + len(slots)) if slots == list(range(lo, lo + len(slots))) else None
         self.max_len = cache.max_len
         self.length = 0
         if lengths is not None:  # decode: keys 0..length of each slot, the new one at position length
-            positions = torch.tensor(lengths, dtype=torch.int64)
-            self.positions = positions.to(cache.device, non_blocking=True)  # [B]
+            self.positions = to_device(np.asarray(lengths, dtype=np.int64), cache.device)  # [B]
             self.span = max(lengths) + 1  # keys attended to (the host knows it: no device sync)
             self.ends = None
         else:  # prefill: the conv history of each slot ends at its own prompt's end
             self.positions = None
-            self.ends = torch.tensor(ends, dtype=torch.int64).to(cache.device, non_blocking=True)  # [B]
+            self.ends = to_device(np.asarray(ends, dtype=np.int64), cache.device)  # [B]
         self.layers = [_SlotLayer(self, i) for i in range(len(cache.k))]
 
 
@@ -76,13 +80,13 @@ class _SlotLayer:
         batch, cache = self.batch, self.batch.cache
         keys, values = cache.k[self.layer], cache.v[self.layer]
         if batch.positions is None:  # prefill from position 0: the new keys are all there is
-            keys[batch.slots, :, :k.shape[2]] = k
-            values[batch.slots, :, :v.shape[2]] = v
+            keys[batch.slots, :, :k.shape[2]] = k.to(keys.dtype)
+            values[batch.slots, :, :v.shape[2]] = v.to(values.dtype)
             return k, v, None, True
         if k.shape[2] != 1:
             raise ValueError(f"a decode step over slots takes one token per slot, got {k.shape[2]}")
-        keys[batch.slots, :, batch.positions] = k[:, :, 0]
-        values[batch.slots, :, batch.positions] = v[:, :, 0]
+        keys[batch.slots, :, batch.positions] = k[:, :, 0].to(keys.dtype)
+        values[batch.slots, :, batch.positions] = v[:, :, 0].to(values.dtype)
         span = batch.span
         mask = torch.arange(span, device=k.device)[None, :] <= batch.positions[:, None]  # [B, span]
         rows = batch.range if batch.range is not None else batch.slots
@@ -105,10 +109,11 @@ class _SlotConv:
     def remember(self, padded: torch.Tensor, history_len: int) -> None:
         """Store each slot's last history_len frames of padded [B, C, L + T]: at its prompt's end for a prefill."""
         store = self.batch.cache.frames[self.layer]
+        padded = padded.detach().to(store.dtype)
         if self.batch.ends is None:
-            store[self.batch.slots] = padded[:, :, -history_len:].detach()
+            store[self.batch.slots] = padded[:, :, -history_len:]
             return
         # frame j of the prompt is padded[:, :, history_len + j]: a prompt of n frames ends at history_len + n
         index = self.batch.ends[:, None] + torch.arange(history_len, device=padded.device)  # [B, L]
         index = index[:, None, :].expand(-1, padded.shape[1], -1)  # [B, C, L]
-        store[self.batch.slots] = padded.detach().gather(2, index)
+        store[self.batch.slots] = padded.gather(2, index)

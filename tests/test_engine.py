@@ -18,9 +18,12 @@ from model_worker.presets import tiny
 VOCAB = 300
 
 
-def tiny_model():
+def tiny_model(max_ngram_size: int = 3):
     """A tiny model with a non-zero Engram conv (so its per-slot history matters), its spec and compressor."""
     config = tiny(VOCAB, pad_id=1)
+    if max_ngram_size != 3:
+        config = dataclasses.replace(config, engram=dataclasses.replace(
+            config.engram, max_ngram_size=max_ngram_size, engram_vocab_size=(4001,) * (max_ngram_size - 1)))
     compressor = CompressedTokenizer(np.arange(config.vocab_size))
     spec = config.engram.with_compression(compressor.lookup_table, len(compressor))
     config = dataclasses.replace(config, engram=spec)
@@ -61,6 +64,40 @@ def test_a_mixed_batch_joining_and_leaving_gives_each_request_its_single_request
 
     sampled = engine.generate(prompts[:4], 6, temperature=0.9, seed=5)  # a generator per request: the same draws
     assert [c.tokens for c in sampled] == [alone(generator, p, 6, temperature=0.9, seed=5) for p in prompts[:4]]
+
+
+@pytest.mark.parametrize("dtype, ngram", [(torch.bfloat16, 3), (torch.float32, 4)])
+def test_a_bf16_engine_and_longer_ngrams_with_short_prompts_give_the_single_request_output(dtype, ngram):
+    """bf16 decoding (the GPU default) keeps its KV in bf16 and its conv history in fp32, as Generator does; with
+    4-grams, prompts shorter than the n-gram context are padded exactly as the single-request path pads them."""
+    model, spec, compressor = tiny_model(ngram)
+    hasher = NgramHasher.from_compressor(spec, compressor)
+    fetcher = EngramRowFetcher(LocalTable.for_hasher(hasher), compressor, hasher)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, VOCAB, size=n) for n in (1, 2, 5, 1, 3)]
+    completions = DecodingEngine(model, fetcher, max_batch=2, dtype=dtype).generate(prompts, 6)
+    generator = Generator(model, fetcher, dtype=dtype)
+    assert [c.tokens for c in completions] == [alone(generator, p, 6) for p in prompts]
+
+
+def test_a_stopped_engine_fails_what_it_did_not_finish_and_a_cancelled_request_frees_its_slot():
+    model, spec, compressor = tiny_model()
+    hasher = NgramHasher.from_compressor(spec, compressor)
+    engine = DecodingEngine(model, EngramRowFetcher(LocalTable.for_hasher(hasher), compressor, hasher), max_batch=1)
+    first, second = engine.submit([5, 6], 20), engine.submit([7], 3)
+    engine.step()
+    assert first.cancel() is False  # running: futures of admitted requests cannot be cancelled
+    second.cancel()
+    while not first.done():
+        engine.step()
+    engine.step()
+    assert second.cancelled() and engine.free == [0] and not engine.waiting
+    engine.start()
+    engine.stop()
+    pending = engine.submit([5], 2)
+    engine.stop()  # never started: what is queued fails instead of hanging its caller
+    with pytest.raises(RuntimeError, match="stopped before this request finished"):
+        pending.result(timeout=5)
 
 
 def test_a_running_engine_serves_requests_from_several_threads_and_refuses_bad_ones():
