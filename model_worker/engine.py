@@ -64,8 +64,11 @@ class _Sequence:
 
     def recent(self, width: int) -> np.ndarray:
         """The last `width` tokens before the next one (host), [<= width]."""
-        history = np.concatenate([self.prompt, np.asarray(self.generated[:-1], dtype=np.int64)])
-        return history[max(0, len(history) - width):] if width else history[:0]
+        if not width:
+            return self.prompt[:0]
+        before = self.generated[max(0, len(self.generated) - 1 - width):-1]  # at most `width` generated tokens
+        tail = self.prompt[max(0, self.prompt.size - (width - len(before))):]  # the rest from the prompt's end
+        return np.concatenate([tail, np.asarray(before, dtype=np.int64)])
 
 
 class StackedRows(Mapping):
