@@ -74,6 +74,17 @@ def remote_tables(directory: Path) -> dict | None:
     return where
 
 
+def tables_location(directory: Path, memory: str | None = None) -> tuple[str | None, str | None, int]:
+    """(memory, table, version) of a checkpoint's rows: where it says they are, or on `memory` (a --memory value
+    overriding it) under the table name it trained (default engram-<preset>); (None, None, 0): saved in it."""
+    where = remote_tables(directory) or {"memory": None, "table": None, "version": 0}
+    memory = memory or where["memory"]
+    if not memory:
+        return None, None, 0
+    trained = json.loads((Path(directory) / CONFIG_FILE).read_text())["train"]
+    return memory, where["table"] or trained.get("table") or f"engram-{trained['preset']}", where["version"]
+
+
 def require_checkpoint(directory: str | Path) -> Path:
     """The checkpoint directory, or FileNotFoundError saying what is missing."""
     directory = Path(directory)

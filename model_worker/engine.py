@@ -21,8 +21,8 @@ import heapq
 import itertools
 import threading
 from collections import deque
-from collections.abc import Mapping
-from concurrent.futures import Future, InvalidStateError
+from collections.abc import Callable, Mapping
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +61,7 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     versions: set = field(default_factory=set)
     pinned: int = 0  # the table version its prefill read (0: an in-process table): every later step reads it too
+    on_token: Callable[[int, int], None] | None = None  # called (token, version) from the loop for each new token
 
     def recent(self, width: int) -> np.ndarray:
         """The last `width` tokens before the next one (host), [<= width]."""
@@ -113,6 +114,7 @@ class DecodingEngine:
         self.waiting: deque[_Sequence] = deque()
         self.live: list[_Sequence] = []
         self.ids = itertools.count(1)
+        self._abandoned: set[int] = set()  # request ids whose caller left (abandon()); retired at the next step
         self.lock = threading.Condition()
         self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "requests": 0, "batch_sum": 0, "wait_s": 0.0}
         self._thread = None
@@ -120,8 +122,11 @@ class DecodingEngine:
         self._stepping = threading.Lock()
 
     # ------------------------------------------------------------------ requests
-    def submit(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 50, seed: int = 0) -> Future:
-        """Queue a request (prompt ids [T0]); a Future of its Completion. Bad input raises here, not in the loop."""
+    def submit(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 50, seed: int = 0,
+               on_token: Callable[[int, int], None] | None = None) -> Future:
+        """Queue a request (prompt ids [T0]); a Future of its Completion. Bad input raises here, not in the loop.
+        on_token(token, table_version), if given, is called from the engine's loop for each new token as it is made
+        (for streaming: it must be quick and must not block; what it raises is ignored)."""
         prompt = np.asarray(prompt_ids)
         if prompt.ndim != 1 or prompt.size == 0 or not np.issubdtype(prompt.dtype, np.integer):
             raise ValueError(f"a prompt is a non-empty 1-D list of token ids, got shape {list(prompt.shape)}")
@@ -134,11 +139,19 @@ class DecodingEngine:
                              f"{self.config.max_seq_len}")
         future: Future = Future()
         sequence = _Sequence(next(self.ids), prompt, max_new_tokens, float(temperature), int(top_k),
-                             torch.Generator().manual_seed(seed), future)
+                             torch.Generator().manual_seed(seed), future, on_token=on_token)
+        future.request_id = sequence.request_id  # for abandon()
         with self.lock:
             self.waiting.append(sequence)
             self.lock.notify_all()
         return future
+
+    def abandon(self, future: Future) -> None:
+        """The caller no longer wants this request (a client went away): a waiting one is dropped, a running one
+        leaves the batch at the next step and frees its slot; its future raises CancelledError."""
+        if not future.cancel():  # already running (or done): retire it from the loop
+            with self.lock:
+                self._abandoned.add(future.request_id)
 
     def generate(self, prompts: list, max_new_tokens, temperature: float = 0.0, top_k: int = 50,
                  seed: int = 0) -> list[Completion]:
@@ -273,13 +286,21 @@ class DecodingEngine:
                       for i, s in enumerate(sequences)]
         for sequence, token in zip(sequences, chosen):
             sequence.generated.append(int(token))
+            if sequence.on_token is not None:
+                try:
+                    sequence.on_token(int(token), sequence.pinned)
+                except Exception:  # noqa: BLE001 - a listener's failure is its own, not the batch's
+                    sequence.on_token = None
 
     def _retire(self) -> None:
-        done = [s for s in self.live if len(s.generated) >= s.max_new_tokens or s.future.cancelled()]
+        with self.lock:  # an abandoned id not live now has finished already (admitted ones are live by now)
+            abandoned, self._abandoned = self._abandoned, set()
+        done = [s for s in self.live if len(s.generated) >= s.max_new_tokens or s.request_id in abandoned]
         if done:
-            self.live = [s for s in self.live if len(s.generated) < s.max_new_tokens]
+            retired = {s.request_id for s in done}
+            self.live = [s for s in self.live if s.request_id not in retired]
             for sequence in done:
-                self._finish(sequence)
+                self._finish(sequence, error=CancelledError() if sequence.request_id in abandoned else None)
 
     def _finish(self, sequence: _Sequence, error: BaseException | None = None) -> None:
         with self.lock:

@@ -20,6 +20,7 @@ from model_worker.data import load_tokenizer
 from model_worker.device import resolve_device, to_device, use_device
 from model_worker.engram_rows import EngramRowFetcher
 from model_worker.model import EngramMoEModel, check_token_range
+from model_worker.row_cache import CachedTables, RowCache
 from model_worker.tables import TableSource, table_source
 
 
@@ -51,9 +52,11 @@ class Generator:
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path, tables: TableSource | None = None, device: str = "auto") -> "Generator":
+    def from_checkpoint(cls, directory: str | Path, tables: TableSource | None = None, device: str = "auto",
+                        row_cache_bytes: int = 0) -> "Generator":
         """Load model, compression map, tokenizer and the tables: `tables` when given, else where the checkpoint's
-        rows are (saved in it, or on the memory service it names). device: auto, cpu or cuda (no silent fallback)."""
+        rows are (saved in it, or on the memory service it names). device: auto, cpu or cuda (no silent fallback).
+        row_cache_bytes: put a row cache of that many bytes in front of remote tables (row_cache.py; 0: none)."""
         directory = ckpt.require_checkpoint(directory)
         device = resolve_device(device)
         state = torch.load(directory / ckpt.MODEL_FILE, map_location="cpu", weights_only=False)  # then to the device
@@ -72,6 +75,8 @@ class Generator:
         backend = tables.open(spec, compressor.lookup_table, create=False)
         if not backend.remote:
             backend.load(directory / ckpt.TABLES_FILE)
+        elif row_cache_bytes:
+            backend = CachedTables(backend, RowCache(row_cache_bytes, list(spec.layer_ids), spec.head_dim, backend.dtype))
         fetcher = EngramRowFetcher(backend, compressor, hasher, device)
         return cls(model, fetcher, load_tokenizer(directory / ckpt.TOKENIZER_FILE))
 

@@ -4,6 +4,7 @@
     engram serve | table ... | query          memory service or pool (commands_memory.py)
     engram demo                               the whole system (demo.py)
     engram cluster | shards | workers         a Ray cluster's pool and training job (commands_cluster.py)
+    engram serve-model [scale N|status|down]  a model served over HTTP by Ray Serve (serve_model.py)
     engram bench hash|lookup|push|step        benchmarks with same-run baselines (bench.py)
 
 Heavy imports happen inside each command so `engram --help` is instant. Errors a user
@@ -274,6 +275,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address")
     p.add_argument("--pool", default="default", help="the pool the job trains on")
     p.set_defaults(func=_lazy("commands_cluster", "workers"))
+
+    p = sub.add_parser("serve-model", help="serve a trained model over HTTP (Ray Serve), its rows on a memory pool")
+    p.add_argument("action", nargs="?", choices=["start", "scale", "status", "down"], default="start",
+                   help="start (default): deploy --checkpoint; scale N: replicas; status; down: stop serving")
+    p.add_argument("num_replicas", type=int, nargs="?", help="scale: the number of replicas")
+    p.add_argument("--checkpoint", help="start: an engram train checkpoint directory (readable on every node)")
+    p.add_argument("--memory", help="start: where the rows are, pool[:NAME] or grpc://HOST:PORT (default: where the "
+                   "checkpoint says)")
+    p.add_argument("--replicas", type=int, default=1, help="start: model replicas (scale them with serve-model scale N)")
+    p.add_argument("--version", type=int, help="start: serve this table version (default: follow the active one, so "
+                   "a swap reaches new requests)")
+    p.add_argument("--name", default="engram", help="serving application name")
+    p.add_argument("--route-prefix", default="/", help="start: URL prefix of the application")
+    p.add_argument("--host", default="127.0.0.1", help="start: HTTP address (when this starts Ray Serve)")
+    p.add_argument("--port", type=int, default=8000, help="start: HTTP port (when this starts Ray Serve)")
+    p.add_argument("--proxies", choices=["head", "every"], default="head", help="start: HTTP proxy on the head node "
+                   "only or on every node")
+    p.add_argument("--device", default="auto", help="start: replicas compute on auto (CUDA when usable), cpu or cuda")
+    p.add_argument("--max-batch", type=int, default=32, help="start: decoding slots (requests in the batch) a replica")
+    p.add_argument("--cache-mb", type=int, default=64, help="start: row cache a replica, MiB (0: none)")
+    p.add_argument("--replica-cpus", type=float, help="start: CPUs a replica reserves (default 1, or 0 with a GPU)")
+    p.add_argument("--token", help="memory service token (default $ENGRAM_TOKEN)")
+    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS or engram cluster up's)")
+    p.set_defaults(func=_lazy("serve_model", "command"))
 
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)")
     p.add_argument("what", choices=["hash", "lookup", "push", "disk", "step", "generate"])

@@ -104,11 +104,8 @@ def generate(args) -> int:
     from model_worker.generate import Generator
 
     checkpoint = ckpt.require_checkpoint(args.checkpoint or f"runs/{args.preset}/checkpoint")
-    where = ckpt.remote_tables(checkpoint) or {"memory": None, "table": None, "version": 0}
-    memory = args.memory or where["memory"]
-    trained = json.loads((checkpoint / ckpt.CONFIG_FILE).read_text())["train"]
-    table = where["table"] or (trained.get("table") or f"engram-{trained['preset']}" if memory else None)
-    generator = Generator.from_checkpoint(checkpoint, tables_for(memory, table, token_from(args), where["version"]),
+    memory, table, version = ckpt.tables_location(checkpoint, args.memory)
+    generator = Generator.from_checkpoint(checkpoint, tables_for(memory, table, token_from(args), version),
                                           device=args.device)
     text = generator.generate(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     print(text)
