@@ -4,7 +4,7 @@
     engram serve | table ... | query          memory service or pool (commands_memory.py)
     engram demo                               the whole system (demo.py)
     engram cluster | shards | workers         a Ray cluster's pool and training job (commands_cluster.py)
-    engram serve-model [scale N|status|down]  a model served over HTTP by Ray Serve (serve_model.py)
+    engram serve-model [scale N|status|down]  a model served over HTTP by Ray Serve (commands_serve.py)
     engram bench hash|lookup|push|step        benchmarks with same-run baselines (bench.py)
 
 Heavy imports happen inside each command so `engram --help` is instant. Errors a user
@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-cpus", type=float, help="start: CPUs a replica reserves (default 1, or 0 with a GPU)")
     p.add_argument("--token", help="memory service token (default $ENGRAM_TOKEN)")
     p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS or engram cluster up's)")
-    p.set_defaults(func=_lazy("serve_model", "command"))
+    p.set_defaults(func=_lazy("commands_serve", "serve_model"))
 
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)")
     p.add_argument("what", choices=["hash", "lookup", "push", "disk", "step", "generate"])

@@ -189,7 +189,9 @@ def scale(num_replicas: int, name: str = "engram", wait_s: float = READY_TIMEOUT
         if current["replicas"].get("RUNNING", 0) == num_replicas and sum(current["replicas"].values()) == num_replicas:
             return current
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{name}: {current['replicas']} after {wait_s:.0f} s, waiting for {num_replicas} running")
+            raise TimeoutError(f"{name}: {current['replicas']} after {wait_s:.0f} s, waiting for {num_replicas} running"
+                               + (f"; Ray Serve says: {current['message']}" if current["message"] else "")
+                               + " (the target stays set: Ray Serve keeps trying; scale again to change it)")
         time.sleep(0.5)
 
 
@@ -210,31 +212,3 @@ def down(name: str = "engram") -> None:
     """Stop the application (its replicas); the pool and its tables stay."""
     status(name)
     serve.delete(name)
-
-
-def command(args) -> int:
-    """engram serve-model [start] | scale N | status | down."""
-    import sys
-
-    from orchestration.commands_memory import token_from
-    from orchestration.ray_cluster import connect_ray
-
-    connect_ray(args.address)
-    if args.action == "start":
-        if not args.checkpoint:
-            raise ValueError("engram serve-model needs --checkpoint DIR (an engram train checkpoint)")
-        url = deploy(args.checkpoint, args.memory, args.replicas, args.name, args.route_prefix, args.host, args.port,
-                     args.version, token_from(args), args.device, args.max_batch, args.cache_mb, args.replica_cpus,
-                     args.proxies, log=lambda m: print(m, file=sys.stderr))
-        result = {**status(args.name), "url": url}
-    elif args.action == "scale":
-        if args.num_replicas is None:
-            raise ValueError("engram serve-model scale needs the number of replicas")
-        result = scale(args.num_replicas, args.name)
-    elif args.action == "status":
-        result = status(args.name)
-    else:
-        down(args.name)
-        result = {"application": args.name, "status": "DELETED"}
-    print(json.dumps(result, indent=2))
-    return 0

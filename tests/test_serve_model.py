@@ -153,6 +153,7 @@ def test_concurrent_requests_are_answered_by_both_replicas_with_each_requests_ow
     bad = requests.post(served["url"] + "/v1/completions", json={"prompt": "x", "max_tokens": -1}, timeout=60)
     assert bad.status_code == 400 and "max_tokens" in bad.json()["error"]["message"]
     assert requests.post(served["url"] + "/v1/completions", data=b"{not json", timeout=60).status_code == 400
+    assert main(["serve-model", "status", "--name", "no-such-app"]) == 2  # a clear error, not a traceback
     stats = requests.get(served["url"] + "/v1/stats", timeout=60).json()
     assert stats["row_cache"]["hits"] + stats["row_cache"]["misses"] > 0 and stats["row_cache"]["bytes"] > 0
 
