@@ -9,6 +9,11 @@ A request (a dict decoded from JSON):
     top_k         int, default 50                  sampling: keep the k likeliest tokens
     seed          int, default 0                   sampling: prompt i samples with seed + i
     stream        bool, default false              events token by token (stream() instead of complete())
+    model         str, optional                    accepted and ignored (clients of OpenAI-style APIs send it)
+
+The shapes follow OpenAI's completions API loosely, not exactly: generation runs to max_tokens
+(finish_reason "length"; the models here have no end-of-text token), and stream events carry
+one token each, not OpenAI's chunk schema.
 
 A reply names the table version every choice read (a request never mixes two: the engine pins
 it when the prompt is run) and the row cache's replica-side state is in stats():
@@ -19,7 +24,8 @@ it when the prompt is run) and the row cache's replica-side state is in stats():
 
 Streaming yields {"id", "index", "token_id", "text", "table_version"} per new token (text: what the
 token adds to the decoded completion; bytes of a character split over tokens wait for the rest),
-then {"id", "index", "finish_reason", "table_version", "text", "token_ids"} when a choice ends.
+then {"id", "index", "finish_reason", "table_version", "text", "token_ids", "completion"} when a choice ends
+(text: what was not sent yet; token_ids and completion: the whole choice).
 """
 
 from __future__ import annotations
@@ -29,14 +35,15 @@ import itertools
 import math
 import os
 from collections.abc import AsyncIterator
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 
 from model_worker.engine import Completion, DecodingEngine
 from model_worker.generate import Generator
 
 MAX_PROMPTS = 64  # prompts in one request
+MAX_SEED = 2**63 - 1 - MAX_PROMPTS  # prompt i samples with seed + i, a torch generator seed
 DEFAULTS = {"max_tokens": 64, "temperature": 0.0, "top_k": 50, "seed": 0, "stream": False}
-FIELDS = {"prompt", "prompt_ids", *DEFAULTS}
+FIELDS = {"prompt", "prompt_ids", "model", *DEFAULTS}
 
 
 class BadRequest(ValueError):
@@ -57,7 +64,7 @@ class CompletionService:
         self.vocab_size = generator.model.config.vocab_size
         self._ids = itertools.count(1)
         self._prefix = f"cmpl-{os.getpid():x}-"
-        self.requests = {"answered": 0, "refused": 0, "failed": 0}
+        self.requests = {"answered": 0, "refused": 0, "failed": 0, "cancelled": 0}
 
     # ------------------------------------------------------------------ parsing
     def parse(self, body) -> dict:
@@ -79,6 +86,10 @@ class CompletionService:
             raise BadRequest(f"max_tokens must be >= 1, got {request['max_tokens']}")
         if request["top_k"] < 0:
             raise BadRequest(f"top_k must be >= 0, got {request['top_k']}")
+        if not 0 <= request["seed"] <= MAX_SEED:
+            raise BadRequest(f"seed must be in [0, {MAX_SEED}], got {request['seed']}")
+        if "model" in body and not isinstance(body["model"], str):
+            raise BadRequest("model, when given, is a string (it is not used: this endpoint serves one model)")
         request["prompts"] = self._prompt_ids(body)
         return request
 
@@ -89,18 +100,20 @@ class CompletionService:
             texts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
             if not texts or not all(isinstance(t, str) for t in texts):
                 raise BadRequest("prompt is a string or a non-empty list of strings")
-            prompts = [self.tokenizer.encode(t, add_special_tokens=False).ids for t in texts[:MAX_PROMPTS + 1]]
+            if len(texts) > MAX_PROMPTS:
+                raise BadRequest(f"at most {MAX_PROMPTS} prompts a request")
+            prompts = [self.tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
         else:
             ids = body["prompt_ids"]
             prompts = ids if isinstance(ids, list) and ids and all(isinstance(p, list) for p in ids) else [ids]
+            if len(prompts) > MAX_PROMPTS:
+                raise BadRequest(f"at most {MAX_PROMPTS} prompts a request")
             for p in prompts:
                 if not isinstance(p, list) or not all(_is_int(t) for t in p):
                     raise BadRequest("prompt_ids is a list of integer token ids, or a non-empty list of such lists")
                 bad = [t for t in p if not 0 <= t < self.vocab_size]
                 if bad:
                     raise BadRequest(f"token id {bad[0]} is out of range: the model's vocabulary has {self.vocab_size} ids")
-        if len(prompts) > MAX_PROMPTS:
-            raise BadRequest(f"at most {MAX_PROMPTS} prompts a request")
         for i, p in enumerate(prompts):
             if not p:
                 raise BadRequest(f"prompt {i} has no tokens")
@@ -118,6 +131,9 @@ class CompletionService:
                 listener = None if on_token is None else (lambda token, version, i=i: on_token(i, token, version))
                 futures.append(self.engine.submit(ids, new, request["temperature"], request["top_k"], request["seed"] + i,
                                                   on_token=listener))
+        except ValueError as e:  # what parse() did not catch, the engine did: still the caller's request
+            self._abandon(futures)
+            raise BadRequest(str(e)) from e
         except BaseException:
             self._abandon(futures)
             raise
@@ -134,12 +150,12 @@ class CompletionService:
         except BadRequest:
             self.requests["refused"] += 1
             raise
-        futures = self._submit(request)
+        futures = self._submit_counted(request)
         try:
             done: list[Completion] = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        except BaseException:  # a failed step, or the caller went away: free the slots of the others
+        except BaseException as e:  # a failed step, or the caller went away: free the slots of the others
             self._abandon(futures)
-            self.requests["failed"] += 1
+            self._count_failure(e)
             raise
         self.requests["answered"] += 1
         choices = [{"index": i, "text": self.tokenizer.decode(c.tokens, skip_special_tokens=False), "token_ids": c.tokens,
@@ -164,34 +180,48 @@ class CompletionService:
     async def _events(self, request: dict) -> AsyncIterator[dict]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        futures = self._submit(request, on_token=lambda i, token, version: loop.call_soon_threadsafe(
+        futures = self._submit_counted(request, on_token=lambda i, token, version: loop.call_soon_threadsafe(
             queue.put_nowait, (i, token, version)))
         for i, future in enumerate(futures):  # after its last token's event (both come from the loop thread, in order)
             future.add_done_callback(lambda f, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, None, f)))
         completion_id = self._new_id()
         tokens = [[] for _ in futures]
-        sent = ["" for _ in futures]
+        unsent = [0 for _ in futures]  # each choice's first token whose text is not sent yet
         open_choices = len(futures)
         try:
             while open_choices:
                 i, token, item = await queue.get()
                 if token is not None:
                     tokens[i].append(token)
-                    text = self.tokenizer.decode(tokens[i], skip_special_tokens=False)
-                    delta = "" if text.endswith("\ufffd") else text[len(sent[i]):]  # a split character waits
-                    sent[i] = sent[i] if text.endswith("\ufffd") else text
-                    yield {"id": completion_id, "index": i, "token_id": token, "text": delta, "table_version": item or None}
+                    text = self.tokenizer.decode(tokens[i][unsent[i]:], skip_special_tokens=False)
+                    if text.endswith("\ufffd"):  # a character split over tokens: its bytes wait for the rest
+                        text = ""
+                    else:
+                        unsent[i] = len(tokens[i])
+                    yield {"id": completion_id, "index": i, "token_id": token, "text": text, "table_version": item or None}
                     continue
                 open_choices -= 1
                 completion = item.result()  # raises what failed the request
-                text = self.tokenizer.decode(completion.tokens, skip_special_tokens=False)
-                yield {"id": completion_id, "index": i, "finish_reason": "length", "text": text[len(sent[i]):],
-                       "token_ids": completion.tokens, "table_version": _one_version(completion.versions)}
-        except BaseException:
+                yield {"id": completion_id, "index": i, "finish_reason": "length",
+                       "text": self.tokenizer.decode(completion.tokens[unsent[i]:], skip_special_tokens=False),
+                       "token_ids": completion.tokens, "table_version": _one_version(completion.versions),
+                       "completion": self.tokenizer.decode(completion.tokens, skip_special_tokens=False)}
+        except BaseException as e:
             self._abandon(futures)
-            self.requests["failed"] += 1
+            self._count_failure(e)
             raise
         self.requests["answered"] += 1
+
+    def _submit_counted(self, request: dict, on_token=None) -> list[Future]:
+        try:
+            return self._submit(request, on_token)
+        except BadRequest:
+            self.requests["refused"] += 1
+            raise
+
+    def _count_failure(self, error: BaseException) -> None:
+        cancelled = isinstance(error, (asyncio.CancelledError, GeneratorExit, CancelledError))
+        self.requests["cancelled" if cancelled else "failed"] += 1
 
     def stats(self) -> dict:
         """The engine's counters, the row cache's (hit rate, bytes) when there is one, and requests answered."""

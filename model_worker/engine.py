@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError, Future, InvalidStateError
@@ -115,6 +116,7 @@ class DecodingEngine:
         self.live: list[_Sequence] = []
         self.ids = itertools.count(1)
         self._abandoned: set[int] = set()  # request ids whose caller left (abandon()); retired at the next step
+        self.last_step_at = time.monotonic()  # when the last step ended (a health check's heartbeat)
         self.lock = threading.Condition()
         self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "requests": 0, "batch_sum": 0, "wait_s": 0.0}
         self._thread = None
@@ -182,12 +184,16 @@ class DecodingEngine:
         made = 0
         try:
             if admitted:
-                made += self._prefill(admitted)
-                self.live.extend(admitted)
+                try:
+                    made += self._prefill(admitted)
+                    self.live.extend(admitted)
+                except Exception as e:  # a failed prefill fails the requests it admitted; the running ones go on
+                    for sequence in admitted:
+                        self._finish(sequence, error=e)
+                    admitted = []
             self._retire()
-            decoding = list(self.live)
-            if decoding:
-                made += self._decode(decoding)
+            if self.live:
+                made += self._decode(list(self.live))
                 self._retire()
         except BaseException as e:  # a failed step fails the requests in it, and the engine goes on
             for sequence in admitted + [s for s in self.live if s not in admitted]:
@@ -197,6 +203,7 @@ class DecodingEngine:
                 raise
         self.stats["steps"] += 1
         self.stats["tokens"] += made
+        self.last_step_at = time.monotonic()
         return made
 
     @torch.no_grad()
@@ -243,9 +250,18 @@ class DecodingEngine:
         rows = parts[0] if len(parts) == 1 else StackedRows(parts)
         tokens = np.array([[s.generated[-1]] for s in sequences], dtype=np.int64)  # [B, 1]
         lengths = [s.length for s in sequences]
-        view = self.cache.batch([s.slot for s in sequences], lengths=lengths)
-        with self._autocast():
-            logits, _ = self.model(to_device(tokens, self.device), rows, view, torch.tensor(lengths))  # [B, 1, V]
+        slots = [s.slot for s in sequences]
+        view = self.cache.batch(slots, lengths=lengths)
+        history = self.cache.save_history(slots) if len(by_version) > 1 else None
+        try:
+            with self._autocast():
+                logits, _ = self.model(to_device(tokens, self.device), rows, view, torch.tensor(lengths))  # [B, 1, V]
+        except Exception as error:
+            if history is None:
+                raise  # one version: every request in the step fails
+            self.cache.restore_history(slots, history)  # undo the layers that ran; the step is redone without...
+            self._fail_broken_versions(by_version, error)  # ... the requests whose version cannot be read (or all)
+            return 0
         self.stats["wait_s"] += sum(part.wait_seconds for part in parts)  # the forward pass waited for rows this long
         for group, part in zip(by_version.values(), parts):
             for sequence in group:
@@ -254,6 +270,28 @@ class DecodingEngine:
         self._take(sequences, logits[:, -1].float())
         self.stats["batch_sum"] += len(sequences)
         return len(sequences)
+
+    def _fail_broken_versions(self, by_version: dict[int, list[_Sequence]], error: Exception) -> None:
+        """After a failed step with several versions: fail the requests of each version whose rows cannot be read
+        now (a version dropped under its requests, say); the others are redone at the next step. Raises `error` when
+        every version reads fine (the failure was not the rows': everyone in the step fails, as with one version)."""
+        broken = {}
+        for version, group in by_version.items():
+            s = group[0]
+            try:
+                probe = self.fetcher.fetch(np.array([[s.generated[-1]]], dtype=np.int64),
+                                           context=self._window(s)[None] if self.width else None, version=version)
+                for layer in probe:
+                    probe[layer]
+            except Exception as e:  # noqa: BLE001 - this version's requests get its error
+                broken[version] = e
+        if not broken:
+            raise error
+        for version, cause in broken.items():
+            failed = {s.request_id for s in by_version[version]}
+            self.live = [s for s in self.live if s.request_id not in failed]
+            for sequence in by_version[version]:
+                self._finish(sequence, error=cause)
 
     def complete(self, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,
                  seed: int = 0) -> str:

@@ -28,7 +28,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, generator:
     """Next token ids [B] from last-position logits [B, V] (greedy when temperature == 0)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    scaled = logits.float() / temperature
+    logits = logits.float()
+    scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temperature  # <= 0: a tiny temperature gives -inf, not nan
     if 0 < top_k < scaled.shape[-1]:
         kth = scaled.topk(top_k, dim=-1).values[:, -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))

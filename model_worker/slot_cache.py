@@ -40,6 +40,15 @@ class SlotCache:
                        for _ in range(config.num_layers)]
         self.num_slots, self.max_len, self.history_len, self.device = num_slots, max_len, history_len, torch.device(device)
 
+    def save_history(self, slots: list[int]) -> list[torch.Tensor]:
+        """A copy of the slots' conv histories (a decode step that fails half-way is undone with restore_history)."""
+        return [frames[slots].clone() for frames in self.frames]
+
+    def restore_history(self, slots: list[int], saved: list[torch.Tensor]) -> None:
+        """Put back what save_history copied (keys and values need nothing: a retried step rewrites the same position)."""
+        for frames, copy in zip(self.frames, saved):
+            frames[slots] = copy
+
     def batch(self, slots: list[int], lengths: list[int] | None = None, ends: list[int] | None = None) -> "SlotBatch":
         """A view of some slots for one forward pass: prefill (ends: each prompt's length) or decode (lengths: each
         slot's positions filled so far)."""

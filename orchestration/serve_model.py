@@ -13,7 +13,8 @@ Each replica (a Ray Serve replica actor, on a GPU when the cluster has them) loa
     POST /v1/completions   the JSON API of model_worker/completions.py; "stream": true answers with
                            server-sent events ("data: {json}" per event, then "data: [DONE]")
     GET  /v1/stats         this replica's engine, row cache and request counters
-    GET  /healthz          200 while the replica's engine runs (Ray Serve replaces a replica that fails it)
+    GET  /healthz          200 while the replica's engine runs (Ray Serve's own health check, check_health(),
+                           replaces a replica whose engine loop died or is stuck)
 
 Replicas follow the table's active version (or the one --version pins): a swap reaches requests that
 start after it, and a request reads one version from its first token to its last. A memory shard
@@ -24,6 +25,7 @@ of the memory shards (`engram shards scale`).
 """
 
 
+import contextlib
 import json
 import os
 import time
@@ -33,16 +35,49 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from memory_service.errors import EngramError
+from memory_service.errors import (
+    EngramError,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ShardUnavailable,
+    Unauthenticated,
+)
 from model_worker.completions import BadRequest, CompletionService
 
 DEPLOYMENT = "ModelServer"
 READY_TIMEOUT_S = 300
+STUCK_S = 180  # a replica whose engine has work but made no step for this long fails its health check
 http = FastAPI(title="Engram completions", description="Text completions from an Engram-MoE model; rows from a memory pool")
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+def error_reply(error: BaseException) -> tuple[int, dict]:
+    """(HTTP status, {"error": {"message", "type", "retryable"}}) for what failed a request. Only what may pass is
+    retryable (503): a shard away, a stopped engine; the others would fail again."""
+    message = f"{type(error).__name__}: {error}"
+    if isinstance(error, BadRequest):
+        status, kind, message = 400, "invalid_request", str(error)
+    elif isinstance(error, (ShardUnavailable, ResourceExhausted)):
+        status, kind = 503, "table_unavailable"
+    elif isinstance(error, NotFound):  # a pinned version dropped, the table gone
+        status, kind = 404, "table_not_found"
+    elif isinstance(error, FailedPrecondition):
+        status, kind = 409, "table_state"
+    elif isinstance(error, (Unauthenticated, PermissionDenied)):
+        status, kind = 500, "server_configuration"
+    elif isinstance(error, RuntimeError) and "decoding engine" in str(error):  # stopped, or its loop died
+        status, kind = 503, "engine_unavailable"
+    elif isinstance(error, EngramError):
+        status, kind = 500, "table_error"
+    else:
+        status, kind = 500, "engine_error"
+    return status, {"error": {"message": message, "type": kind, "retryable": status == 503}}
+
+
+def _error(error: BaseException) -> JSONResponse:
+    status, body = error_reply(error)
+    return JSONResponse(body, status_code=status)
 
 
 @serve.deployment(name=DEPLOYMENT, health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=10)
@@ -72,26 +107,23 @@ class ModelServer:
         try:
             body = await request.json()
         except ValueError:
-            return _error(400, "the request body is not JSON", "invalid_request")
+            return _error(BadRequest("the request body is not JSON"))
         try:
             if isinstance(body, dict) and body.get("stream") is True:
                 return StreamingResponse(self._sse(self.service.stream(body)), media_type="text/event-stream")
             reply = await self.service.complete(body)
-        except BadRequest as e:
-            return _error(400, str(e), "invalid_request")
-        except EngramError as e:  # the table went away or refused (a dropped version, ...): retrying may help
-            return _error(503, f"{type(e).__name__}: {e}", "table_unavailable")
-        except Exception as e:  # noqa: BLE001 - a failed step: the engine goes on, the caller may retry
-            return _error(503, f"{type(e).__name__}: {e}", "engine_error")
+        except Exception as e:  # noqa: BLE001 - the request's error, said with its status; the engine goes on
+            return _error(e)
         reply["replica"] = self.replica
         return JSONResponse(reply)
 
     async def _sse(self, events):
-        try:
-            async for event in events:
-                yield f"data: {json.dumps(event)}\n\n"
-        except Exception as e:  # noqa: BLE001 - the status is sent already: the error is the last event
-            yield f"data: {json.dumps({'error': {'message': f'{type(e).__name__}: {e}', 'type': 'engine_error'}})}\n\n"
+        async with contextlib.aclosing(events):  # a client that leaves closes the events: their slots are freed
+            try:
+                async for event in events:
+                    yield f"data: {json.dumps(event)}\n\n"
+            except Exception as e:  # noqa: BLE001 - the status is sent already: the error is the last event
+                yield f"data: {json.dumps(error_reply(e)[1])}\n\n"
         yield "data: [DONE]\n\n"
 
     @http.get("/v1/stats")
@@ -106,10 +138,13 @@ class ModelServer:
         return {"ok": True, "replica": self.replica}
 
     def check_health(self) -> None:
-        """Ray Serve's health check: a replica whose engine loop died is replaced."""
-        thread = self.service.engine._thread
-        if thread is None or not thread.is_alive():
+        """Ray Serve's health check: a replica whose engine loop died, or has work and made no step for STUCK_S, is
+        replaced."""
+        engine = self.service.engine
+        if engine._thread is None or not engine._thread.is_alive():
             raise RuntimeError("the decoding engine's loop is not running")
+        if (engine.live or engine.waiting) and time.monotonic() - engine.last_step_at > STUCK_S:
+            raise RuntimeError(f"the decoding engine has made no step for {STUCK_S} s with requests waiting")
 
     def __del__(self):
         service = getattr(self, "service", None)
@@ -168,7 +203,8 @@ def deploy(checkpoint: str, memory: str | None, replicas: int = 1, name: str = "
     except Exception as e:  # noqa: BLE001 - Serve's error carries the replica's traceback: keep its last line
         last = [line for line in str(e).strip().splitlines() if line.strip()][-1:] or [type(e).__name__]
         raise ValueError(f"the model replicas failed to start: {last[0]}") from e
-    return f"http://{host}:{port}{route_prefix.rstrip('/')}/v1/completions"
+    http = serve.context._get_global_client().http_config  # Serve may have been started before, elsewhere
+    return f"http://{http.host}:{http.port}{route_prefix.rstrip('/')}/v1/completions"
 
 
 def scale(num_replicas: int, name: str = "engram", wait_s: float = READY_TIMEOUT_S) -> dict:

@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -50,7 +51,8 @@ def test_completions_equal_single_request_generation_for_text_ids_and_lists(serv
         assert choice["token_ids"] == alone and choice["finish_reason"] == "length"
         assert choice["text"] == service.tokenizer.decode(alone, skip_special_tokens=False)
     assert reply["usage"]["completion_tokens"] == 21
-    by_ids = run(service.complete({"prompt_ids": [5, 6, 7], "max_tokens": 4, "temperature": 0.7, "seed": 3}))
+    by_ids = run(service.complete({"prompt_ids": [5, 6, 7], "max_tokens": 4, "temperature": 0.7, "seed": 3,
+                                   "model": "anything"}))  # OpenAI-style clients send a model name: accepted
     again = run(service.complete({"prompt_ids": [[5, 6, 7]], "max_tokens": 4, "temperature": 0.7, "seed": 3}))
     assert by_ids["choices"][0]["token_ids"] == again["choices"][0]["token_ids"]  # seeded sampling repeats
 
@@ -86,6 +88,10 @@ def test_streaming_gives_each_token_as_it_is_made_and_the_same_completion(servic
     ({"prompt": ""}, "has no tokens"),
     ({"prompt_ids": list(range(300))}, "context"),
     ({"prompt": ["x"] * (MAX_PROMPTS + 1)}, "at most"),
+    ({"prompt_ids": [[1]] * (MAX_PROMPTS + 1)}, "at most"),
+    ({"prompt": "x", "seed": 2**64}, "seed"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "model": 3}, "model"),
 ])
 def test_bad_requests_are_refused_with_the_field_named_and_the_service_goes_on(service, body, complaint):
     with pytest.raises(BadRequest, match=complaint):
@@ -94,18 +100,28 @@ def test_bad_requests_are_refused_with_the_field_named_and_the_service_goes_on(s
 
 
 def test_a_caller_that_goes_away_frees_its_slots(service):
+    made = service.engine.stats["tokens"]
+    cancelled = service.requests["cancelled"]
+
     async def leave_early():
-        task = asyncio.ensure_future(service.complete({"prompt": ["a"] * 4, "max_tokens": 200}))
-        while not service.engine.live:
+        task = asyncio.ensure_future(service.complete({"prompt": ["a"] * 6, "max_tokens": 100}))  # 4 run, 2 wait
+        while len(service.engine.live) < 4:
             await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    run(leave_early())
-    for _ in range(200):
-        if len(service.engine.free) == 4:
-            break
-        asyncio.run(asyncio.sleep(0.02))
-    assert len(service.engine.free) == 4 and not service.engine.live
-    assert service.stats()["engine"]["live"] == 0
+    async def stream_then_close():
+        events = service.stream({"prompt": ["b"] * 2, "max_tokens": 100})
+        await events.__anext__()
+        await events.aclose()  # a client that stops reading the stream
+
+    for leave in (leave_early, stream_then_close):
+        run(leave())
+        for _ in range(500):
+            if len(service.engine.free) == 4 and not service.engine.live:
+                break
+            time.sleep(0.01)
+        assert len(service.engine.free) == 4 and not service.engine.live and not service.engine.waiting
+    assert service.engine.stats["tokens"] - made < 2 * 100  # they left long before their 100 tokens each
+    assert service.requests["cancelled"] == cancelled + 2

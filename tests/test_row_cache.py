@@ -111,3 +111,29 @@ def test_rows_trained_while_served_reach_the_cache_within_its_staleness_bound(se
     while not np.array_equal(cached.lookup_unique(layer, ids)[0], trained):
         assert time.monotonic() - started < bound + 0.5, "the cache served rows older than its bound"
         time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_version_dropped_under_its_requests_fails_only_them(service):
+    from memory_service.errors import NotFound
+
+    model, spec, compressor = tiny_model()
+    hasher = NgramHasher.from_compressor(spec, compressor)
+    admin = ServiceAdmin(service, token=TOKEN)
+    admin.create_table("t", spec, compressor.lookup_table, init_std=1.0, init_seed=0)
+    client = MemoryClient(service, "t", token=TOKEN)
+    engine = DecodingEngine(model, EngramRowFetcher(client, compressor, hasher), max_batch=4)
+    on_old = engine.submit([5, 6, 7], 12)
+    engine.step()  # prefilled on version 1, pinned to it
+    new = admin.create_version("t", init_std=0.5, init_seed=5)
+    admin.swap("t", new)
+    on_new = engine.submit([9, 10], 6)
+    engine.step()  # one step with both versions
+    admin.drop_version("t", 1)  # under the request still reading it
+    while not on_new.done():
+        engine.step()
+    with pytest.raises(NotFound):
+        on_old.result(timeout=0)
+    pinned = MemoryClient(service, "t", token=TOKEN, version=new)
+    assert on_new.result().tokens == alone(Generator(model, EngramRowFetcher(pinned, compressor, hasher)), [9, 10], 6)
+    assert on_new.result().versions == [new] and sorted(engine.free) == [0, 1, 2, 3]

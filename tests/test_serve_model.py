@@ -66,26 +66,28 @@ def expected(served, prompt: str, version: int) -> list[int]:
     return served["expected"][key]
 
 
-def complete(served, prompt: str, retries: int = 0, **body) -> tuple[dict, int]:
-    """POST a completion; (reply, attempts). A client that retries does so on connection errors and 5xx."""
-    for attempt in range(retries + 1):
+def complete(served, prompt: str, retry_s: float = 0, **body) -> tuple[dict, int]:
+    """POST a completion; (reply, attempts). A client that retries (for up to retry_s) does so on connection errors,
+    timeouts and 5xx."""
+    deadline, attempts = time.monotonic() + retry_s, 0
+    while True:
+        attempts += 1
         try:
             reply = requests.post(served["url"] + "/v1/completions", timeout=120,
                                   json={"prompt": prompt, "max_tokens": NEW_TOKENS, **body})
-            if reply.status_code < 500 or attempt == retries:
-                return reply, attempt + 1
-        except requests.ConnectionError:
-            if attempt == retries:
+            if reply.status_code < 500 or time.monotonic() > deadline:
+                return reply, attempts
+        except (requests.ConnectionError, requests.Timeout):
+            if time.monotonic() > deadline:
                 raise
         time.sleep(0.5)
-    raise AssertionError("unreachable")
 
 
 class Load:
     """Threads sending completions until stopped; every reply kept (or the error that ended a request)."""
 
-    def __init__(self, served, threads: int = 3, retries: int = 0):
-        self.served, self.retries, self.replies, self.failures, self.retried = served, retries, [], [], 0
+    def __init__(self, served, threads: int = 3, retry_s: float = 0):
+        self.served, self.retry_s, self.replies, self.failures, self.retried = served, retry_s, [], [], 0
         self._stop = threading.Event()
         self.threads = [threading.Thread(target=self._send, args=(i,), daemon=True) for i in range(threads)]
         for thread in self.threads:
@@ -97,7 +99,7 @@ class Load:
             prompt = PROMPTS[n % len(PROMPTS)]
             n += 1
             try:
-                reply, attempts = complete(self.served, prompt, self.retries)
+                reply, attempts = complete(self.served, prompt, self.retry_s)
                 self.retried += attempts - 1
                 if reply.status_code == 200:
                     self.replies.append((prompt, reply.json()))
@@ -116,6 +118,12 @@ class Load:
         self._stop.set()
         for thread in self.threads:
             thread.join(timeout=180)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()  # also when the test failed: no load leaks into the next test
 
 
 def check_replies(served, replies) -> set:
@@ -149,6 +157,7 @@ def test_concurrent_requests_are_answered_by_both_replicas_with_each_requests_ow
     events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
     assert [e["token_id"] for e in events[:-1]] == expected(served, PROMPTS[0], 1)
     assert events[-1]["finish_reason"] == "length" and all(e["table_version"] == 1 for e in events)
+    assert "".join(e["text"] for e in events) == events[-1]["completion"] == answered[0][1]["choices"][0]["text"]
     # bad requests: 400 with the reason, and the replicas serve on
     bad = requests.post(served["url"] + "/v1/completions", json={"prompt": "x", "max_tokens": -1}, timeout=60)
     assert bad.status_code == 400 and "max_tokens" in bad.json()["error"]["message"]
@@ -162,28 +171,28 @@ def test_a_swap_under_load_fails_no_request_and_no_request_mixes_versions(served
     from orchestration.pool_admin import PoolAdmin
 
     admin = PoolAdmin(served["pool"], token="tok")
-    load = Load(served)
-    load.wait_for(lambda: len(load.replies) >= 6)
-    new = admin.create_version("t", init_std=0.5, init_seed=7)  # different rows: a mixed request would show
-    admin.swap("t", new)
-    swapped_at = len(load.replies)
-    load.wait_for(lambda: sum(r["table_versions"] == [new] for _, r in load.replies[swapped_at:]) >= 6)
-    load.stop()
+    try:
+        with Load(served) as load:
+            load.wait_for(lambda: len(load.replies) >= 6)
+            new = admin.create_version("t", init_std=0.5, init_seed=7)  # different rows: a mixed request would show
+            admin.swap("t", new)
+            swapped_at = len(load.replies)
+            load.wait_for(lambda: sum(r["table_versions"] == [new] for _, r in load.replies[swapped_at:]) >= 6)
+    finally:
+        admin.swap("t", 1)  # back, for the tests after this one
     assert not load.failures
     assert check_replies(served, load.replies) == {1, new}
-    admin.swap("t", 1)  # back, for the tests after this one
 
 
 def test_a_memory_shard_killed_under_load_fails_no_request(served):
     pool = served["pool"]
-    load = Load(served)
-    load.wait_for(lambda: len(load.replies) >= 4)
-    before = pool.state()["shards"][0]["pid"]
-    pool.kill_shard(0)
-    killed_at = len(load.replies)
-    load.wait_for(lambda: pool.state()["shards"][0]["pid"] not in (None, before) and len(load.replies) >= killed_at + 8,
-                  timeout_s=180)
-    load.stop()
+    with Load(served) as load:  # a client that does not retry: the replicas' memory clients wait for the shard
+        load.wait_for(lambda: len(load.replies) >= 4)
+        before = pool.state()["shards"][0]["pid"]
+        pool.kill_shard(0)
+        killed_at = len(load.replies)
+        load.wait_for(lambda: pool.state()["shards"][0]["pid"] not in (None, before) and len(load.replies) >= killed_at + 8,
+                      timeout_s=180)
     assert not load.failures
     check_replies(served, load.replies)
 
@@ -191,13 +200,29 @@ def test_a_memory_shard_killed_under_load_fails_no_request(served):
 def test_replicas_scale_and_a_killed_replica_is_replaced(served):
     assert main(["serve-model", "scale", "1", "--name", APP]) == 0
     replica = requests.get(served["url"] + "/v1/stats", timeout=60).json()
-    load = Load(served, threads=2, retries=20)  # a client that retries: requests on the dead replica are sent again
-    load.wait_for(lambda: len(load.replies) >= 2)
-    os.kill(replica["pid"], signal.SIGKILL)
-    load.wait_for(lambda: any(r["replica"] != replica["replica"] for _, r in load.replies), timeout_s=240)
-    load.stop()
+    with Load(served, threads=2, retry_s=240) as load:  # a client that retries: requests on the dead replica go again
+        load.wait_for(lambda: len(load.replies) >= 2)
+        os.kill(replica["pid"], signal.SIGKILL)
+        load.wait_for(lambda: any(r["replica"] != replica["replica"] for _, r in load.replies), timeout_s=240)
     assert not load.failures
     check_replies(served, load.replies)
     from orchestration.serve_model import status
 
     assert status(APP)["replicas"] == {"RUNNING": 1}
+
+
+def test_errors_map_to_statuses_that_say_whether_a_retry_can_help():
+    from memory_service.errors import NotFound, ShardUnavailable, Unauthenticated
+    from model_worker.completions import BadRequest
+    from orchestration.serve_model import error_reply
+
+    cases = {BadRequest("max_tokens must be >= 1"): (400, "invalid_request", False),
+             ShardUnavailable("shard 1 is down"): (503, "table_unavailable", True),
+             NotFound("no version 3"): (404, "table_not_found", False),
+             Unauthenticated("no token"): (500, "server_configuration", False),
+             RuntimeError("the decoding engine was stopped before this request finished"): (503, "engine_unavailable", True),
+             ZeroDivisionError("bug"): (500, "engine_error", False)}
+    for error, (status, kind, retryable) in cases.items():
+        got, body = error_reply(error)
+        assert (got, body["error"]["type"], body["error"]["retryable"]) == (status, kind, retryable)
+        assert str(error) in body["error"]["message"]
