@@ -224,3 +224,25 @@ class EngramRowFetcher:
                 self.backend.apply_gradients(layer_id, ids, grads, lr)
             pushed += ids.size
         return pushed
+
+
+class NoTables:
+    """Rows source, fetcher and backend of a model without Engram layers (an MoE baseline): nothing to fetch, push
+    or keep; its checkpoint holds an empty tables file."""
+
+    remote = False
+
+    def fetch(self, tokens, context=None, requires_grad: bool = False, prefetch: bool = False, version: int = 0) -> FetchedRows:
+        """No rows: the model has no Engram layer to feed."""
+        return FetchedRows({})
+
+    def push_row_gradients(self, gradients: dict, lr: float) -> int:
+        """Nothing to push."""
+        return 0
+
+    def save(self, path) -> None:
+        """An empty tables file (the checkpoint stays complete)."""
+        np.savez(path)
+
+    def load(self, path) -> None:
+        """Nothing to load."""

@@ -67,6 +67,9 @@ class Generator:
         model.to(device)
         compressor = CompressedTokenizer.load(directory / ckpt.COMPRESSION_FILE)
         spec = config.engram
+        if spec is None:
+            raise ValueError(f"{directory} holds an MoE model without Engram layers (an experiment's baseline): "
+                             "generation here needs an Engram model")
         if spec.compressed_vocab_size != len(compressor):
             raise ValueError(f"compression map in {directory} has {len(compressor)} ids but the model expects {spec.compressed_vocab_size}")
         hasher = NgramHasher.from_compressor(spec, compressor)

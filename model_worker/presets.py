@@ -136,3 +136,54 @@ def iso_parameter_pair(config: ModelConfig) -> tuple[ModelConfig, ModelConfig]:
         moe=dataclasses.replace(config.moe, num_routed_experts=config.moe.num_routed_experts + extra_experts),
     )
     return baseline, config
+
+
+def _per_expert(config: ModelConfig) -> int:
+    """Parameters of one routed expert across all MoE layers (its weights and its router column)."""
+    num_moe_layers = config.num_layers - config.num_dense_layers
+    return (_swiglu(config.hidden_size, config.moe.expert_hidden_size) + config.hidden_size) * num_moe_layers
+
+
+def allocation(config: ModelConfig, rho: float) -> ModelConfig:
+    """The config that gives a share rho of the sparse parameters to routed experts, the rest to Engram.
+
+    Sparse parameters are those a token does not activate: inactive routed experts plus Engram tables (and the
+    Engram layers' own weights, which are paid for from the same budget). The budget is the iso-parameter MoE
+    baseline's: its (experts - top_k) inactive experts. rho = 1 is that baseline (no Engram); lower rho removes
+    whole experts (every MoE layer) and grows the tables of the preset's Engram layers by what they freed, so the
+    total stays about the same and the activated count barely moves (top_k is unchanged).
+    """
+    if not 0 < rho <= 1:
+        raise ValueError(f"rho must be in (0, 1], got {rho}")
+    baseline, engram = iso_parameter_pair(config)
+    top_k = baseline.moe.top_k
+    inactive = baseline.moe.num_routed_experts - top_k  # the sparse budget, in experts
+    experts = top_k + max(1, round(rho * inactive))
+    if experts >= baseline.moe.num_routed_experts:
+        return baseline
+    budget = (baseline.moe.num_routed_experts - experts) * _per_expert(config)  # parameters the tables may take
+    spec = engram.engram
+    budget -= count_parameters(engram)["engram_layers"]
+    heads = len(spec.layer_ids) * (spec.max_ngram_size - 1) * spec.n_head_per_ngram
+    rows_per_head = budget // (heads * spec.head_dim)
+    if rows_per_head < 16:
+        raise ValueError(f"rho {rho} leaves {budget:,} parameters for Engram tables: too few for {heads} heads")
+    spec = dataclasses.replace(spec, engram_vocab_size=(int(rows_per_head),) * (spec.max_ngram_size - 1))
+    return dataclasses.replace(engram, engram=spec,
+                               moe=dataclasses.replace(engram.moe, num_routed_experts=experts))
+
+
+def model_config_for(preset: str, vocab_size: int, pad_id: int, architecture: str = "engram",
+                     rho: float | None = None) -> ModelConfig:
+    """A preset's config as trained: architecture "engram" (the preset) or "moe" (its iso-parameter MoE baseline),
+    or, with rho, the allocation between experts and Engram rows (allocation())."""
+    config = build_preset(preset, vocab_size, pad_id)
+    if rho is not None:
+        if architecture != "engram":
+            raise ValueError("rho sets the allocation of an Engram model; the MoE baseline is rho = 1")
+        return allocation(config, rho)
+    if architecture == "moe":
+        return iso_parameter_pair(config)[0]
+    if architecture != "engram":
+        raise ValueError(f"unknown architecture {architecture!r}: engram or moe")
+    return config

@@ -26,10 +26,10 @@ from model_worker import checkpoint as ckpt
 from model_worker.data import Corpus, eval_batches, load_corpus, sample_batch, unigram_cross_entropy
 from model_worker.data_parallel import DataParallel
 from model_worker.device import resolve_device, to_device, use_device
-from model_worker.engram_rows import EngramRowFetcher
+from model_worker.engram_rows import EngramRowFetcher, NoTables
 from model_worker.model import EngramMoEModel, ModelConfig, check_token_range
-from model_worker.presets import build_preset, count_parameters
-from model_worker.tables import TableSource, table_source
+from model_worker.presets import count_parameters, model_config_for
+from model_worker.tables import InProcessTables, TableSource, table_source
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +90,11 @@ class TrainConfig:
     mode: str = "sync"
     """sync: a step's lookups see every earlier update. async: a step's row-gradient push runs while the
     next step fetches and computes (rows may miss the previous step's update: staleness at most 1)."""
+    architecture: str = "engram"
+    """engram: the preset; moe: its iso-parameter MoE baseline (no Engram; the routed experts the tables paid for)."""
+    rho: float | None = None
+    """Share of the sparse parameters (inactive experts + Engram tables) given to routed experts, at the total of the
+    iso-parameter pair (presets.allocation; 1.0 = the MoE baseline). None: the preset as it is."""
     device: str = "auto"
     """auto (CUDA when torch can use it, else CPU), cpu, or cuda / cuda:N (an error, never a CPU fallback, when the
     GPU cannot be used). A data-parallel group's driver resolves it once for every rank."""
@@ -135,25 +140,31 @@ class Trainer:
         self.corpus: Corpus = load_corpus(config.data, config.tokenizer, config.vocab_size, log=log)
         self.compressor = CompressedTokenizer.from_tokenizer_file(self.corpus.tokenizer_path)
         self.tokenizer_json = self.corpus.tokenizer_path.read_bytes()  # kept: a resumed run's source file is replaced
-        base = build_preset(config.preset, self.corpus.vocab_size, self.corpus.pad_id)
+        base = model_config_for(config.preset, self.corpus.vocab_size, self.corpus.pad_id, config.architecture, config.rho)
         if config.seq_len > base.max_seq_len:
             raise ValueError(f"seq_len {config.seq_len} exceeds preset {config.preset}'s max_seq_len {base.max_seq_len}")
-        engram = dataclasses.replace(base.engram, dtype=config.table_dtype or base.engram.dtype,
-                                     optimizer_state=config.optimizer_state)
-        spec = engram.with_compression(self.compressor.lookup_table, len(self.compressor))
+        spec = None
+        if base.engram is not None:
+            engram = dataclasses.replace(base.engram, dtype=config.table_dtype or base.engram.dtype,
+                                         optimizer_state=config.optimizer_state)
+            spec = engram.with_compression(self.compressor.lookup_table, len(self.compressor))
         self.model_config: ModelConfig = dataclasses.replace(base, engram=spec)
-        self.hasher = NgramHasher.from_compressor(spec, self.compressor)
+        self.hasher = NgramHasher.from_compressor(spec, self.compressor) if spec is not None else None
         torch.manual_seed(config.seed)
         self.model = EngramMoEModel(self.model_config).to(self.device)
         self.parallel.broadcast_parameters(self.model)
         self.table_name = config.table or f"engram-{config.preset}"
         if not self.is_leader:
             self.parallel.barrier()  # the leader opens (and if need be creates) the tables first
-        self.tables = tables or table_source(config.memory, self.table_name, token, config.version)
-        self.backend = self.tables.open(spec, self.compressor.lookup_table, config.row_init_std, config.seed, log=log)
+        if spec is None:  # an MoE without Engram layers: no tables anywhere
+            self.tables, self.backend = InProcessTables(), NoTables()
+            self.fetcher = self.backend
+        else:
+            self.tables = tables or table_source(config.memory, self.table_name, token, config.version)
+            self.backend = self.tables.open(spec, self.compressor.lookup_table, config.row_init_std, config.seed, log=log)
+            self.fetcher = EngramRowFetcher(self.backend, self.compressor, self.hasher, self.device)
         if self.is_leader:
             self.parallel.barrier()
-        self.fetcher = EngramRowFetcher(self.backend, self.compressor, self.hasher, self.device)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "embed" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
         self.optimizer = torch.optim.AdamW(

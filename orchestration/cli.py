@@ -5,6 +5,7 @@
     engram demo                               the whole system (demo.py)
     engram cluster | shards | workers         a Ray cluster's pool and training job (commands_cluster.py)
     engram serve-model [scale N|status|down]  a model served over HTTP by Ray Serve (commands_serve.py)
+    engram experiment iso|allocation          model-quality experiments (experiments.py)
     engram bench hash|lookup|push|step        benchmarks with same-run baselines (bench.py)
 
 Heavy imports happen inside each command so `engram --help` is instant. Errors a user
@@ -299,6 +300,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="memory service token (default $ENGRAM_TOKEN)")
     p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS or engram cluster up's)")
     p.set_defaults(func=_lazy("commands_serve", "serve_model"))
+
+    p = sub.add_parser("experiment", help="model quality: Engram-MoE vs the iso-parameter MoE, and the allocation sweep")
+    p.add_argument("what", choices=["iso", "allocation"], help="iso: both models over several seeds; allocation: "
+                   "val loss against rho, the share of sparse parameters in routed experts")
+    p.add_argument("--preset", help="model preset (default tiny)")
+    p.add_argument("--steps", type=int, help="steps a run (default 1500)")
+    p.add_argument("--batch-size", type=int, help="sequences a step (default 16)")
+    p.add_argument("--seq-len", type=int, help="tokens a sequence (default 128)")
+    p.add_argument("--lr", type=float, help="peak dense learning rate, both models (default 3e-3; Engram rows x5)")
+    p.add_argument("--eval-every", type=int, help="steps between val losses (default 100)")
+    p.add_argument("--seeds", help="iso: comma-separated seeds (default 0,1,2)")
+    p.add_argument("--rhos", help="allocation: comma-separated rho values in (0, 1] (default 1,0.875,0.75,0.625,0.5,0.375)")
+    p.add_argument("--seed", type=int, default=0, help="allocation: the seed of every point")
+    p.add_argument("--out-dir", default="docs/results", help="where the JSON report and the PNG go")
+    p.add_argument("--runs-dir", help="where each run's checkpoint and curves go (default runs/experiments/<what>)")
+    p.add_argument("--memory", help="grpc://HOST:PORT or pool[:NAME]: Engram tables there (one table a run, dropped after)")
+    p.add_argument("--token", help="memory service token (default $ENGRAM_TOKEN)")
+    p.add_argument("--address", help="Ray cluster address with --memory pool")
+    p.add_argument("--data", help="corpus (default: the built-in one)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: trained on the corpus and cached)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_lazy("experiments", "command"))
 
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)")
     p.add_argument("what", choices=["hash", "lookup", "push", "disk", "step", "generate"])
