@@ -158,6 +158,7 @@ class Trainer:
             self.parallel.barrier()  # the leader opens (and if need be creates) the tables first
         if spec is None:  # an MoE without Engram layers: no tables anywhere
             self.tables, self.backend = InProcessTables(), NoTables()
+            self.tables.description = "none (no Engram layers)"
             self.fetcher = self.backend
         else:
             self.tables = tables or table_source(config.memory, self.table_name, token, config.version)
@@ -451,7 +452,8 @@ class Trainer:
         ax.axhline(self.unigram_loss, color="gray", linestyle="--", label="unigram baseline")
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats/token)")
-        ax.set_title(f"Engram-MoE {self.config.preset}")
+        model = "Engram-MoE" if self.model_config.engram is not None else "MoE (no Engram)"
+        ax.set_title(f"{model} {self.config.preset}" + (f", rho {self.config.rho:g}" if self.config.rho is not None else ""))
         ax.legend()
         fig.tight_layout()
         path = self.out_dir / "loss_curve.png"

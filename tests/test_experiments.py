@@ -41,7 +41,8 @@ def test_both_experiments_write_their_reports_at_a_tiny_size(tmp_path, small_cor
     assert sorted((r["model"], r["seed"]) for r in iso["runs"]) == [("engram", 0), ("engram", 1), ("moe", 0), ("moe", 1)]
     for run in iso["runs"]:
         assert [step for step, _ in run["val_curve"]] == [0, 2, 3] and run["final_val_loss"] == run["val_curve"][-1][1]
-        assert run["params_total"] > run["params_activated"] > 0
+        assert run["params_total"] > run["params_activated"] > 0 and run["seconds"] > 0
+        assert run["num_routed_experts"] == (18 if run["model"] == "moe" else 4)
     engram0, moe0 = (next(r for r in iso["runs"] if r["model"] == m and r["seed"] == 0) for m in ("engram", "moe"))
     assert abs(engram0["params_total"] / moe0["params_total"] - 1) < 0.02
     assert engram0["final_val_loss"] != moe0["final_val_loss"]  # two different models were trained
@@ -53,7 +54,9 @@ def test_both_experiments_write_their_reports_at_a_tiny_size(tmp_path, small_cor
     assert (first["rho"], first["engram_rows"]) == (1.0, 0) and second["engram_rows"] > 0
     assert second["num_routed_experts"] < first["num_routed_experts"]
     assert report["best_rho"] in (1.0, 0.5) and (tmp_path / "allocation.png").stat().st_size > 0
-    assert main(["experiment", "allocation", "--rhos", "1.5,0.5", *common]) == 2  # a clear error
+    assert first["rho_effective"] == 1.0 and 0 < second["rho_effective"] < 1
+    for rhos in ("1.5,0.5", "1,0.5,1.5", "0.4,0.375", "1"):  # refused before anything trains
+        assert main(["experiment", "allocation", "--rhos", rhos, *common]) == 2
 
 
 @pytest.mark.slow
