@@ -56,13 +56,18 @@ def service(tmp_path):
     store.close()
 
 
-@pytest.mark.slow
-def test_cached_decoding_through_the_service_gives_the_same_tokens_and_each_request_one_version(service):
+def table_on_service(service):
+    """The tiny model, its spec and compressor, and table "t" made for them on the service (admin, data client)."""
     model, spec, compressor = tiny_model()
-    hasher = NgramHasher.from_compressor(spec, compressor)
     admin = ServiceAdmin(service, token=TOKEN)
     admin.create_table("t", spec, compressor.lookup_table, init_std=1.0, init_seed=0)
-    client = MemoryClient(service, "t", token=TOKEN)
+    return model, spec, compressor, admin, MemoryClient(service, "t", token=TOKEN)
+
+
+@pytest.mark.slow
+def test_cached_decoding_through_the_service_gives_the_same_tokens_and_each_request_one_version(service):
+    model, spec, compressor, admin, client = table_on_service(service)
+    hasher = NgramHasher.from_compressor(spec, compressor)
     cached = CachedTables(client, RowCache(8 << 20, list(spec.layer_ids), spec.head_dim, client.dtype, max_staleness_s=60))
     prompts, counts = mixed_requests(9, seed=3)
     plain = DecodingEngine(model, EngramRowFetcher(client, compressor, hasher), max_batch=4).generate(prompts, counts)
@@ -93,10 +98,7 @@ def test_cached_decoding_through_the_service_gives_the_same_tokens_and_each_requ
 
 @pytest.mark.slow
 def test_rows_trained_while_served_reach_the_cache_within_its_staleness_bound(service):
-    model, spec, compressor = tiny_model()
-    admin = ServiceAdmin(service, token=TOKEN)
-    admin.create_table("t", spec, compressor.lookup_table, init_std=1.0, init_seed=0)
-    client = MemoryClient(service, "t", token=TOKEN)
+    model, spec, compressor, admin, client = table_on_service(service)
     bound = 0.5
     cached = CachedTables(client, RowCache(1 << 20, list(spec.layer_ids), spec.head_dim, client.dtype, bound))
     layer = spec.layer_ids[0]
@@ -117,11 +119,8 @@ def test_rows_trained_while_served_reach_the_cache_within_its_staleness_bound(se
 def test_a_version_dropped_under_its_requests_fails_only_them(service):
     from memory_service.errors import NotFound
 
-    model, spec, compressor = tiny_model()
+    model, spec, compressor, admin, client = table_on_service(service)
     hasher = NgramHasher.from_compressor(spec, compressor)
-    admin = ServiceAdmin(service, token=TOKEN)
-    admin.create_table("t", spec, compressor.lookup_table, init_std=1.0, init_seed=0)
-    client = MemoryClient(service, "t", token=TOKEN)
     engine = DecodingEngine(model, EngramRowFetcher(client, compressor, hasher), max_batch=4)
     on_old = engine.submit([5, 6, 7], 12)
     engine.step()  # prefilled on version 1, pinned to it
