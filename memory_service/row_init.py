@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from memory_service.fp8_rows import quantize
+from memory_service.row_dtypes import FP8_BLOCK_SCALED
+
 INIT_BLOCK_ROWS = 4096  # rows drawn from one generator
 
 
 def init_rows(num_rows: int, head_dim: int, layer_id: int, start: int, stop: int,
               std: float = 1.0, seed: int = 0, dtype: str = "float32") -> np.ndarray:
-    """Rows [start, stop) of a layer's initial table, [stop - start, head_dim] N(0, std^2)."""
+    """Rows [start, stop) of a layer's initial table, [stop - start, head_dim] N(0, std^2) in a float dtype; for
+    FP8 tables, those values quantized: records [stop - start, head_dim + head_dim / 32]."""
     if not 0 <= start <= stop <= num_rows:
         raise ValueError(f"row range [{start}, {stop}) is outside the table [0, {num_rows})")
+    if dtype == FP8_BLOCK_SCALED:
+        return quantize(init_rows(num_rows, head_dim, layer_id, start, stop, std, seed, "float32"))
     out = np.empty((stop - start, head_dim), dtype=dtype)
     first_block, last_block = start // INIT_BLOCK_ROWS, (stop - 1) // INIT_BLOCK_ROWS if stop > start else -1
     for block in range(first_block, last_block + 1):

@@ -226,7 +226,7 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
         per_row = ID_BYTES + (0 if request.row_ids_only else meta.row_nbytes)  # every reply carries the row ids
         self._check_size(tokens.size * meta.spec.num_heads, per_row, "token lookup response")
         row_ids = hasher.row_ids(tokens, layers=(request.layer,))[request.layer]  # [B, T, heads]
-        out_shape = [*row_ids.shape, meta.head_dim]
+        out_shape = [*row_ids.shape, meta.row_width]
         if request.row_ids_only:
             return pb.LookupTokensResponse(shape=out_shape, dtype=dtype_enum(meta.dtype), row_ids=encode_ids(row_ids))
         owned = self.store.shard_state["owned"].get(meta.name) is not None
@@ -287,10 +287,10 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
         dtype = enum_dtype(request.dtype)
         if dtype != meta.dtype:
             raise InvalidArgument(f"rows are {dtype.name} but table {shown(meta.name)} stores {meta.dtype.name}")
-        rows = decode_array(request.rows, dtype, "rows", width=meta.head_dim)
+        rows = decode_array(request.rows, dtype, "rows", width=meta.row_width)
         self.store.check_owned(request.table, request.layer, ids, write=True)
         if rows.shape[0] != ids.size:
-            raise InvalidArgument(f"{ids.size} row ids but {rows.shape[0]} rows of width {meta.head_dim}")
+            raise InvalidArgument(f"{ids.size} row ids but {rows.shape[0]} rows of width {meta.row_width}")
         self._check_size(ids.size, meta.row_nbytes, "write")
         version = self.store.write_rows(request.table, request.layer, ids, rows, request.version,
                                         self._fingerprint(request.spec_fingerprint), request_id)
@@ -312,7 +312,7 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
             dtype = enum_dtype(request.dtype)
             if dtype != meta.dtype:
                 raise InvalidArgument(f"rows are {dtype.name} but table {shown(meta.name)} stores {meta.dtype.name}")
-            rows = decode_array(request.rows, dtype, "rows", width=meta.head_dim)
+            rows = decode_array(request.rows, dtype, "rows", width=meta.row_width)
             self._check_size(rows.shape[0], meta.row_nbytes, "load")
             batch.append(RowLoad(request.table, request.layer, int(request.start_row), rows, int(request.version),
                                  self._fingerprint(request.spec_fingerprint)))

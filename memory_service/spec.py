@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from memory_service.row_dtypes import ROW_DTYPES, row_dtype
+from memory_service.row_dtypes import FP8_BLOCK, FP8_BLOCK_SCALED, ROW_DTYPES, row_dtype, row_width
 from memory_service.row_optim import OPTIMIZER_STATES
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
@@ -79,7 +79,7 @@ class EngramSpec:
     compression_digest: str = ""
     """sha256 of the compression map (old id -> new id), '' until a map is bound."""
     dtype: str = "float32"
-    """Row dtype in the tables and on the wire."""
+    """Row format in the tables and on the wire: a float dtype, or "fp8_e4m3_b32" (row_dtypes.py)."""
     optimizer_state: str = "exact"
     """Row-wise Adam state a store keeps per row: "exact" (m, v per value, float32) or "compact" (m in bfloat16, one v
     per row): row_optim.py. Invisible to clients, so not part of the fingerprint."""
@@ -138,6 +138,8 @@ class EngramSpec:
             raise ValueError(f"kernel_size must be in [1, {MAX_KERNEL_SIZE}], got {self.kernel_size}")
         if self.dtype not in ROW_DTYPES:
             raise ValueError(f"dtype must be one of {ROW_DTYPES}, got {self.dtype!r}")
+        if self.dtype == FP8_BLOCK_SCALED and self.head_dim % FP8_BLOCK:
+            raise ValueError(f"{FP8_BLOCK_SCALED} rows need a head_dim divisible by {FP8_BLOCK}, got {self.head_dim}")
         if self.optimizer_state not in OPTIMIZER_STATES:
             raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATES}, got {self.optimizer_state!r}")
         if self.compressed_vocab_size is not None:
@@ -170,8 +172,8 @@ class EngramSpec:
 
     @property
     def row_nbytes(self) -> int:
-        """Bytes of one row in the table dtype."""
-        return self.head_dim * row_dtype(self.dtype).itemsize
+        """Bytes of one stored row (head_dim values, or an FP8 record)."""
+        return row_width(self.dtype, self.head_dim) * row_dtype(self.dtype).itemsize
 
     # ------------------------------------------------------------- identity
     def canonical(self) -> dict:

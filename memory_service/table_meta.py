@@ -16,6 +16,8 @@ import numpy as np
 
 from memory_service.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from memory_service.hashing import head_sizes_for_spec
+from memory_service.fp8_rows import check_records
+from memory_service.row_dtypes import all_finite, is_trainable, row_dtype, row_width
 from memory_service.row_optim import record_dtype
 from memory_service.spec import EngramSpec
 
@@ -60,18 +62,46 @@ class TableMeta:
 
     @property
     def dtype(self) -> np.dtype:
-        """Row dtype."""
-        return np.dtype(self.spec.dtype).newbyteorder("<")
+        """Element dtype of a stored row (uint8 for FP8 records)."""
+        return row_dtype(self.spec.dtype).newbyteorder("<")
 
     @property
     def head_dim(self) -> int:
-        """Row width."""
+        """Values per row (the model's view)."""
         return self.spec.head_dim
 
     @property
+    def row_width(self) -> int:
+        """Elements of one stored row: head_dim, or an FP8 record's bytes."""
+        return row_width(self.spec.dtype, self.spec.head_dim)
+
+    @property
+    def trainable(self) -> bool:
+        """Whether gradients may update the rows (not FP8 records)."""
+        return is_trainable(self.spec.dtype)
+
+    @property
     def row_nbytes(self) -> int:
-        """Bytes of one row."""
-        return self.head_dim * self.dtype.itemsize
+        """Bytes of one stored row."""
+        return self.row_width * self.dtype.itemsize
+
+    def check_rows(self, values, count: int | None = None) -> np.ndarray:
+        """Stored rows [n, row_width] (n = count when given) in the table's element dtype, every value finite (FP8
+        records: no NaN code or scale); InvalidArgument (nothing stored) otherwise."""
+        values = np.asarray(values)
+        width = self.row_width
+        if values.ndim != 2 or values.shape[1] != width or (count is not None and values.shape[0] != count):
+            rows = "n" if count is None else count
+            raise InvalidArgument(f"rows must be [{rows}, {width}]{' (FP8 records)' if not self.trainable else ''}, "
+                                  f"got {list(values.shape)}")
+        if values.dtype != self.dtype:
+            raise InvalidArgument(f"rows must be {self.dtype.name} (the table dtype), got {values.dtype.name}")
+        if self.trainable:
+            if not all_finite(values):
+                raise InvalidArgument("rows contain NaN or Inf; refusing to store them", reason="NON_FINITE_VALUE")
+        else:
+            check_records(values, self.head_dim)
+        return values
 
     def num_chunks(self, layer: int) -> int:
         """Chunks of a layer's table (the last one padded to chunk_rows)."""

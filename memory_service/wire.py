@@ -10,7 +10,9 @@ from memory_service.errors import InvalidArgument
 from memory_service.row_dtypes import BFLOAT16
 from protos import engram_pb2 as pb
 
-DTYPE_TO_ENUM = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, BFLOAT16.name: pb.BFLOAT16, "int64": pb.INT64}
+# uint8 payloads are FP8 records (memory_service/fp8_rows.py), the only byte-sized rows there are
+DTYPE_TO_ENUM = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, BFLOAT16.name: pb.BFLOAT16, "int64": pb.INT64,
+                 "uint8": pb.FP8_E4M3_B32}
 ENUM_TO_DTYPE = {v: np.dtype(k).newbyteorder("<") for k, v in DTYPE_TO_ENUM.items()}
 
 # Every message, header included, fits in gRPC's default 4 MiB, so any language's default client reads it.

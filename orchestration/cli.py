@@ -19,13 +19,14 @@ import json
 import sys
 
 from memory_service.errors import EngramError
-from memory_service.row_dtypes import ROW_DTYPES
+from memory_service.row_dtypes import FLOAT_DTYPES, FP8_BLOCK_SCALED, ROW_DTYPES
 from memory_service.row_optim import OPTIMIZER_STATES
 
 # Sizes of each benchmark when not given (--rows, --batch, --repeats).
 BENCH_DEFAULTS = {
     "hash": {"repeats": 5},
     "lookup": {"rows": 1 << 24, "batch": 262144, "repeats": 15},
+    "lookup-fp8": {"rows": 1 << 21, "batch": 65536, "repeats": 15},  # two tables of 256-value rows: 1.5 GiB
     "push": {"rows": 1 << 23, "batch": 5400, "repeats": 30},
     "disk": {"rows": 1 << 28, "batch": 16384},
     "generate": {"repeats": 3},  # rounds: the median of three turns per mode (this machine's drift is +-10%)
@@ -38,7 +39,7 @@ def _bench(args) -> int:
     def log(*parts):
         print(*parts, file=sys.stderr)
 
-    defaults = BENCH_DEFAULTS.get(args.what, {})
+    defaults = BENCH_DEFAULTS.get(f"{args.what}-{args.format}" if args.format else args.what, {})
     for name, value in defaults.items():  # each benchmark's own sizes, unless given
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -62,6 +63,10 @@ def _bench(args) -> int:
         result = bench_generate(args.preset, concurrency, args.new_tokens, args.repeats, args.cache_mb, log=log)
         if args.plot:
             plot_generate(result, args.plot)
+    elif args.format == "fp8":
+        from orchestration.bench_fp8 import bench_lookup_fp8
+
+        result = bench_lookup_fp8(args.rows, args.batch, args.repeats, args.path, log=log)
     else:
         result = bench.bench_lookup(args.rows, args.dim, args.dtype, args.batch, args.repeats, args.path, log=log)
     if args.json:
@@ -91,6 +96,13 @@ def _service_args(p, table: bool = True, table_required: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _checkpoint_names(p) -> None:
+    p.add_argument("--weight-pattern", default="layers.{layer}.engram.embed.weight",
+                   help="with --checkpoint: name of a layer's F8_E4M3 codes")
+    p.add_argument("--scale-pattern", default="layers.{layer}.engram.embed.scale",
+                   help="with --checkpoint: name of a layer's F8_E8M0 scales")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `engram` command."""
     parser = argparse.ArgumentParser(prog="engram", description="Engram memory service and Engram-MoE model")
@@ -112,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", help="table name on the memory service (default engram-<preset>; created if missing)")
     p.add_argument("--version", type=int, help="train this table version (engram table new-version) while the active one "
                    "keeps serving; default: the active version")
-    p.add_argument("--table-dtype", choices=ROW_DTYPES, help="row dtype of the Engram tables (default: the preset's)")
+    p.add_argument("--table-dtype", choices=FLOAT_DTYPES, help="row dtype of the Engram tables (default: the preset's)")
     p.add_argument("--optimizer-state", choices=OPTIMIZER_STATES, help="row-wise Adam state: exact (default; m and v "
                    "per value, fp32: 8 x head_dim + 8 bytes a row) or compact (bf16 m, one v per row: 2 x head_dim + 8)")
     p.add_argument("--token", help="memory service token (default $ENGRAM_TOKEN)")
@@ -172,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("create", help="create a table set (version 1 active)")
     _service_args(a)
     a.add_argument("--from-checkpoint", help="spec, compression map and trained rows of an engram train checkpoint")
+    a.add_argument("--from-config", help="a DeepSeek-V4.1-style config.json (or its checkpoint directory): the spec "
+                   "from its engram_* keys, refused unless our layout gives its engram_num_embeddings; rows "
+                   f"{FP8_BLOCK_SCALED} unless --dtype, empty until imported (--seed: hash seed, default 0)")
     a.add_argument("--spec-json", help="EngramSpec JSON file")
     a.add_argument("--preset", default="tiny", help="take the spec of a model preset (with --tokenizer or the cached one)")
     a.add_argument("--tokenizer", help="tokenizer.json: builds the compression map (enables token queries)")
@@ -199,19 +214,37 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("drop", help="delete a version (or, without --version, the table)")
     _service_args(a)
     a.add_argument("--version", type=int)
-    a = actions.add_parser("import", help="load a layer's rows from .npy, safetensors or a reference torch state dict")
+    a = actions.add_parser("import", help="load a layer's rows from .npy, safetensors or a reference torch state dict, "
+                           "or every Engram layer of a V4.1-layout checkpoint")
     _service_args(a)
-    a.add_argument("--layer", type=int, required=True)
-    a.add_argument("--file", required=True)
+    a.add_argument("--layer", type=int, help="with --file: the layer its rows are for")
+    source = a.add_mutually_exclusive_group(required=True)
+    source.add_argument("--file", help="one layer's rows (.npy, .safetensors, .pt)")
+    source.add_argument("--checkpoint", help="a checkpoint directory whose safetensors shards hold the Engram tables "
+                        "(model.safetensors.index.json): every layer into one new version, FP8 records as they are")
+    _checkpoint_names(a)
     a.add_argument("--key", help="tensor name in the file (default: the reference's multi_head_embedding.embedding.weight)")
     a.add_argument("--version", type=int, help="write into this version (default: a new version)")
     a.add_argument("--activate", action="store_true", help="swap to the imported version")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
-    a = actions.add_parser("export", help="write rows to .npy (one layer) or .safetensors")
+    a = actions.add_parser("export", help="write rows to .npy (one layer) or .safetensors, or an FP8 table in V4.1's "
+                           "checkpoint layout")
     _service_args(a)
     a.add_argument("--layer", type=int)
     a.add_argument("--version", type=int, default=0)
-    a.add_argument("--out", required=True)
+    target = a.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help=".npy or .safetensors file")
+    target.add_argument("--checkpoint", help="directory: one safetensors shard per layer (weight F8_E4M3, scale "
+                        "F8_E8M0) and model.safetensors.index.json")
+    _checkpoint_names(a)
+    a = actions.add_parser("quantize", help=f"a float table's rows into a new version of an {FP8_BLOCK_SCALED} table "
+                           "(created with the same hashing if absent); prints the error it introduces")
+    _service_args(a)
+    a.add_argument("--into", required=True, help="the FP8 table")
+    a.add_argument("--version", type=int, default=0, help="version of --table to quantize (default: the active one)")
+    a.add_argument("--activate", action="store_true", help="swap the FP8 table to the new version")
+    a.add_argument("--tokenizer", help="with a new --into: tokenizer.json for its compression map (token lookups)")
+    a.add_argument("--compression-map", help="with a new --into: compression map .npy")
     p.set_defaults(func=_lazy("commands_memory", "table"))
 
     p = sub.add_parser("query", help="look rows up on a running memory service")
@@ -332,7 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, help="lookup, push, disk: rows of the table's layer (default: lookup 2^24, push "
                    "2^23 timed against --baseline-rows, disk 2^28: 32 GiB, bigger than this machine's RAM)")
     p.add_argument("--dim", type=int, default=64, help="lookup, push, disk: row width")
-    p.add_argument("--dtype", default="float16", choices=ROW_DTYPES)
+    p.add_argument("--dtype", default="float16", choices=FLOAT_DTYPES)
+    p.add_argument("--format", choices=["fp8"], help="lookup: FP8 records (256 values + 8 scales) against bf16 rows of "
+                   "the same 256 values, same ids (default rows 2^21, batch 65536)")
     p.add_argument("--batch", type=int, help="lookup: ids per batch (default 262144); push: rows per push (default 5400); "
                    "disk: ids per batch (default 16384)")
     p.add_argument("--path", help="lookup, disk: store directory to create or reuse (default: a temporary one)")

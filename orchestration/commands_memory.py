@@ -72,6 +72,10 @@ def _spec_for_create(args):
     from memory_service.compression import CompressedTokenizer
     from memory_service.spec import EngramSpec
 
+    if args.from_config:
+        from orchestration.commands_checkpoint import spec_for_config
+
+        return spec_for_config(args)
     if args.from_checkpoint:
         from model_worker import checkpoint as ckpt
 
@@ -125,7 +129,7 @@ def _list(admin: TableAdmin, args) -> int:
 
 def _create(admin: TableAdmin, args) -> int:
     spec, compressor = _spec_for_create(args)
-    init_std = 0.0 if args.from_checkpoint else args.init_std
+    init_std = 0.0 if args.from_checkpoint or args.from_config else args.init_std  # from a config: empty until imported
     info = admin.create_table(args.table, spec, compressor.lookup_table if compressor is not None else None,
                               init_std, args.seed, args.chunk_rows)
     if args.from_checkpoint:
@@ -189,6 +193,13 @@ def _drop(admin: TableAdmin, args) -> int:
 def _import(admin: TableAdmin, args) -> int:
     from memory_service.table_io import read_table_file
 
+    if args.checkpoint:
+        from orchestration.commands_checkpoint import import_checkpoint
+
+        return import_checkpoint(admin, args)
+    if args.layer is None:
+        raise ValueError("--file needs --layer (the layer whose rows it holds)")
+
     rows = read_table_file(args.file, args.key)  # lazy: read a block at a time
     row_bytes = int(np.prod(rows.shape[1:])) * rows.dtype.itemsize
     started = time.perf_counter()
@@ -206,14 +217,25 @@ def _import(admin: TableAdmin, args) -> int:
 def _export(admin: TableAdmin, args) -> int:
     from memory_service.table_io import write_table_file
 
+    if args.checkpoint:
+        from orchestration.commands_checkpoint import export_checkpoint
+
+        return export_checkpoint(admin, args)
+
     layers = [args.layer] if args.layer is not None else sorted(admin.info(args.table).layer_rows)
     write_table_file(args.out, {layer: admin.export_rows(args.table, layer, args.version) for layer in layers})
     print(f"exported layers {layers} of {args.table!r} to {args.out}")
     return 0
 
 
+def _quantize(admin: TableAdmin, args) -> int:
+    from orchestration.commands_checkpoint import quantize_table
+
+    return quantize_table(admin, args)
+
+
 TABLE_ACTIONS = {"list": _list, "create": _create, "new-version": _new_version, "info": _info, "swap": _swap,
-                 "rollback": _rollback, "drop": _drop, "import": _import, "export": _export}
+                 "rollback": _rollback, "drop": _drop, "import": _import, "export": _export, "quantize": _quantize}
 
 
 def _parse_ids(text: str) -> np.ndarray:
@@ -249,9 +271,9 @@ def _query(client, args) -> int:
             tokens = _parse_ids(args.token_ids)
         rows, row_ids, version = client.lookup_tokens(args.layer, np.asarray([tokens]), compressed=args.compressed)
         rows, row_ids = rows[0], row_ids[0]
-    result = {"table": args.table, "layer": args.layer, "version": version, "shape": list(rows.shape),
-              "dtype": rows.dtype.name, "row_ids": row_ids.tolist()}
-    flat = rows.astype(np.float32)
+    flat = client.values(rows)  # float32 [..., head_dim]: FP8 records dequantized
+    result = {"table": args.table, "layer": args.layer, "version": version, "shape": list(flat.shape),
+              "dtype": client.spec.dtype, "row_ids": row_ids.tolist()}
     if args.full:
         result["rows"] = flat.tolist()
     else:

@@ -20,6 +20,8 @@ import numpy as np
 
 from memory_service.client import MemoryClient
 from memory_service.errors import InvalidArgument
+from memory_service.fp8_rows import QuantizationError, quantize
+from memory_service.row_dtypes import is_floating, is_trainable, row_width
 from memory_service.spec import EngramSpec
 from memory_service.table_meta import TableMeta
 
@@ -58,8 +60,13 @@ class TableInfo:
 
     @property
     def head_dim(self) -> int:
-        """Row width."""
+        """Values per row."""
         return self.spec.head_dim
+
+    @property
+    def row_width(self) -> int:
+        """Elements of a stored row: head_dim, or an FP8 record's bytes."""
+        return row_width(self.spec.dtype, self.spec.head_dim)
 
     @classmethod
     def from_meta(cls, meta: TableMeta, active: int | None = None, history: list[int] | None = None,
@@ -77,7 +84,8 @@ class TableInfo:
                 "versions": [{"version": v.version, "source": v.source, "created_unix": round(v.created_unix, 3)}
                              for v in self.versions],
                 "swap_history": list(self.swap_history), "layer_rows": {str(k): v for k, v in sorted(self.layer_rows.items())},
-                "head_dim": self.head_dim, "dtype": self.dtype, "chunk_rows": self.chunk_rows,
+                "head_dim": self.head_dim, "row_format": self.spec.dtype, "row_nbytes": self.spec.row_nbytes,
+                "dtype": self.dtype, "chunk_rows": self.chunk_rows,
                 "has_compression_map": self.has_compression_map, "spec": json.loads(self.spec.to_json()),
                 "placement": self.placement}
 
@@ -131,9 +139,11 @@ class TableAdmin(ABC):
         """Release connections (no-op by default)."""
 
     # ------------------------------------------------------------------ built on the operations above
-    def import_rows(self, table: str, layer: int, rows, version: int = 0, activate: bool = False, progress=None) -> int:
+    def import_rows(self, table: str, layer: int, rows, version: int = 0, activate: bool = False, progress=None,
+                    quantization: QuantizationError | None = None) -> int:
         """Write a whole layer's rows [num_rows, head_dim] into `version`; returns the version written, made active
-        with activate=True. version 0: a new one, empty when the table has no other layer (it costs nothing, and the
+        with activate=True. An FP8 table takes its records [num_rows, row_width] (uint8), or float rows, quantized
+        here a block at a time (their error added to `quantization` when given). version 0: a new one, empty when the table has no other layer (it costs nothing, and the
         imported rows start with no optimizer state), else a copy of the active one, so the other layers stay.
 
         rows: anything with .shape and row slices (a memory-mapped .npy, table_io.RowSource): read a block at a time,
@@ -143,9 +153,15 @@ class TableAdmin(ABC):
         info = self.info(table)
         if layer not in info.layer_rows:
             raise InvalidArgument(f"table {table!r} has no layer {layer}; its layers are {sorted(info.layer_rows)}")
-        expected = (info.layer_rows[layer], info.head_dim)
+        expected = (info.layer_rows[layer], info.row_width)
+        quantize_rows = not is_trainable(info.spec.dtype) and is_floating(rows.dtype)
+        if quantize_rows:
+            expected = (info.layer_rows[layer], info.head_dim)
         if tuple(rows.shape) != expected:
             raise InvalidArgument(f"the rows are {list(rows.shape)}, layer {layer} of {table!r} needs {list(expected)}")
+        if not is_trainable(info.spec.dtype) and not quantize_rows and np.dtype(rows.dtype) != np.uint8:
+            raise InvalidArgument(f"table {table!r} stores {info.spec.dtype} records: import float rows (quantized "
+                                  f"here) or uint8 records, not {np.dtype(rows.dtype).name}")
         new = not version
         if new:
             version = self.create_version(table, copy_of=0 if len(info.layer_rows) > 1 else None)
@@ -157,7 +173,12 @@ class TableAdmin(ABC):
             step = max(1, IMPORT_BLOCK_ROWS // info.chunk_rows) * info.chunk_rows  # whole chunks per block
             for start in range(0, rows.shape[0], step):
                 # the next block is read while the one before it is sent and written
-                block = np.asarray(rows[start:start + step]).astype(client.dtype, copy=False)  # [<= step, head_dim]
+                block = np.asarray(rows[start:start + step])  # [<= step, head_dim or row_width]
+                if quantize_rows:
+                    values, block = block, quantize(block)  # [<= step, row_width] records
+                    if quantization is not None:
+                        quantization.add(values, block)
+                block = block.astype(client.dtype, copy=False)
                 if bulk:
                     in_flight.append((sender.submit(client.load_rows, layer, start, block, version), block.shape[0]))
                 else:
@@ -183,11 +204,11 @@ class TableAdmin(ABC):
         return version
 
     def export_rows(self, table: str, layer: int, version: int = 0) -> np.ndarray:
-        """A whole layer's rows [num_rows, head_dim] of a version (0: the active one), in the table dtype."""
+        """A whole layer's stored rows [num_rows, row_width] of a version (0: the active one), in the table dtype."""
         client = self.data_client(table, version)
         try:
             num_rows = client.num_rows(layer)
-            out = np.empty((num_rows, client.spec.head_dim), dtype=client.dtype)
+            out = np.empty((num_rows, client.row_width), dtype=client.dtype)
             for start in range(0, num_rows, IMPORT_BLOCK_ROWS):
                 stop = min(start + IMPORT_BLOCK_ROWS, num_rows)
                 client.lookup_raw(layer, np.arange(start, stop, dtype=np.int64), out=out[start:stop])

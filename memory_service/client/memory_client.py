@@ -19,7 +19,9 @@ import numpy as np
 from memory_service.backend import TableBackend, check_gradients, check_row_ids
 from memory_service.client.transport import ShardChannels
 from memory_service.dedup import Dedup, PartwiseDedup, dedup_ids, expand_rows
+from memory_service.fp8_rows import dequantize
 from memory_service.errors import FailedPrecondition, InvalidArgument, NotFound, StaleShardMap
+from memory_service.row_dtypes import is_trainable, row_width
 from memory_service.shard_map import ShardMap
 from memory_service.spec import EngramSpec
 from memory_service.wire import ID_BYTES, MAX_PAYLOAD_BYTES, decode_array, dtype_enum, encode_ids, enum_dtype
@@ -62,7 +64,8 @@ class MemoryClient(TableBackend):
         self.spec = EngramSpec.from_json(info.spec_json)
         self.fingerprint = info.spec_fingerprint
         self.layer_rows = dict(info.layer_rows)
-        self.dtype = enum_dtype(info.dtype)
+        self.dtype = enum_dtype(info.dtype)  # of a stored row's elements (uint8: FP8 records)
+        self.row_width = row_width(self.spec.dtype, self.spec.head_dim)  # elements of a stored row
         self.chunk_rows = int(info.chunk_rows)
         if expected is not None and expected.fingerprint() != self.fingerprint:
             raise FailedPrecondition(f"table {self.table!r} on the service has spec fingerprint {self.fingerprint}, "
@@ -82,7 +85,14 @@ class MemoryClient(TableBackend):
     @property
     def row_nbytes(self) -> int:
         """Bytes of one row on the wire."""
-        return self.spec.head_dim * self.dtype.itemsize
+        return self.row_width * self.dtype.itemsize
+
+    def values(self, rows: np.ndarray) -> np.ndarray:
+        """float32 values [..., head_dim] of stored rows [..., row_width]: FP8 records dequantized, floats widened."""
+        if is_trainable(self.spec.dtype):
+            return rows.astype(np.float32, copy=False)
+        flat = rows.reshape(-1, self.row_width)
+        return dequantize(flat, self.spec.head_dim).reshape(*rows.shape[:-1], self.spec.head_dim)
 
     def _plan(self, layer: int, sorted_ids: np.ndarray, item_nbytes: int) -> list[tuple[int, int, int]]:
         """(shard, start, stop) contiguous parts of sorted ids, each message under the payload limit."""
@@ -106,8 +116,8 @@ class MemoryClient(TableBackend):
 
     def _start_lookup(self, layer_id: int, unique_ids: np.ndarray, version: int, out: np.ndarray | None) -> "PendingLookup":
         requested, version = version, version or self.version_pin
-        if out is None or out.shape != (unique_ids.size, self.spec.head_dim) or out.dtype != self.dtype:
-            out = np.empty((unique_ids.size, self.spec.head_dim), dtype=self.dtype)
+        if out is None or out.shape != (unique_ids.size, self.row_width) or out.dtype != self.dtype:
+            out = np.empty((unique_ids.size, self.row_width), dtype=self.dtype)
         parts = self._plan(layer_id, unique_ids, self.row_nbytes) if unique_ids.size else []
         calls = self._lookup_calls(layer_id, unique_ids, parts, version)
         return PendingLookup(self, layer_id, unique_ids, parts, calls, self.channels.send(calls), out, version, requested)
@@ -125,7 +135,7 @@ class MemoryClient(TableBackend):
         """Copy each reply's rows into its slice of out (replies may be a generator: each lands as it arrives)."""
         versions = []
         for (shard, start, stop), reply in zip(parts, replies):
-            got = decode_array(reply.rows, enum_dtype(reply.dtype), "rows", width=self.spec.head_dim)
+            got = decode_array(reply.rows, enum_dtype(reply.dtype), "rows", width=self.row_width)
             if got.shape[0] != stop - start or got.dtype != out.dtype:
                 raise FailedPrecondition(f"shard {shard} returned {got.shape[0]} {got.dtype} rows for {stop - start} ids")
             out[start:stop] = got
@@ -139,8 +149,8 @@ class MemoryClient(TableBackend):
         if batch.positions is None:
             return self.lookup_unique(layer_id, ids, version, out)
         rows, served = self.lookup_unique(layer_id, batch.unique, version)
-        if out is None or out.shape != (ids.size, self.spec.head_dim) or out.dtype != self.dtype:
-            out = np.empty((ids.size, self.spec.head_dim), dtype=self.dtype)
+        if out is None or out.shape != (ids.size, self.row_width) or out.dtype != self.dtype:
+            out = np.empty((ids.size, self.row_width), dtype=self.dtype)
         expand_rows(rows, batch.inverse(), out)
         return out, served
 
@@ -175,9 +185,9 @@ class MemoryClient(TableBackend):
         met on the way finishes the dedup and starts the lookup again the ordinary way.
         """
         requested, version = version, version or self.version_pin
-        head_dim = self.spec.head_dim
-        if out is None or out.shape[0] < ids.size or out.shape[1:] != (head_dim,) or out.dtype != self.dtype:
-            out = np.empty((ids.size, head_dim), dtype=self.dtype)
+        width = self.row_width
+        if out is None or out.shape[0] < ids.size or out.shape[1:] != (width,) or out.dtype != self.dtype:
+            out = np.empty((ids.size, width), dtype=self.dtype)
         dedup = PartwiseDedup(ids, piece=per_message // 4, id_bound=self.num_rows(layer_id))  # ids checked already
         unique = dedup.unique_buffer
         parts, calls, futures, sent = [], [], [], 0
@@ -210,9 +220,9 @@ class MemoryClient(TableBackend):
         return pending, batch
 
     def lookup(self, layer_id: int, row_ids: np.ndarray) -> np.ndarray:
-        """Rows for int64 ids [N] -> float32 [N, head_dim] (TableBackend)."""
+        """Rows for int64 ids [N] -> float32 [N, head_dim] (TableBackend; FP8 records dequantized)."""
         rows, _ = self.lookup_raw(layer_id, row_ids)
-        return rows.astype(np.float32, copy=False)
+        return self.values(rows)
 
     def lookup_tokens(self, layer_id: int, token_ids, compressed: bool = False, version: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
         """(rows [B, T, heads, head_dim], row ids [B, T, heads], version) for token ids [B, T]; the server hashes.
@@ -227,7 +237,7 @@ class MemoryClient(TableBackend):
         row_ids = decode_array(reply.row_ids, "<i8", "row_ids").reshape(tuple(reply.shape)[:3])
         if sharded:
             rows, served = self.lookup_raw(layer_id, row_ids.reshape(-1), version)
-            return rows.reshape(*row_ids.shape, self.spec.head_dim), row_ids, served
+            return rows.reshape(*row_ids.shape, self.row_width), row_ids, served
         rows = decode_array(reply.rows, enum_dtype(reply.dtype), "rows").reshape(tuple(reply.shape))
         return rows, row_ids, reply.version
 
@@ -246,7 +256,7 @@ class MemoryClient(TableBackend):
         again; parts already applied are not re-sent, so no update is applied twice.
         """
         ids = check_row_ids(row_ids, self.num_rows(layer_id), layer_id)
-        g = check_gradients(ids, grads, self.spec.head_dim)
+        g = check_gradients(ids, grads, self.spec.head_dim)  # gradients are float32 values, whatever the row format
         ids, g = _sorted(ids, g)
         pending = np.ones(ids.size, dtype=bool)
         for attempt in range(20):
@@ -277,8 +287,8 @@ class MemoryClient(TableBackend):
         """Set rows of a version (table dtype), split and sent to their shards."""
         ids = check_row_ids(row_ids, self.num_rows(layer_id), layer_id)
         values = np.asarray(rows)
-        if values.shape != (ids.size, self.spec.head_dim):
-            raise InvalidArgument(f"rows must be [{ids.size}, {self.spec.head_dim}], got {list(values.shape)}")
+        if values.shape != (ids.size, self.row_width):
+            raise InvalidArgument(f"rows must be [{ids.size}, {self.row_width}], got {list(values.shape)}")
         ids, values = _sorted(ids, values.astype(self.dtype, copy=False))
         version = version or self.version  # 0: each shard's active one (writes carry no epoch to refresh a pin by)
         calls = [(shard, "WriteRows", pb.WriteRowsRequest(
@@ -291,8 +301,8 @@ class MemoryClient(TableBackend):
         """Whole chunks of rows [start_row, start_row + n) into an inactive version (bulk import), sent to their shards
         in messages of whole chunks; start_row on a chunk boundary (self.chunk_rows), n whole chunks or to the end."""
         values = np.asarray(rows)
-        if values.ndim != 2 or values.shape[1] != self.spec.head_dim:
-            raise InvalidArgument(f"rows must be [n, {self.spec.head_dim}], got {list(values.shape)}")
+        if values.ndim != 2 or values.shape[1] != self.row_width:
+            raise InvalidArgument(f"rows must be [n, {self.row_width}], got {list(values.shape)}")
         values = values.astype(self.dtype, copy=False)
         chunk_nbytes = self.chunk_rows * self.row_nbytes
         if chunk_nbytes > self.max_payload_bytes:

@@ -16,7 +16,6 @@ import dataclasses
 import numpy as np
 
 from memory_service.errors import FailedPrecondition, InvalidArgument, shown
-from memory_service.row_dtypes import all_finite
 from memory_service.store.catalog import Catalog
 from memory_service.store.compaction import Compactor
 from memory_service.store.layout import ROWS, WRITE_BATCH_BYTES, Databases, chunk_key
@@ -92,8 +91,8 @@ class BulkLoader:
         for chunk in chunks:
             block = values[(chunk - first) * meta.chunk_rows:(chunk - first + 1) * meta.chunk_rows]
             if block.shape[0] < meta.chunk_rows:  # the layer's last chunk: zeros past its end
-                block = np.concatenate([block, np.zeros((meta.chunk_rows - block.shape[0], meta.head_dim),
-                                                        dtype=meta.dtype)])  # [chunk_rows, head_dim]
+                block = np.concatenate([block, np.zeros((meta.chunk_rows - block.shape[0], meta.row_width),
+                                                        dtype=meta.dtype)])  # [chunk_rows, row_width]
             # a whole chunk goes in as a view of the request's rows: LMDB copies it into its page once
             txn.put(chunk_key(ROWS, meta.table_id, load.version, load.layer, chunk),
                     block.reshape(-1).view(np.uint8), db=self.dbs.rows)
@@ -114,18 +113,11 @@ class BulkLoader:
         if version == meta.active:
             raise FailedPrecondition(f"version {version} of {shown(name)} is active: load into a new version "
                                      "(engram table new-version --empty), then swap", reason="VERSION_ACTIVE")
-        values = np.asarray(rows)
-        if values.ndim != 2 or values.shape[1] != meta.head_dim:
-            raise InvalidArgument(f"rows must be [n, {meta.head_dim}], got {list(values.shape)}")
-        if values.dtype != meta.dtype:
-            raise InvalidArgument(f"rows must be {meta.dtype.name} (the table dtype), got {values.dtype.name}")
+        values = meta.check_rows(rows)
         count = values.shape[0]
         stop_row = start_row + count
         if start_row < 0 or start_row % meta.chunk_rows or stop_row > num_rows or (
                 count % meta.chunk_rows and stop_row != num_rows):
             raise InvalidArgument(f"a bulk load covers whole chunks of {meta.chunk_rows} rows from a chunk boundary (or up "
                                   f"to the layer's end, {num_rows}): got rows [{start_row}, {stop_row})")
-        values = np.ascontiguousarray(values)  # whole chunks are handed to LMDB as views
-        if not all_finite(values):
-            raise InvalidArgument("rows contain NaN or Inf; refusing to store them", reason="NON_FINITE_VALUE")
-        return values
+        return np.ascontiguousarray(values)  # whole chunks are handed to LMDB as views

@@ -201,7 +201,7 @@ class Compactor:
                     if parse_key(seq_key)[4] < written.next_seq:
                         txn.delete(bytes(seq_key), db=self.dbs.delta)
                     else:
-                        ids, _, _ = decode_segment(value, meta.head_dim, meta.dtype, meta.opt_record)
+                        ids, _, _ = decode_segment(value, meta.row_width, meta.dtype, meta.opt_record)
                         later_ids.append(ids)
                         later_rows += ids.size
             rest = None

@@ -53,7 +53,7 @@ class TableStore:
         self.path.mkdir(parents=True, exist_ok=True)
         self.dbs = open_databases(self.path, map_size, sync)
         self._write_lock = threading.RLock()  # one writer at a time
-        self.counters = {"lookups": 0, "rows_served": 0, "writes": 0, "rows_written": 0, "gradient_pushes": 0,
+        self.counters = {"lookups": 0, "rows_served": 0, "writes": 0, "rows_written": 0, "rows_loaded": 0, "gradient_pushes": 0,
                          "rows_updated": 0, "compactions_started": 0, "compactions": 0, "flushes": 0, "merges": 0, "folds": 0,
                          "flush_s": 0.0, "merge_s": 0.0, "fold_s": 0.0}  # seconds spent in each compaction step
         self.catalog = Catalog(self.dbs)
@@ -116,9 +116,9 @@ class TableStore:
     # ------------------------------------------------------------------ reads
     def lookup(self, name: str, layer: int, row_ids, version: int = 0, fingerprint: str | None = None,
                out=None, max_bytes: int | None = None) -> tuple[np.ndarray, int]:
-        """Rows [N, head_dim] (table dtype) for int64 ids [N], and the version they came from.
+        """Stored rows [N, row_width] (table dtype; FP8 records) for int64 ids [N], and the version they came from.
 
-        out: an array to fill, or a callable (num_rows, head_dim, dtype, version) -> array
+        out: an array to fill, or a callable (num_rows, row_width, dtype, version) -> array
         (the server gathers straight into its reply message). max_bytes: refuse
         (RESOURCE_EXHAUSTED) a response larger than this.
         """
@@ -133,9 +133,9 @@ class TableStore:
                     f"{max_bytes / 2**20:.1f} MiB limit: split it into batches of at most {max_bytes // meta.row_nbytes} rows")
             v = meta.resolve_version(version)
             if callable(out):
-                out = out(ids.size, meta.head_dim, meta.dtype, v)
-            if out is None or out.shape != (ids.size, meta.head_dim) or out.dtype != meta.dtype:
-                out = np.empty((ids.size, meta.head_dim), dtype=meta.dtype)
+                out = out(ids.size, meta.row_width, meta.dtype, v)
+            if out is None or out.shape != (ids.size, meta.row_width) or out.dtype != meta.dtype:
+                out = np.empty((ids.size, meta.row_width), dtype=meta.dtype)
             if out.flags.c_contiguous:
                 snap.gather(meta, v, layer, ids, out)
             else:  # a strided caller buffer: gather into a packed one, then copy
@@ -178,7 +178,9 @@ class TableStore:
 
     def load(self, loads: list[RowLoad]) -> int:
         """Several bulk loads (a LoadRows stream's messages) in shared commits; one bad load writes none of them."""
-        return self.loader.load(loads)
+        loaded = self.loader.load(loads)
+        self.counters["rows_loaded"] += loaded
+        return loaded
 
     def apply_gradients(self, name: str, layer: int, row_ids, grads, lr: float, version: int = 0,
                         fingerprint: str | None = None, request_id: str | None = None) -> int:

@@ -133,7 +133,7 @@ class Versions:
                         start = chunk * meta.chunk_rows
                         drawn = init_rows(num_rows, spec.head_dim, layer, start,
                                           min(num_rows, start + group * meta.chunk_rows), init_std, init_seed, spec.dtype)
-                    rows = np.zeros((meta.chunk_rows, spec.head_dim), dtype=meta.dtype)
+                    rows = np.zeros((meta.chunk_rows, meta.row_width), dtype=meta.dtype)
                     if init_std:
                         offset = (chunk - first_chunk) % group * meta.chunk_rows
                         part = drawn[offset:offset + meta.chunk_rows]

@@ -20,9 +20,8 @@ import threading
 import numpy as np
 
 from memory_service.backend import check_gradients, check_row_ids
-from memory_service.errors import InvalidArgument
+from memory_service.errors import FailedPrecondition, InvalidArgument, shown
 from memory_service.row_delta import RowDelta, decode_segment, encode_segment
-from memory_service.row_dtypes import all_finite
 from memory_service.row_optim import RowAdamConfig, check_learning_rate, row_adam_step
 from memory_service.store.catalog import Catalog
 from memory_service.store.compaction import Compactor
@@ -52,7 +51,7 @@ class WritePath:
 
     # ------------------------------------------------------------------ deltas and segments
     def _empty_delta(self, meta: TableMeta, key: Key) -> RowDelta:
-        return RowDelta.empty(meta.head_dim, meta.dtype, meta.opt_record, meta.num_chunks(key[2]), meta.chunk_rows,
+        return RowDelta.empty(meta.row_width, meta.dtype, meta.opt_record, meta.num_chunks(key[2]), meta.chunk_rows,
                               self._next_seq.get(key, 0), self.compactor.new_lineage())
 
     def load(self) -> None:
@@ -67,7 +66,7 @@ class WritePath:
                     continue  # left by a drop that did not finish: nothing reads it
                 k = (table_id, version, layer)
                 delta = deltas.get(k) or self._empty_delta(meta, k)
-                ids, rows, opt = decode_segment(value, meta.head_dim, meta.dtype, meta.opt_record)
+                ids, rows, opt = decode_segment(value, meta.row_width, meta.dtype, meta.opt_record)
                 deltas[k] = dataclasses.replace(delta.merged(ids, rows, opt), next_seq=seq + 1)
                 self._next_seq[k] = seq + 1
         for key, delta in deltas.items():
@@ -119,13 +118,7 @@ class WritePath:
             meta, num_rows, v = self._target_now(name, layer, version, fingerprint)
             ids = check_row_ids(row_ids, num_rows, layer)
             self.ownership.check(name, layer, ids, write=True)
-            values = np.asarray(rows)
-            if values.shape != (ids.size, meta.head_dim):
-                raise InvalidArgument(f"rows must be [{ids.size}, {meta.head_dim}] for {ids.size} ids, got {list(values.shape)}")
-            if values.dtype != meta.dtype:
-                raise InvalidArgument(f"rows must be {meta.dtype.name} (the table dtype), got {values.dtype.name}")
-            if not all_finite(values):
-                raise InvalidArgument("rows contain NaN or Inf; refusing to store them", reason="NON_FINITE_VALUE")
+            values = meta.check_rows(rows, ids.size)
             if np.unique(ids).size != ids.size:
                 raise InvalidArgument("row ids of a write must be unique")
             v, merged = self._commit(meta, v, layer, ids, request_id, lambda snap: (
@@ -174,6 +167,10 @@ class WritePath:
             meta, num_rows, v = self._target_now(name, layer, version, fingerprint)
             ids = check_row_ids(row_ids, num_rows, layer)
             self.ownership.check(name, layer, ids, write=True)  # under the lock: ownership cannot change meanwhile
+            if not meta.trainable:
+                raise FailedPrecondition(f"table {shown(name)} stores {meta.spec.dtype} rows, which are for serving: "
+                                         "gradients cannot update them (train a float table, then quantize it into a "
+                                         "new version of an FP8 table: engram table quantize)", reason="NOT_TRAINABLE")
             g = check_gradients(ids, grads, meta.head_dim)
 
             def adam_step(snap) -> tuple[np.ndarray, np.ndarray]:
