@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from memory_service.errors import FailedPrecondition, InvalidArgument, NotFound, shown
-from memory_service.hashing import head_sizes_for_spec
 from memory_service.fp8_rows import check_records
+from memory_service.hashing import head_sizes_for_spec
 from memory_service.row_dtypes import all_finite, is_trainable, row_dtype, row_width
 from memory_service.row_optim import record_dtype
 from memory_service.spec import EngramSpec

@@ -9,8 +9,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 from helpers.v41_checkpoint import HEAD_DIM, scaled_config, torch_dequantized, write_checkpoint
+
 from memory_service import fp8_rows
 from memory_service.admin import ServiceAdmin
 from memory_service.client import MemoryClient

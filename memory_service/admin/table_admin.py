@@ -143,8 +143,9 @@ class TableAdmin(ABC):
                     quantization: QuantizationError | None = None) -> int:
         """Write a whole layer's rows [num_rows, head_dim] into `version`; returns the version written, made active
         with activate=True. An FP8 table takes its records [num_rows, row_width] (uint8), or float rows, quantized
-        here a block at a time (their error added to `quantization` when given). version 0: a new one, empty when the table has no other layer (it costs nothing, and the
-        imported rows start with no optimizer state), else a copy of the active one, so the other layers stay.
+        here a block at a time (their error added to `quantization` when given). version 0: a new one, empty when
+        the table has no other layer (it costs nothing, and the imported rows start with no optimizer state), else a
+        copy of the active one, so the other layers stay.
 
         rows: anything with .shape and row slices (a memory-mapped .npy, table_io.RowSource): read a block at a time,
         so a table far bigger than RAM imports in bounded memory. An inactive version takes whole chunks straight

@@ -19,8 +19,8 @@ import numpy as np
 from memory_service.backend import TableBackend, check_gradients, check_row_ids
 from memory_service.client.transport import ShardChannels
 from memory_service.dedup import Dedup, PartwiseDedup, dedup_ids, expand_rows
-from memory_service.fp8_rows import dequantize
 from memory_service.errors import FailedPrecondition, InvalidArgument, NotFound, StaleShardMap
+from memory_service.fp8_rows import dequantize
 from memory_service.row_dtypes import is_trainable, row_width
 from memory_service.shard_map import ShardMap
 from memory_service.spec import EngramSpec
