@@ -13,7 +13,7 @@ import numpy as np
 from memory_service.backend import TableBackend, check_gradients, check_row_ids
 from memory_service.errors import InvalidArgument
 from memory_service.hashing import NgramHasher
-from memory_service.row_dtypes import BFLOAT16
+from memory_service.row_dtypes import BFLOAT16, FLOAT_DTYPES, is_trainable
 from memory_service.row_init import init_rows
 from memory_service.row_optim import RowAdamConfig, check_learning_rate, record_dtype, row_adam_step
 from memory_service.spec import EngramSpec
@@ -24,6 +24,9 @@ class LocalTable(TableBackend):
 
     def __init__(self, spec: EngramSpec, layer_rows: dict[int, int], init_std: float = 1.0,
                  init_seed: int = 0, optimizer: RowAdamConfig | None = None):
+        if not is_trainable(spec.dtype):
+            raise ValueError(f"an in-process table trains its rows: {spec.dtype} rows are for serving from a memory "
+                             f"service (use one of {FLOAT_DTYPES})")
         self.spec = spec
         self.optimizer = optimizer or RowAdamConfig()
         self._rows, self._opt = {}, {}
