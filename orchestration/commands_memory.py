@@ -221,8 +221,11 @@ def _export(admin: TableAdmin, args) -> int:
         from orchestration.commands_checkpoint import export_checkpoint
 
         return export_checkpoint(admin, args)
-
-    layers = [args.layer] if args.layer is not None else sorted(admin.info(args.table).layer_rows)
+    info = admin.info(args.table)
+    if info.row_width != info.head_dim:
+        raise ValueError(f"table {args.table!r} stores {info.spec.dtype} records: export them with --checkpoint DIR "
+                         "(V4.1's layout: codes and scales as F8 tensors)")
+    layers = [args.layer] if args.layer is not None else sorted(info.layer_rows)
     write_table_file(args.out, {layer: admin.export_rows(args.table, layer, args.version) for layer in layers})
     print(f"exported layers {layers} of {args.table!r} to {args.out}")
     return 0
