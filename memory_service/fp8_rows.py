@@ -24,6 +24,7 @@ E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 E8M0_BIAS = 127
 _E4M3_NAN_BITS = 0x7F  # S.1111.111: the only NaN codes of e4m3fn (no infinities)
 _E8M0_NAN = 0xFF
+_OVERFLOW_SCALE = E8M0_BIAS + 119  # 448 < 2^9: below a scale of 2^119 no code reaches 2^128
 # float32 value of every byte, read by ml_dtypes' own conversions
 _E4M3_VALUES = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
 _E8M0_VALUES = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e8m0fnu).astype(np.float32)
@@ -49,33 +50,40 @@ def join(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 def check_records(records: np.ndarray, head_dim: int) -> None:
-    """InvalidArgument when a record holds a NaN code (E4M3 0x7F/0xFF) or a NaN scale (E8M0 0xFF)."""
+    """InvalidArgument when a record holds a NaN code (E4M3 0x7F/0xFF), a NaN scale (E8M0 0xFF), or a value that
+    overflows float32 (a code times its scale at or above 2^128: only scales from 2^119 up can reach it)."""
     codes, scales = split(records, head_dim)
     if codes.size and int(((codes & _E4M3_NAN_BITS) == _E4M3_NAN_BITS).sum()):
         raise InvalidArgument("FP8 rows contain NaN codes (E4M3 0x7F or 0xFF); refusing to store them",
-                              reason="NON_FINITE_UPDATE")
+                              reason="NON_FINITE_VALUE")
     if scales.size and int((scales == _E8M0_NAN).sum()):
-        raise InvalidArgument("FP8 rows contain NaN scales (E8M0 0xFF); refusing to store them", reason="NON_FINITE_UPDATE")
+        raise InvalidArgument("FP8 rows contain NaN scales (E8M0 0xFF); refusing to store them", reason="NON_FINITE_VALUE")
+    big = np.flatnonzero((scales >= _OVERFLOW_SCALE).any(axis=1)) if scales.size else ()
+    if len(big) and not np.isfinite(dequantize(records[big], head_dim)).all():
+        raise InvalidArgument("FP8 rows hold values of 2^128 or more (a large code times a scale near 2^127), beyond "
+                              "float32; refusing to store them", reason="NON_FINITE_VALUE")
 
 
 def dequantize(records: np.ndarray, head_dim: int, out: np.ndarray | None = None) -> np.ndarray:
-    """float32 [N, head_dim] values of records uint8 [N, head_dim + head_dim / 32] (exact: every FP8 value times a
-    power of two is a float32, down to float32's subnormals)."""
+    """float32 [N, head_dim] values of records uint8 [N, head_dim + head_dim / 32] (exact: every FP8 code times a
+    power of two is a float32, subnormals included, up to the 2^128 check_records refuses)."""
     codes, scales = split(np.asarray(records), head_dim)
     n = codes.shape[0]
     values = _E4M3_VALUES[codes] if out is None else np.take(_E4M3_VALUES, codes, out=out)  # [N, head_dim]
-    values.reshape(n, head_dim // FP8_BLOCK, FP8_BLOCK)[...] *= _E8M0_VALUES[scales][:, :, None]
+    with np.errstate(over="ignore"):  # a record beyond float32 gives inf here; check_records refuses those
+        values.reshape(n, head_dim // FP8_BLOCK, FP8_BLOCK)[...] *= _E8M0_VALUES[scales][:, :, None]
     return values
 
 
 def dequantize_torch(records, head_dim: int, dtype=None, device=None):
     """Values [N, head_dim] in `dtype` (default float32) on `device` of records (uint8 [N, width] numpy array or
     tensor), decoded by torch's float8_e4m3fn and float8_e8m0fnu: the records are copied to the device as bytes
-    (264 per row for head_dim 256) and widened there."""
+    (264 per row for head_dim 256) and widened there. float32 is exact; bfloat16 rounds each value once, like a cast
+    of the float32 value (values below bf16's smallest, 2^-133, become 0)."""
     import torch
 
     dtype = dtype or torch.float32
-    # bf16 and fp32 hold every E4M3 value times every E8M0 scale exactly (float32's exponent range): work in them
+    # bf16 has float32's exponent range: a code times a scale, computed in bf16, rounds once, as the cast would
     work = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
     records = torch.as_tensor(records).to(device, non_blocking=True)
     n = records.shape[0]
@@ -102,8 +110,15 @@ def quantize(values: np.ndarray) -> np.ndarray:
     exponent = np.clip(np.nan_to_num(exponent, neginf=-E8M0_BIAS), -E8M0_BIAS, E8M0_BIAS).astype(np.int32)
     exponent += (np.ldexp(amax, -exponent) > E4M3_MAX) & (exponent < E8M0_BIAS)  # log2's rounding, corrected
     scaled = np.ldexp(blocks, -exponent[:, :, None]).reshape(n, head_dim)  # exact: a power of two
-    codes = np.clip(scaled, -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)  # round to nearest even
-    return join(codes, (exponent + E8M0_BIAS).astype(np.uint8))
+    codes = np.clip(scaled, -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)  # nearest, ties to even
+    records = join(codes, (exponent + E8M0_BIAS).astype(np.uint8))
+    big = np.flatnonzero((exponent + E8M0_BIAS >= _OVERFLOW_SCALE).any(axis=1))
+    if big.size:  # values near float32's largest may round up to 2^128: step those codes down to the largest finite
+        part = records[big]
+        over = ~np.isfinite(dequantize(part, head_dim))
+        part[:, :head_dim][over] -= 1  # E4M3 magnitudes are ordered as their bits: one code down (sign kept)
+        records[big] = part
+    return records
 
 
 

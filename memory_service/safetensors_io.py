@@ -3,14 +3,16 @@
 The format (public, huggingface/safetensors): an 8-byte little-endian header length n, n
 bytes of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__"?: {...}}`
 padded with spaces to a multiple of 8, then the tensors' raw little-endian bytes, offsets
-relative to the end of the header. The writer lays tensors out as the reference library
-does (largest element first, then by name; compact JSON; space padding), so a file it
-writes is byte for byte the file the library writes for the same tensors.
+relative to the end of the header. The writer lays tensors out as the library does
+(metadata first; tensors by the library's dtype order, then by name; compact JSON; space
+padding), so a file it writes is byte for byte the file the library writes for the same
+tensors and metadata (checked against safetensors 0.8).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,9 @@ from memory_service.errors import InvalidArgument
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
             "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8}
 MAX_HEADER_BYTES = 100 << 20
+# the order the library writes tensors in (its dtype enum, descending), ties broken by name
+LIBRARY_DTYPE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E8M0", "F8_E4M3",
+                       "F8_E5M2", "I8", "U8", "BOOL")
 
 
 @dataclass(frozen=True)
@@ -62,16 +67,23 @@ def read_header(path: str | Path) -> dict[str, TensorEntry]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
+            dtype, shape, offsets = info["dtype"], list(info["shape"]), list(info["data_offsets"])
+        except (KeyError, TypeError):
             raise InvalidArgument(f"{path}: tensor {name!r} has a malformed entry {info!r}") from None
+        if not all(type(v) is int and v >= 0 for v in shape + offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+            raise InvalidArgument(f"{path}: tensor {name!r} needs a shape and two data offsets of non-negative "
+                                  f"integers, begin <= end; got shape {shape} and offsets {offsets}")
         if dtype not in ITEMSIZE:
             raise InvalidArgument(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
-        if end - begin != nbytes or begin < 0 or 8 + n + end > size:
-            raise InvalidArgument(f"{path}: tensor {name!r} ({dtype} {list(shape)}) has data offsets [{begin}, {end}] "
+        (begin, end), nbytes = offsets, int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
+        if end - begin != nbytes or 8 + n + end > size:
+            raise InvalidArgument(f"{path}: tensor {name!r} ({dtype} {shape}) has data offsets [{begin}, {end}] "
                                   f"that do not fit its size ({nbytes:,} bytes) or the file ({size:,} bytes)")
-        entries[name] = TensorEntry(name, dtype, shape, 8 + n + begin, nbytes)
+        entries[name] = TensorEntry(name, dtype, tuple(shape), 8 + n + begin, nbytes)
+    spans = sorted((e.begin, e.begin + e.nbytes, e.name) for e in entries.values() if e.nbytes)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise InvalidArgument(f"{path}: tensors {first!r} and {second!r} overlap")
     return entries
 
 
@@ -92,12 +104,16 @@ def read_rows(path: str | Path, entry: TensorEntry, start: int, stop: int, out: 
     return out
 
 
-def write_file(path: str | Path, tensors: dict[str, tuple[str, tuple[int, ...]]], write_rows, block_rows: int = 1 << 16,
-               progress=None) -> None:
-    """Write a safetensors file of tensors {name: (dtype, shape)} whose bytes come from write_rows(name, start, stop)
-    -> uint8 [stop - start, row_nbytes], a block of rows at a time. progress(bytes) as blocks are written."""
-    order = sorted(tensors, key=lambda name: (-ITEMSIZE[tensors[name][0]], name))
-    header, offset = {}, 0
+def write_file(path: str | Path, tensors: dict[str, tuple[str, tuple[int, ...]]], read_block, block_rows: int = 1 << 16,
+               metadata: dict[str, str] | None = None, progress=None) -> None:
+    """Write a safetensors file of 2-D tensors {name: (dtype, shape)} with the same number of rows, whose bytes come
+    from read_block(start, stop) -> {name: uint8 [stop - start, row_nbytes]} a block of rows at a time (each block
+    read once, every tensor's part written at its own offset). progress(bytes) as blocks are written."""
+    order = sorted(tensors, key=lambda name: (LIBRARY_DTYPE_ORDER.index(tensors[name][0]), name))
+    rows = {shape[0] for _, shape in tensors.values()}
+    if len(rows) != 1 or any(len(shape) != 2 for _, shape in tensors.values()):
+        raise InvalidArgument(f"write_file writes 2-D tensors of one row count, got {tensors}")
+    header, offset = ({"__metadata__": dict(metadata)} if metadata else {}), 0
     for name in order:
         dtype, shape = tensors[name]
         nbytes = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
@@ -105,14 +121,20 @@ def write_file(path: str | Path, tensors: dict[str, tuple[str, tuple[int, ...]]]
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
+    data_start = 8 + len(blob)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for name in order:
-            dtype, shape = tensors[name]
-            rows = shape[0] if shape else 1
-            for start in range(0, rows, block_rows):
-                block = np.ascontiguousarray(write_rows(name, start, min(rows, start + block_rows)))
-                f.write(block.data)
+        f.truncate(data_start + offset)
+        fd, (num_rows,) = f.fileno(), rows
+        for start in range(0, num_rows, block_rows):
+            blocks = read_block(start, min(num_rows, start + block_rows))
+            for name in order:
+                block = np.ascontiguousarray(blocks[name])
+                begin, end = header[name]["data_offsets"]
+                at = data_start + begin + start * ((end - begin) // num_rows)  # rows [start, ...) of this tensor
+                view, done = memoryview(block.reshape(-1).view(np.uint8)), 0
+                while done < len(view):
+                    done += os.pwrite(fd, view[done:], at + done)
                 if progress is not None:
                     progress(block.nbytes)

@@ -105,6 +105,13 @@ def read_table_file(path: str | Path, key: str | None = None, mmap: bool = True)
     elif suffix == ".safetensors":
         from safetensors import safe_open
 
+        from memory_service.safetensors_io import read_header
+
+        f8 = [name for name, entry in read_header(path).items() if entry.dtype.startswith("F8")]
+        if f8 and (key in f8 or (key is None and len(f8) == len(read_header(path)))):
+            raise InvalidArgument(f"{path} holds FP8 tensors ({f8[:4]}): import FP8 tables from their checkpoint "
+                                  "directory with --checkpoint (codes and scales together)")
+
         with safe_open(str(path), framework="numpy") as f:
             name = _pick({k: k for k in f.keys()}, key, path)
             tensor = f.get_slice(name)

@@ -50,10 +50,12 @@ class EngramCheckpoint:
         index = self.directory / INDEX_FILE
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                weight_map = dict(json.loads(index.read_text())["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise InvalidArgument(f"{index} is not a safetensors index (no weight_map: {e})") from None
-            return dict(weight_map)
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise InvalidArgument(f"{index}: weight_map must map tensor names to shard file names")
+            return weight_map
         single = self.directory / SINGLE_FILE
         if single.is_file():
             return {name: SINGLE_FILE for name in read_header(single)}
@@ -70,12 +72,14 @@ class EngramCheckpoint:
         if name not in self.weight_map:
             raise InvalidArgument(f"the checkpoint's index names no tensor {name!r} (set the name pattern: "
                                   f"--weight-pattern / --scale-pattern)")
-        path = self.directory / self.weight_map[name]
+        path = (self.directory / self.weight_map[name]).resolve()
+        if not path.is_relative_to(self.directory.resolve()):
+            raise InvalidArgument(f"the index puts {name!r} in {self.weight_map[name]!r}, outside the checkpoint directory")
         if not path.is_file():
             raise FileNotFoundError(f"shard {path} named by the index for {name!r} is missing")
-        if path.name not in self._headers:
-            self._headers[path.name] = read_header(path)
-        header = self._headers[path.name]
+        if str(path) not in self._headers:
+            self._headers[str(path)] = read_header(path)
+        header = self._headers[str(path)]
         if name not in header:
             raise InvalidArgument(f"{path} has no tensor {name!r}, though the index says it does")
         return path, header[name]
@@ -112,9 +116,11 @@ class EngramCheckpoint:
 
 
 def export_layers(directory: str | Path, layers: dict[int, tuple[int, object]], head_dim: int,
-                  weight_pattern: str = WEIGHT_PATTERN, scale_pattern: str = SCALE_PATTERN, progress=None) -> list[Path]:
+                  weight_pattern: str = WEIGHT_PATTERN, scale_pattern: str = SCALE_PATTERN, metadata: dict | None = None,
+                  progress=None) -> list[Path]:
     """Write layers {layer: (rows, read_records(start, stop) -> uint8 [n, record])} as a V4.1-layout checkpoint: one
-    shard per layer holding its weight and scale tensors, and the index naming them. Returns the shard paths."""
+    shard per layer holding its weight and scale tensors (each block of records read once), and the index naming
+    them. Returns the shard paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weight_map, paths, total = {}, [], 0
@@ -122,12 +128,12 @@ def export_layers(directory: str | Path, layers: dict[int, tuple[int, object]], 
         weight, scale = weight_pattern.format(layer=layer), scale_pattern.format(layer=layer)
         tensors = {weight: ("F8_E4M3", (rows, head_dim)), scale: ("F8_E8M0", (rows, head_dim // FP8_BLOCK))}
 
-        def block(name: str, start: int, stop: int, read_records=read_records, weight=weight) -> np.ndarray:
+        def block(start: int, stop: int, read_records=read_records, weight=weight, scale=scale) -> dict[str, np.ndarray]:
             codes, scales = fp8_rows.split(read_records(start, stop), head_dim)
-            return codes if name == weight else scales
+            return {weight: codes, scale: scales}
 
         path = directory / EXPORT_FILE.format(layer=layer)
-        write_file(path, tensors, block, progress=progress)
+        write_file(path, tensors, block, metadata=metadata, progress=progress)
         weight_map.update({weight: path.name, scale: path.name})
         paths.append(path)
         total += rows * row_width(FP8_BLOCK_SCALED, head_dim)

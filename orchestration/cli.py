@@ -39,6 +39,8 @@ def _bench(args) -> int:
     def log(*parts):
         print(*parts, file=sys.stderr)
 
+    if args.format and args.what != "lookup":
+        raise ValueError("--format compares row formats in `engram bench lookup` only")
     defaults = BENCH_DEFAULTS.get(f"{args.what}-{args.format}" if args.format else args.what, {})
     for name, value in defaults.items():  # each benchmark's own sizes, unless given
         if getattr(args, name) is None:
@@ -367,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=64, help="lookup, push, disk: row width")
     p.add_argument("--dtype", default="float16", choices=FLOAT_DTYPES)
     p.add_argument("--format", choices=["fp8"], help="lookup: FP8 records (256 values + 8 scales) against bf16 rows of "
-                   "the same 256 values, same ids (default rows 2^21, batch 65536)")
+                   "the same 256 values, same ids (default rows 2^21, batch 65536; --dim and --dtype do not apply)")
     p.add_argument("--batch", type=int, help="lookup: ids per batch (default 262144); push: rows per push (default 5400); "
                    "disk: ids per batch (default 16384)")
     p.add_argument("--path", help="lookup, disk: store directory to create or reuse (default: a temporary one)")

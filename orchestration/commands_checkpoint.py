@@ -52,6 +52,10 @@ def import_checkpoint(admin: TableAdmin, args) -> int:
     if is_trainable(info.spec.dtype):
         raise InvalidArgument(f"table {args.table!r} stores {info.spec.dtype} rows; a checkpoint's FP8 tables import "
                               f"into an {FP8_BLOCK_SCALED} table (engram table create --from-config)")
+    extra = sorted(set(checkpoint.layers()) - set(info.layer_rows))
+    if extra:
+        raise InvalidArgument(f"the checkpoint has Engram layers {extra} that table {args.table!r} lacks (its layers "
+                              f"are {sorted(info.layer_rows)}): create the table from the checkpoint's config")
     sources = {layer: checkpoint.layer(layer) for layer in sorted(info.layer_rows)}
     for layer, source in sources.items():
         if source.shape != (info.layer_rows[layer], info.row_width):
@@ -89,7 +93,8 @@ def export_checkpoint(admin: TableAdmin, args) -> int:
     if is_trainable(info.spec.dtype):
         raise InvalidArgument(f"table {args.table!r} stores {info.spec.dtype} rows: export it with --out (.npy or "
                               f".safetensors), or quantize it first (engram table quantize)")
-    client = admin.data_client(args.table, args.version)
+    version = args.version or info.active_version  # pinned: a swap meanwhile does not mix versions into the files
+    client = admin.data_client(args.table, version)
     try:
         layers = [args.layer] if args.layer is not None else sorted(info.layer_rows)
         readers = {layer: (info.layer_rows[layer], lambda a, b, layer=layer: client.read_layer(layer, start=a, stop=b))
@@ -97,7 +102,7 @@ def export_checkpoint(admin: TableAdmin, args) -> int:
         paths = export_layers(args.checkpoint, readers, info.head_dim, args.weight_pattern, args.scale_pattern)
     finally:
         client.close()
-    print(f"exported layers {layers} of {args.table!r} to {', '.join(str(p) for p in paths)}")
+    print(f"exported layers {layers} of {args.table!r} version {version} to {', '.join(str(p) for p in paths)}")
     return 0
 
 
@@ -115,17 +120,21 @@ def quantize_table(admin: TableAdmin, args) -> int:
         compression = None
         if args.compression_map or args.tokenizer:
             from memory_service.compression import CompressedTokenizer
+            from memory_service.spec import compression_digest
 
             compressor = (CompressedTokenizer.load(args.compression_map) if args.compression_map
                           else CompressedTokenizer.from_tokenizer_file(args.tokenizer))
             compression = compressor.lookup_table
+            if source.spec.compression_digest and compression_digest(compression) != source.spec.compression_digest:
+                raise InvalidArgument(f"that compression map is not the one {args.table!r} was hashed with") from None
         target = admin.create_table(args.into, dataclasses.replace(source.spec, dtype=FP8_BLOCK_SCALED), compression,
                                     init_std=0.0)
-    if target.layer_rows != source.layer_rows or target.head_dim != source.head_dim or is_trainable(target.spec.dtype):
-        raise InvalidArgument(f"table {args.into!r} ({target.spec.dtype}, layers {target.layer_rows}, head_dim "
-                              f"{target.head_dim}) cannot take {args.table!r}'s rows quantized")
+    if is_trainable(target.spec.dtype) or hashing(target.spec) != hashing(source.spec):
+        raise InvalidArgument(f"table {args.into!r} ({target.spec.dtype}, fingerprint {target.fingerprint}) does not "
+                              f"hash like {args.table!r}, or is not {FP8_BLOCK_SCALED}: its rows would not be "
+                              "where lookups look")
     error = QuantizationError()
-    client = admin.data_client(args.table, args.version or 0)
+    client = admin.data_client(args.table, args.version or source.active_version)  # pinned: one version throughout
     version = admin.create_version(args.into)
     try:
         for layer, rows in sorted(source.layer_rows.items()):
@@ -144,6 +153,13 @@ def quantize_table(admin: TableAdmin, args) -> int:
           f"{report['max_abs_error']:.4g}, RMS error {report['rms_error']:.4g} ({100 * report['relative_rms_error']:.2f}% "
           "of the RMS value)" + (" (now active)" if args.activate else ""))
     return 0
+
+
+def hashing(spec) -> dict:
+    """What decides row ids and row count of a spec (not its row format or compression map's presence)."""
+    fields = spec.canonical()
+    fields.pop("dtype")
+    return fields
 
 
 class LayerReader:

@@ -74,6 +74,14 @@ def test_fp8_records_dequantize_like_torch_and_quantizing_bounds_the_error():
     # E4M3: 3 mantissa bits (half a step: 1/16 relative); below its normals, steps of 2^-9 of the block's scale
     assert np.all(np.abs(expected - values) <= np.abs(values) / 16 + block_scale * 2.0 ** -10)
     assert not expected[7].any()
+    # float32's extremes: values near its largest stay finite; a stored record beyond it is refused
+    huge = np.full((2, 256), 3.4e38, np.float32)
+    huge[1] *= -1
+    assert np.isfinite(fp8_rows.dequantize(fp8_rows.quantize(huge), 256)).all()
+    over = fp8_rows.quantize(huge)
+    over[0, 256] = 254  # a scale of 2^127 on codes near 448
+    with pytest.raises(InvalidArgument, match="2\\^128"):
+        fp8_rows.check_records(over, 256)
     bad = records.copy()
     bad[3, 10] = 0x7F
     with pytest.raises(InvalidArgument, match="NaN codes"):
@@ -82,6 +90,41 @@ def test_fp8_records_dequantize_like_torch_and_quantizing_bounds_the_error():
     bad[3, 260] = 0xFF
     with pytest.raises(InvalidArgument, match="NaN scales"):
         fp8_rows.check_records(bad, 256)
+
+
+def test_safetensors_files_are_written_as_the_library_writes_them_and_malformed_ones_refused(tmp_path):
+    from helpers.v41_checkpoint import random_layer
+    from safetensors.torch import save_file
+
+    from memory_service.v4_checkpoint import export_layers
+
+    weight, scale = random_layer(1000, seed=9)
+    names = {"model.layers.3.engram.w": weight, "model.layers.3.engram.w_scale_inv": scale}
+    save_file(names, str(tmp_path / "library.safetensors"), metadata={"format": "pt"})
+    records = records_of(weight, scale)
+    [ours] = export_layers(tmp_path / "ours", {3: (1000, lambda a, b: records[a:b])}, HEAD_DIM,
+                           "model.layers.{layer}.engram.w", "model.layers.{layer}.engram.w_scale_inv", metadata={"format": "pt"})
+    assert filecmp.cmp(ours, tmp_path / "library.safetensors", shallow=False)
+
+    def file_with(header: dict, data: bytes = bytes(64)) -> str:
+        blob = json.dumps(header).encode()
+        path = tmp_path / f"bad{len(list(tmp_path.glob('bad*')))}.safetensors"
+        path.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
+        return path
+
+    for header, match in [({"t": {"dtype": "U8", "shape": [-2, 4], "data_offsets": [16, 8]}}, "non-negative"),
+                          ({"t": {"dtype": "U8", "shape": [2, 4], "data_offsets": ["0", "8"]}}, "non-negative"),
+                          ({"t": {"dtype": "U8", "shape": [2, 4], "data_offsets": [0, 9]}}, "do not fit"),
+                          ({"t": {"dtype": "U8", "shape": [2, 4], "data_offsets": [0, 800]}}, "do not fit"),
+                          ({"t": {"dtype": "X9", "shape": [2], "data_offsets": [0, 2]}}, "unknown dtype"),
+                          ({"a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]},
+                            "b": {"dtype": "U8", "shape": [8], "data_offsets": [4, 12]}}, "overlap"),
+                          ({"t": [1, 2]}, "malformed")]:
+        with pytest.raises(InvalidArgument, match=match):
+            read_header(file_with(header))
+    (tmp_path / "short.safetensors").write_bytes(b"\x10\x00\x00")
+    with pytest.raises(InvalidArgument, match="shorter than 8 bytes"):
+        read_header(tmp_path / "short.safetensors")
 
 
 def test_a_v41_checkpoint_imports_into_one_service_and_exports_byte_identical(service, checkpoints, capsys, tmp_path):
@@ -178,9 +221,40 @@ def test_fp8_tables_refuse_training_bad_records_and_mismatched_checkpoints(servi
         with pytest.raises(InvalidArgument, match=f"\\[2, {WIDTH}\\]"):
             client.write_rows(1, ids, np.ones((2, HEAD_DIM), np.float32))
         np.testing.assert_array_equal(client.lookup(1, ids), np.ones((2, HEAD_DIM), np.float32))  # nothing changed
+        # enough written records to fold the recent rows into the chunks (max_delta_rows 4000): read back the same
+        many = np.arange(100, 6100)
+        values = np.random.default_rng(1).standard_normal((many.size, HEAD_DIM)).astype(np.float32)
+        flushes = store.counters["flushes"]
+        client.write_rows(1, many, fp8_rows.quantize(values))
+        store.compactor.wait()
+        assert store.counters["flushes"] > flushes
+        np.testing.assert_array_equal(client.lookup(1, many), fp8_rows.dequantize(fp8_rows.quantize(values), HEAD_DIM))
     finally:
         client.close()
         admin.close()
+
+
+def test_float_rows_import_into_an_fp8_table_quantized_and_export_out_is_refused(service, checkpoints, capsys, tmp_path):
+    store, address = service
+    config, ckpts = checkpoints
+    where = ["--address", address, "--token", TOKEN, "--table", "from-file"]
+    assert engram(capsys, "table", "create", *where, "--from-config", ckpts[0][0])[0] == 0
+    values = np.random.default_rng(2).standard_normal((config["engram_num_embeddings"][1], HEAD_DIM)).astype(np.float32)
+    np.save(tmp_path / "layer14.npy", values)
+    code, _, err = engram(capsys, "table", "import", *where, "--layer", 14, "--file", tmp_path / "layer14.npy",
+                          "--activate", "--no-progress")
+    assert code == 0, err
+    client = MemoryClient(address, "from-file", token=TOKEN)
+    try:
+        ids = np.arange(0, values.shape[0], 7)
+        np.testing.assert_array_equal(client.lookup(14, ids), fp8_rows.dequantize(fp8_rows.quantize(values[ids]), HEAD_DIM))
+    finally:
+        client.close()
+    code, _, err = engram(capsys, "table", "export", *where, "--out", tmp_path / "x.safetensors")
+    assert code == 2 and "--checkpoint" in err
+    code, _, err = engram(capsys, "table", "import", *where, "--layer", 1, "--file",
+                          ckpts[0][0] / "model-00002-of-00003.safetensors", "--key", "layers.1.engram.embed.weight")
+    assert code == 2 and "FP8 tensors" in err
 
 
 def test_a_bf16_table_quantizes_into_a_new_fp8_version_with_its_error_reported(service, capsys):
@@ -194,6 +268,11 @@ def test_a_bf16_table_quantizes_into_a_new_fp8_version_with_its_error_reported(s
     assert code == 0, err
     report = json.loads(out)
     assert report["version"] == 2 and 0 < report["relative_rms_error"] < 0.04 and report["max_abs_error"] > 0
+    other = EngramSpec(engram_vocab_size=[3011, 3001], max_ngram_size=3, n_embed_per_ngram=2 * HEAD_DIM,
+                       n_head_per_ngram=2, layer_ids=[0, 2], dtype="fp8_e4m3_b32")
+    admin.create_table("hashed-otherwise", other, init_std=0.0)
+    code, _, err = engram(capsys, "table", "quantize", *where, "--into", "hashed-otherwise")
+    assert code == 2 and "does not hash like" in err
     source, served = admin.data_client("trained"), admin.data_client("served")
     try:
         assert served.spec.dtype == "fp8_e4m3_b32" and served.spec.layer_ids == spec.layer_ids
@@ -257,14 +336,17 @@ def test_a_pool_imports_two_versions_and_swaps_between_them_under_lookups(make_p
     threads = [threading.Thread(target=reader, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
+    def wait_for(version: int) -> None:
+        for _ in range(1200):  # 60 s at most: readers that died fail the test, not hang it
+            if version in seen or failures:
+                return
+            stop.wait(0.05)
+
     try:
-        deadline = threading.Event()
-        while versions[0] not in seen and not deadline.wait(0.05):
-            pass
+        wait_for(versions[0])
         admin.swap("v41", versions[1])
-        while versions[1] not in seen and not deadline.wait(0.05):
-            pass
-        deadline.wait(0.5)
+        wait_for(versions[1])
+        stop.wait(0.5)
     finally:
         stop.set()
         for t in threads:
