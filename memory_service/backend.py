@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from memory_service.errors import InvalidArgument
-from memory_service.row_dtypes import all_finite, is_floating
+from memory_service.row_dtypes import all_finite, is_floating, row_width
 from memory_service.spec import EngramSpec
 
 
@@ -36,6 +36,11 @@ class TableBackend(ABC):
     @abstractmethod
     def apply_gradients(self, layer_id: int, row_ids: np.ndarray, grads: np.ndarray, lr: float) -> None:
         """Row-wise Adam step for unique int64 ids [N] with gradients [N, head_dim]; durable on return."""
+
+    @property
+    def row_width(self) -> int:
+        """Elements of a stored row as lookup_unique_async returns it: head_dim values, or an FP8 record's bytes."""
+        return row_width(self.spec.dtype, self.spec.head_dim)
 
     def lookup_unique_async(self, layer_id: int, unique_ids: np.ndarray, out: np.ndarray | None = None, version: int = 0):
         """Start a lookup of ascending unique ids; `.result()` gives (rows [U, head_dim] in the table dtype, version).

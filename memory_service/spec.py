@@ -185,6 +185,13 @@ class EngramSpec:
         data["layer_ids"] = list(self.layer_ids)
         return data
 
+    def hashing(self) -> dict:
+        """The fields that decide row ids and table sizes (canonical() without the row format): two specs that agree
+        here index the same rows, whatever format each stores them in."""
+        data = self.canonical()
+        data.pop("dtype")
+        return data
+
     def fingerprint(self) -> str:
         """Stable hex digest of the canonical encoding (includes the compression map digest)."""
         blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":")).encode()

@@ -19,8 +19,8 @@ import torch
 from memory_service.backend import TableBackend
 from memory_service.compression import CompressedTokenizer
 from memory_service.dedup import dedup_ids
+from memory_service.fp8_rows import dequantize
 from memory_service.hashing import NgramHasher
-from memory_service.row_dtypes import row_dtype
 from model_worker.device import numpy_view, to_device
 
 
@@ -55,8 +55,11 @@ class LayerRows:
         return self.leaf[self.inverse].view(*self.shape, self.leaf.shape[-1])
 
 
-def rows_to_leaf(rows: np.ndarray, device: torch.device, requires_grad: bool) -> torch.Tensor:
-    """float32 leaf tensor of fetched rows on the device (pinned host memory and a non-blocking copy on CUDA)."""
+def rows_to_leaf(rows: np.ndarray, device: torch.device, requires_grad: bool, head_dim: int | None = None) -> torch.Tensor:
+    """float32 leaf tensor of fetched rows on the device (pinned host memory and a non-blocking copy on CUDA); FP8
+    records (uint8 [U, head_dim + head_dim / 32]) are dequantized first."""
+    if rows.dtype == np.uint8:
+        rows = dequantize(rows, head_dim)
     host = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
     if device.type == "cuda":
         host = host.pin_memory()
@@ -155,7 +158,7 @@ class EngramRowFetcher:
         if self._stager is None:
             from model_worker.prefetch import RowStager
 
-            self._stager = RowStager(self.device)
+            self._stager = RowStager(self.device, self.spec.head_dim)
         return self._stager
 
     def row_ids(self, tokens, context=None) -> dict[int, np.ndarray]:
@@ -193,7 +196,7 @@ class EngramRowFetcher:
             batch = dedup_ids(ids.reshape(-1))
             if can_prefetch:  # send first, then work out the inverse while the rows travel
                 # on CUDA the replies land straight in pinned memory, the source of the device copy
-                host = self.stager.host_buffer(batch.unique.size, self.spec.head_dim, row_dtype(self.spec.dtype))
+                host = self.stager.host_buffer(batch.unique.size, self.backend.row_width, self.backend.dtype)
                 out = None if host is None else numpy_view(host)
                 pending = self.stager.submit(self.backend.lookup_unique_async(layer_id, batch.unique, out=out,
                                                                               version=version), host)
@@ -207,7 +210,7 @@ class EngramRowFetcher:
                 else:
                     rows = self.backend.lookup(layer_id, batch.unique)  # [U, hd] float32
                 waited = time.perf_counter() - started if self.backend.remote else 0.0  # a remote lookup is waited for
-                leaf = rows_to_leaf(rows, self.device, requires_grad)
+                leaf = rows_to_leaf(rows, self.device, requires_grad, self.spec.head_dim)
                 layers[layer_id] = LayerRows(batch.unique, leaf, inverse, tuple(ids.shape), version=served,
                                              wait_seconds=waited)
         return FetchedRows(layers)

@@ -80,7 +80,7 @@ class Generator:
         if not backend.remote:
             backend.load(directory / ckpt.TABLES_FILE)
         elif row_cache_bytes:
-            backend = CachedTables(backend, RowCache(row_cache_bytes, list(spec.layer_ids), spec.head_dim, backend.dtype))
+            backend = CachedTables(backend, RowCache(row_cache_bytes, list(spec.layer_ids), backend.row_width, backend.dtype))
         fetcher = EngramRowFetcher(backend, compressor, hasher, device)
         return cls(model, fetcher, load_tokenizer(directory / ckpt.TOKENIZER_FILE))
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from memory_service.fp8_rows import dequantize, dequantize_torch
 from model_worker.device import host_tensor
 
 
@@ -43,8 +44,10 @@ class StagedRows:
 class RowStager:
     """A staging thread (and, on CUDA, a side stream) shared by every step of a fetcher."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, head_dim: int | None = None):
+        """head_dim: values per row, to dequantize FP8 records (uint8 rows) with."""
         self.device = torch.device(device)
+        self.head_dim = head_dim
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="engram-stage")
 
@@ -62,15 +65,19 @@ class RowStager:
 
     def stage(self, pending, host: torch.Tensor | None = None) -> StagedRows:
         """Wait for the rows and bring them to the device as float32."""
-        rows, version = pending.result()  # [U, hd] in the table dtype
+        rows, version = pending.result()  # [U, hd] in the table dtype, or FP8 records [U, hd + hd / 32] (uint8)
+        records = rows.dtype == np.uint8
         if self.stream is None:
-            return StagedRows(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)), version)
+            values = dequantize(rows, self.head_dim) if records else np.ascontiguousarray(rows, dtype=np.float32)
+            return StagedRows(torch.from_numpy(values), version)
         source = host_tensor(rows)  # the table dtype as it came off the wire (bf16 too): no host-side cast
         if host is None or source.data_ptr() != host.data_ptr() or source.shape != host.shape:
             host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)  # the replies landed elsewhere
             host.copy_(source)
         with torch.cuda.stream(self.stream):
-            tensor = host.to(self.device, non_blocking=True).float()  # [U, hd]: copy the table dtype, cast on the GPU
+            tensor = host.to(self.device, non_blocking=True)  # the table dtype (FP8: 264 bytes a row) crosses the bus
+            # [U, hd]: cast (or dequantize) on the GPU
+            tensor = dequantize_torch(tensor, self.head_dim) if records else tensor.float()
             event = torch.cuda.Event()
             event.record(self.stream)
         return StagedRows(tensor, version, event, host)

@@ -129,7 +129,7 @@ def quantize_table(admin: TableAdmin, args) -> int:
                 raise InvalidArgument(f"that compression map is not the one {args.table!r} was hashed with") from None
         target = admin.create_table(args.into, dataclasses.replace(source.spec, dtype=FP8_BLOCK_SCALED), compression,
                                     init_std=0.0)
-    if is_trainable(target.spec.dtype) or hashing(target.spec) != hashing(source.spec):
+    if is_trainable(target.spec.dtype) or target.spec.hashing() != source.spec.hashing():
         raise InvalidArgument(f"table {args.into!r} ({target.spec.dtype}, fingerprint {target.fingerprint}) does not "
                               f"hash like {args.table!r}, or is not {FP8_BLOCK_SCALED}: its rows would not be "
                               "where lookups look")
@@ -153,13 +153,6 @@ def quantize_table(admin: TableAdmin, args) -> int:
           f"{report['max_abs_error']:.4g}, RMS error {report['rms_error']:.4g} ({100 * report['relative_rms_error']:.2f}% "
           "of the RMS value)" + (" (now active)" if args.activate else ""))
     return 0
-
-
-def hashing(spec) -> dict:
-    """What decides row ids and row count of a spec (not its row format or compression map's presence)."""
-    fields = spec.canonical()
-    fields.pop("dtype")
-    return fields
 
 
 class LayerReader:

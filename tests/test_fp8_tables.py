@@ -359,3 +359,45 @@ def test_a_pool_imports_two_versions_and_swaps_between_them_under_lookups(make_p
     finally:
         client.close()
         admin.close()
+
+
+def test_a_float_model_decodes_from_its_fp8_table_as_from_the_dequantized_rows(service, capsys):
+    """A model trained on float rows reads them from the FP8 table quantized from them: the worker dequantizes the
+    records (prefetched, cached or not) and decodes exactly what it decodes from those values held in process."""
+    import dataclasses
+
+    from test_engine import mixed_requests, tiny_model
+
+    from memory_service.local_table import LocalTable
+    from model_worker.engine import DecodingEngine
+    from model_worker.engram_rows import EngramRowFetcher
+    from model_worker.model import EngramMoEModel
+    from model_worker.row_cache import CachedTables, RowCache
+
+    _, spec, compressor = tiny_model()
+    spec = dataclasses.replace(spec, n_embed_per_ngram=spec.n_head_per_ngram * 32)  # head_dim 32: one scale a row
+    model = EngramMoEModel(dataclasses.replace(tiny_model()[0].config, engram=spec))
+    store, address = service
+    admin = ServiceAdmin(address, token=TOKEN)
+    admin.create_table("float-model", spec, compressor.lookup_table, init_std=1.0, init_seed=0)
+    code, _, err = engram(capsys, "table", "quantize", "--address", address, "--token", TOKEN, "--table", "float-model",
+                          "--into", "fp8-model", "--activate")
+    assert code == 0, err
+    hasher = NgramHasher.from_compressor(spec, compressor)
+    served = MemoryClient(address, "fp8-model", token=TOKEN, spec=spec)  # the model's float spec: a serving copy of it
+    local = LocalTable.for_hasher(hasher)
+    for layer in spec.layer_ids:
+        ids = np.arange(local.num_rows(layer))
+        local.table(layer)[:] = served.lookup(layer, ids)  # the dequantized values, in process
+    with pytest.raises(FailedPrecondition, match="SPEC_MISMATCH|fingerprint"):
+        MemoryClient(address, "fp8-model", token=TOKEN, spec=dataclasses.replace(spec, seed=3))
+    prompts, counts = mixed_requests(6, seed=4)
+    expected = [c.tokens for c in DecodingEngine(model, EngramRowFetcher(local, compressor, hasher), max_batch=3)
+                .generate(prompts, counts)]
+    cached = CachedTables(served, RowCache(1 << 20, list(spec.layer_ids), served.row_width, served.dtype))
+    for backend, prefetch in ((served, True), (served, False), (cached, True)):
+        engine = DecodingEngine(model, EngramRowFetcher(backend, compressor, hasher), max_batch=3, prefetch=prefetch)
+        assert [c.tokens for c in engine.generate(prompts, counts)] == expected
+    assert cached.cache.stats()["hits"] > 0
+    served.close()
+    admin.close()

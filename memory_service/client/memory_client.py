@@ -21,7 +21,7 @@ from memory_service.client.transport import ShardChannels
 from memory_service.dedup import Dedup, PartwiseDedup, dedup_ids, expand_rows
 from memory_service.errors import FailedPrecondition, InvalidArgument, NotFound, StaleShardMap
 from memory_service.fp8_rows import dequantize
-from memory_service.row_dtypes import is_trainable, row_width
+from memory_service.row_dtypes import is_trainable
 from memory_service.shard_map import ShardMap
 from memory_service.spec import EngramSpec
 from memory_service.wire import ID_BYTES, MAX_PAYLOAD_BYTES, decode_array, dtype_enum, encode_ids, enum_dtype
@@ -65,9 +65,10 @@ class MemoryClient(TableBackend):
         self.fingerprint = info.spec_fingerprint
         self.layer_rows = dict(info.layer_rows)
         self.dtype = enum_dtype(info.dtype)  # of a stored row's elements (uint8: FP8 records)
-        self.row_width = row_width(self.spec.dtype, self.spec.head_dim)  # elements of a stored row
         self.chunk_rows = int(info.chunk_rows)
-        if expected is not None and expected.fingerprint() != self.fingerprint:
+        # a model trained on float rows may read them quantized (an FP8 table hashed the same way: engram table quantize)
+        serving_copy = expected is not None and not is_trainable(self.spec.dtype) and expected.hashing() == self.spec.hashing()
+        if expected is not None and expected.fingerprint() != self.fingerprint and not serving_copy:
             raise FailedPrecondition(f"table {self.table!r} on the service has spec fingerprint {self.fingerprint}, "
                                      f"this model expects {expected.fingerprint()}: another spec or compression map",
                                      reason="SPEC_MISMATCH")
