@@ -234,6 +234,30 @@ def check_decode() -> None:
           f"mean |difference| {ratio:.4f} x the spread, greedy tokens equal {same:.0%}")
 
 
+def check_fp8_dequantize() -> None:
+    """FP8 records dequantized on the GPU equal the CPU's exact values, and what it costs against a bf16 copy."""
+    from memory_service import fp8_rows
+
+    values = np.random.default_rng(2).standard_normal((1 << 16, 256)).astype(np.float32)
+    records = fp8_rows.quantize(values)  # [65536, 264]
+    exact = torch.from_numpy(fp8_rows.dequantize(records, 256))
+    on_gpu = fp8_rows.dequantize_torch(records, 256, torch.float32, "cuda").cpu()
+    bf16 = torch.from_numpy(values).to(torch.bfloat16).pin_memory()
+    pinned = torch.from_numpy(records).pin_memory()
+    timings = {}
+    for name, fn in (("bf16 rows copied", lambda: bf16.to("cuda", non_blocking=True)),
+                     ("fp8 records copied and dequantized", lambda: fp8_rows.dequantize_torch(pinned, 256, torch.bfloat16, "cuda"))):
+        fn()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        timings[name] = (time.perf_counter() - started) / 20 * 1e3
+    check("FP8 records dequantized on CUDA", torch.equal(on_gpu, exact),
+          ", ".join(f"{k} {v:.3f} ms" for k, v in timings.items()) + " (65,536 rows of 256)")
+
+
 def check_collectives() -> None:
     import torch.distributed as dist
 
@@ -288,6 +312,7 @@ def main() -> int:
         check_resume(work)
         check_cuda_vs_cpu(work)
         check_decode()
+        check_fp8_dequantize()
         check_collectives()
     if not args.skip_bench:
         check_bench()
