@@ -90,16 +90,21 @@ def read_header(path: str | Path) -> dict[str, TensorEntry]:
 def read_rows(path: str | Path, entry: TensorEntry, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
     """Raw bytes uint8 [stop - start, row_nbytes] of rows [start, stop) of a tensor, read with plain reads (the
     kernel's readahead keeps a sequential import at disk speed)."""
-    row_nbytes = entry.row_nbytes
     if out is None:
-        out = np.empty((stop - start, row_nbytes), dtype=np.uint8)
-    view, done = memoryview(out.reshape(-1)), 0
+        out = np.empty((stop - start, entry.row_nbytes), dtype=np.uint8)
+    return read_into(path, entry.begin + start * entry.row_nbytes, out, f"{path} ends inside tensor {entry.name!r}")
+
+
+def read_into(path: str | Path, offset: int, out: np.ndarray, short: str) -> np.ndarray:
+    """Fill a C-contiguous array with the file's bytes from offset, with plain unbuffered reads; InvalidArgument
+    (message `short`) when the file ends first."""
+    view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
     with open(path, "rb", buffering=0) as f:
-        f.seek(entry.begin + start * row_nbytes)
+        f.seek(offset)
         while done < out.nbytes:
             got = f.readinto(view[done:])
             if not got:
-                raise InvalidArgument(f"{path} ends inside tensor {entry.name!r}")
+                raise InvalidArgument(short)
             done += got
     return out
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from memory_service.errors import InvalidArgument
 from memory_service.row_dtypes import BFLOAT16, is_floating
+from memory_service.safetensors_io import read_header, read_into
 
 REFERENCE_KEY = "multi_head_embedding.embedding.weight"
 
@@ -79,15 +80,8 @@ def _npy_rows(path: Path) -> RowSource | None:
 
     def read_rows(start: int, stop: int) -> np.ndarray:
         out = np.empty((stop - start, shape[1]), dtype=dtype)  # [stop - start, head_dim]
-        with open(path, "rb", buffering=0) as f:
-            f.seek(offset + start * row_bytes)
-            view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
-            while done < out.nbytes:
-                n = f.readinto(view[done:])
-                if not n:
-                    raise InvalidArgument(f"{path} ends before row {stop} of the {shape[0]:,} its header names")
-                done += n
-        return out
+        return read_into(path, offset + start * row_bytes, out,
+                         f"{path} ends before row {stop} of the {shape[0]:,} its header names")
 
     return RowSource(shape, dtype, read_rows)
 
@@ -104,8 +98,6 @@ def read_table_file(path: str | Path, key: str | None = None, mmap: bool = True)
         rows = (_npy_rows(path) if mmap else None) or np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     elif suffix == ".safetensors":
         from safetensors import safe_open
-
-        from memory_service.safetensors_io import read_header
 
         f8 = [name for name, entry in read_header(path).items() if entry.dtype.startswith("F8")]
         if f8 and (key in f8 or (key is None and len(f8) == len(read_header(path)))):
