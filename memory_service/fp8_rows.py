@@ -32,6 +32,9 @@ _E8M0_VALUES = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e8m0fnu).ast
 
 def split(records: np.ndarray, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(codes uint8 [N, head_dim], scales uint8 [N, head_dim / 32]) views of records uint8 [N, width]."""
+    if records.ndim != 2 or records.shape[1] != row_width("fp8_e4m3_b32", head_dim):
+        raise InvalidArgument(f"FP8 records of head_dim {head_dim} are [n, {row_width('fp8_e4m3_b32', head_dim)}] "
+                              f"bytes, got {list(records.shape)}")
     return records[:, :head_dim], records[:, head_dim:]
 
 
@@ -86,6 +89,9 @@ def dequantize_torch(records, head_dim: int, dtype=None, device=None):
     # bf16 has float32's exponent range: a code times a scale, computed in bf16, rounds once, as the cast would
     work = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
     records = torch.as_tensor(records).to(device, non_blocking=True)
+    if records.dim() != 2 or records.shape[1] != row_width("fp8_e4m3_b32", head_dim):
+        raise InvalidArgument(f"FP8 records of head_dim {head_dim} are [n, {row_width('fp8_e4m3_b32', head_dim)}] "
+                              f"bytes, got {list(records.shape)}")
     n = records.shape[0]
     codes = records[:, :head_dim].contiguous().view(torch.float8_e4m3fn).to(work)  # [N, head_dim]
     scales = records[:, head_dim:].contiguous().view(torch.float8_e8m0fnu).to(work)  # [N, head_dim / 32]

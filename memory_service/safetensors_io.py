@@ -98,6 +98,8 @@ def read_rows(path: str | Path, entry: TensorEntry, start: int, stop: int, out: 
 def read_into(path: str | Path, offset: int, out: np.ndarray, short: str) -> np.ndarray:
     """Fill a C-contiguous array with the file's bytes from offset, with plain unbuffered reads; InvalidArgument
     (message `short`) when the file ends first."""
+    if not out.flags.c_contiguous:
+        raise ValueError("read_into fills a C-contiguous array (a reshape of another would be a copy)")
     view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
     with open(path, "rb", buffering=0) as f:
         f.seek(offset)

@@ -45,7 +45,7 @@ class RowStager:
     """A staging thread (and, on CUDA, a side stream) shared by every step of a fetcher."""
 
     def __init__(self, device: torch.device, head_dim: int | None = None):
-        """head_dim: values per row, to dequantize FP8 records (uint8 rows) with."""
+        """head_dim: values per row, to dequantize FP8 records (uint8 rows) with (needed for FP8 tables)."""
         self.device = torch.device(device)
         self.head_dim = head_dim
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -67,6 +67,8 @@ class RowStager:
         """Wait for the rows and bring them to the device as float32."""
         rows, version = pending.result()  # [U, hd] in the table dtype, or FP8 records [U, hd + hd / 32] (uint8)
         records = rows.dtype == np.uint8
+        if records and self.head_dim is None:
+            raise ValueError("FP8 records to stage, but the stager was built without head_dim")
         if self.stream is None:
             values = dequantize(rows, self.head_dim) if records else np.ascontiguousarray(rows, dtype=np.float32)
             return StagedRows(torch.from_numpy(values), version)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from memory_service.compression import CompressedTokenizer
 from memory_service.hashing import NgramHasher
+from memory_service.row_dtypes import is_trainable
 from model_worker import checkpoint as ckpt
 from model_worker.data import Corpus, eval_batches, load_corpus, sample_batch, unigram_cross_entropy
 from model_worker.data_parallel import DataParallel
@@ -166,6 +167,9 @@ class Trainer:
             self.fetcher = EngramRowFetcher(self.backend, self.compressor, self.hasher, self.device)
         if self.is_leader:
             self.parallel.barrier()
+        if spec is not None and not is_trainable(self.backend.spec.dtype):  # every rank refuses, before any step
+            raise ValueError(f"table {self.tables.description} stores {self.backend.spec.dtype} rows, which are for "
+                             "serving: train a float table (then engram table quantize it into an FP8 one)")
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "embed" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
         self.optimizer = torch.optim.AdamW(

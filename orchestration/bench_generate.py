@@ -91,7 +91,9 @@ def bench_generate(preset: str = "small", concurrency: tuple[int, ...] = (1, 8, 
             return backends[-1]
 
         local = LocalTable(spec, layer_rows_for_spec(spec), init_std=1.0, init_seed=seed)  # the pool's rows
-        cached = CachedTables(remote(), RowCache(cache_mb << 20, list(spec.layer_ids), spec.head_dim, np.dtype(spec.dtype)))
+        behind_cache = remote()
+        cached = CachedTables(behind_cache, RowCache(cache_mb << 20, list(spec.layer_ids), behind_cache.row_width,
+                                                     behind_cache.dtype))
         fetchers = {"in_process": (EngramRowFetcher(local, compressor, hasher, device), False),
                     "pool": (EngramRowFetcher(remote(), compressor, hasher, device), False),
                     "pool_prefetch": (EngramRowFetcher(remote(), compressor, hasher, device), True),

@@ -254,8 +254,31 @@ def check_fp8_dequantize() -> None:
             fn()
         torch.cuda.synchronize()
         timings[name] = (time.perf_counter() - started) / 20 * 1e3
-    check("FP8 records dequantized on CUDA", torch.equal(on_gpu, exact),
-          ", ".join(f"{k} {v:.3f} ms" for k, v in timings.items()) + " (65,536 rows of 256)")
+    # every finite code under extreme scales (2^-127, 2^-126, 2^-1..2^1, 2^118..2^120), through the worker's stager
+    from model_worker.prefetch import RowStager
+
+    codes = np.arange(256, dtype=np.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]  # 254 finite codes
+    scales = [0, 1, 126, 127, 128, 245, 247]
+    grid = np.zeros((len(scales), 256 + 8), dtype=np.uint8)  # [7, 264] records
+    for row, scale in enumerate(scales):
+        grid[row, :256] = np.resize(codes, 256)
+        grid[row, 256:] = scale
+    staged = RowStager(torch.device("cuda"), 256).stage(_Ready((grid, 1))).ready().cpu()
+    edges = torch.equal(staged, torch.from_numpy(fp8_rows.dequantize(grid, 256)))
+    check("FP8 records dequantized on CUDA", torch.equal(on_gpu, exact) and edges,
+          ", ".join(f"{k} {v:.3f} ms" for k, v in timings.items()) + " (65,536 rows of 256); every code under "
+          f"scales {scales} through the stager: {'equal' if edges else 'DIFFERENT'}")
+
+
+class _Ready:
+    """A pending lookup that is already done (what RowStager.stage waits on)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 def check_collectives() -> None:

@@ -375,7 +375,7 @@ def test_a_float_model_decodes_from_its_fp8_table_as_from_the_dequantized_rows(s
     from model_worker.row_cache import CachedTables, RowCache
 
     _, spec, compressor = tiny_model()
-    spec = dataclasses.replace(spec, n_embed_per_ngram=spec.n_head_per_ngram * 32)  # head_dim 32: one scale a row
+    spec = dataclasses.replace(spec, n_embed_per_ngram=spec.n_head_per_ngram * 64)  # head_dim 64: two scales a row
     model = EngramMoEModel(dataclasses.replace(tiny_model()[0].config, engram=spec))
     store, address = service
     admin = ServiceAdmin(address, token=TOKEN)
@@ -385,19 +385,33 @@ def test_a_float_model_decodes_from_its_fp8_table_as_from_the_dequantized_rows(s
     assert code == 0, err
     hasher = NgramHasher.from_compressor(spec, compressor)
     served = MemoryClient(address, "fp8-model", token=TOKEN, spec=spec)  # the model's float spec: a serving copy of it
+    source = MemoryClient(address, "float-model", token=TOKEN)
     local = LocalTable.for_hasher(hasher)
     for layer in spec.layer_ids:
         ids = np.arange(local.num_rows(layer))
-        local.table(layer)[:] = served.lookup(layer, ids)  # the dequantized values, in process
+        records, _ = served.lookup_raw(layer, ids)
+        weight = torch.from_numpy(records[:, :64].copy()).view(torch.float8_e4m3fn).to(torch.float32)
+        scale = torch.from_numpy(records[:, 64:].copy()).view(torch.float8_e8m0fnu).to(torch.float32)
+        values = (weight * scale.repeat_interleave(32, dim=1)).numpy()  # torch's decode, not ours
+        trained = source.lookup(layer, ids)
+        assert np.all(np.abs(values - trained) <= np.abs(trained) / 16 + scale.repeat_interleave(32, dim=1).numpy() / 1024)
+        local.table(layer)[:] = values  # the dequantized values, in process
+    source.close()
+    with pytest.raises(FailedPrecondition, match="for serving"):
+        served.apply_gradients(spec.layer_ids[0], np.array([1, 2]), np.ones((2, 64), np.float32), lr=0.1)
     with pytest.raises(FailedPrecondition, match="SPEC_MISMATCH|fingerprint"):
         MemoryClient(address, "fp8-model", token=TOKEN, spec=dataclasses.replace(spec, seed=3))
     prompts, counts = mixed_requests(6, seed=4)
     expected = [c.tokens for c in DecodingEngine(model, EngramRowFetcher(local, compressor, hasher), max_batch=3)
                 .generate(prompts, counts)]
     cached = CachedTables(served, RowCache(1 << 20, list(spec.layer_ids), served.row_width, served.dtype))
-    for backend, prefetch in ((served, True), (served, False), (cached, True)):
+    for backend, prefetch in ((served, True), (served, False), (cached, True), (cached, False)):
         engine = DecodingEngine(model, EngramRowFetcher(backend, compressor, hasher), max_batch=3, prefetch=prefetch)
         assert [c.tokens for c in engine.generate(prompts, counts)] == expected
     assert cached.cache.stats()["hits"] > 0
+    for layer in spec.layer_ids:  # the tokens do depend on the rows: without them the model says something else
+        local.table(layer)[:] = 0
+    zeroed = DecodingEngine(model, EngramRowFetcher(local, compressor, hasher), max_batch=3).generate(prompts, counts)
+    assert [c.tokens for c in zeroed] != expected
     served.close()
     admin.close()
