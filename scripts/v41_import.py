@@ -1,8 +1,9 @@
 """Import throughput of V4.1-layout Engram tables: writes a synthetic checkpoint at V4.1's row format (head_dim 256,
 24 heads a layer, 264-byte records) and a chosen size, then times `engram table import --checkpoint` into a fresh
-memory service from a cold page cache.
+memory service (or a 2-shard Ray memory pool, --pool) from a cold page cache.
 
-    python scripts/v41_import.py --vocab 170000 --dir /tmp/v41-big     # ~4.1M rows a layer, 2.1 GB in all
+    python scripts/v41_import.py --vocab 170000 --dir /tmp/v41-big          # ~4.1M rows a layer, 2.1 GB in all
+    python scripts/v41_import.py --vocab 170000 --dir /tmp/v41-big --pool   # engram cluster up --shards 2, then the same
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=170000, help="base table size per order (V4.1: 16000000)")
     parser.add_argument("--dir", default="/tmp/v41-import", help="where the checkpoint and the store go")
+    parser.add_argument("--pool", action="store_true", help="import into a 2-shard memory pool on a local Ray head")
+    parser.add_argument("--ray-port", type=int, default=6391, help="with --pool: the local Ray head's port")
     args = parser.parse_args()
     root = Path(args.dir)
     checkpoint = root / "checkpoint"
@@ -73,22 +76,33 @@ def main() -> None:
     print(f"checkpoint: {sum(config['engram_num_embeddings']):,} rows, {size / 1e9:.2f} GB "
           f"({time.perf_counter() - started:.0f} s to write or find)", flush=True)
     shutil.rmtree(root / "store", ignore_errors=True)
-    proc, address = start_server(str(root / "store"), token="t")
-    try:
-        engram = [sys.executable, "-m", "orchestration.cli", "table"]
+    cli = [sys.executable, "-m", "orchestration.cli"]
+    env = dict(os.environ, ENGRAM_TOKEN="t")
+    if args.pool:
+        subprocess.run(cli + ["cluster", "up", "--ray-port", str(args.ray_port), "--pool", "v41", "--shards", "2",
+                              "--pool-dir", str(root / "store")], check=True, capture_output=True, env=env)
+        proc, where = None, ["--ray", f"127.0.0.1:{args.ray_port}", "--pool", "v41", "--table", "v41"]
+    else:
+        proc, address = start_server(str(root / "store"), token="t")
         where = ["--address", address, "--token", "t", "--table", "v41"]
-        subprocess.run(engram + ["create", *where, "--from-config", str(checkpoint)], check=True, capture_output=True)
+    try:
+        engram = cli + ["table"]
+        subprocess.run(engram + ["create", *where, "--from-config", str(checkpoint)], check=True, capture_output=True,
+                       env=env)
         drop_page_cache(checkpoint)
         out = subprocess.run(engram + ["import", *where, "--checkpoint", str(checkpoint), "--activate", "--json",
-                                       "--no-progress"], check=True, capture_output=True, text=True).stdout
+                                       "--no-progress"], check=True, capture_output=True, text=True, env=env).stdout
         report = json.loads(out)
         print(json.dumps(report))
         seconds_189 = 189 * 2**30 / (report["mb_per_s"] * 1e6)
-        print(f"import: {report['mb_per_s']:.0f} MB/s from a cold page cache; V4.1's 189 GiB at that rate: "
-              f"{seconds_189 / 60:.0f} min")
+        print(f"import into {'a 2-shard pool' if args.pool else 'one service'}: {report['mb_per_s']:.0f} MB/s from a cold "
+              f"page cache; V4.1's 189 GiB at that rate: {seconds_189 / 60:.0f} min")
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+        else:
+            subprocess.run(cli + ["cluster", "down", "--pool", "v41", "--stop-ray"], capture_output=True, env=env)
 
 
 if __name__ == "__main__":
