@@ -13,6 +13,7 @@ from tqdm import tqdm
 from memory_service.admin.table_admin import TableAdmin
 from memory_service.errors import InvalidArgument, NotFound
 from memory_service.row_dtypes import FP8_BLOCK_SCALED, is_trainable
+from memory_service.table_io import RowSource
 
 
 def config_path(path: str) -> Path:
@@ -138,7 +139,8 @@ def quantize_table(admin: TableAdmin, args) -> int:
     version = admin.create_version(args.into)
     try:
         for layer, rows in sorted(source.layer_rows.items()):
-            reader = LayerReader(client, layer, rows, source.head_dim)
+            reader = RowSource((rows, source.head_dim), client.dtype,  # the layer, a block of rows at a time
+                               lambda a, b, layer=layer: client.read_layer(layer, start=a, stop=b))
             admin.import_rows(args.into, layer, reader, version=version, quantization=error)
     except BaseException:
         admin.drop_version(args.into, version)
@@ -154,14 +156,3 @@ def quantize_table(admin: TableAdmin, args) -> int:
           "of the RMS value)" + (" (now active)" if args.activate else ""))
     return 0
 
-
-class LayerReader:
-    """A layer of a table as a RowSource-like view (shape, dtype, row slices), read through a data client."""
-
-    def __init__(self, client, layer: int, rows: int, head_dim: int):
-        self.client, self.layer = client, layer
-        self.shape, self.dtype, self.ndim = (rows, head_dim), client.dtype, 2
-
-    def __getitem__(self, rows: slice):
-        start, stop, _ = rows.indices(self.shape[0])
-        return self.client.read_layer(self.layer, start=start, stop=max(start, stop))
