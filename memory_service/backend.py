@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from memory_service.errors import InvalidArgument
+from memory_service.errors import FailedPrecondition, InvalidArgument
 from memory_service.row_dtypes import all_finite, is_floating, row_width
 from memory_service.spec import EngramSpec
 
@@ -50,6 +50,16 @@ class TableBackend(ABC):
         the version it began on); this default (one version, in process) looks the rows up now and ignores both.
         """
         return _Done((self.lookup(layer_id, unique_ids), 0))
+
+    def lookup_layers_async(self, parts: dict[int, np.ndarray], version: int = 0, outs: dict | None = None):
+        """Start the lookups of several layers ({layer: ascending unique ids [U]}); `.result()` gives
+        ({layer: rows [U, row width]}, version), every layer from that one version.
+
+        Remote backends send them together (one call per shard for all layers); outs: {layer: buffer} as `out` of
+        lookup_unique_async. This default starts each layer's lookup in turn."""
+        outs = outs or {}
+        return _EachLayer({layer: self.lookup_unique_async(layer, ids, out=outs.get(layer), version=version)
+                           for layer, ids in parts.items()})
 
     def save(self, path) -> None:
         """Write every row and its optimizer state to a file (in-process backends; remote rows stay where they are)."""
@@ -102,3 +112,33 @@ class _Done:
     def result(self):
         """The value."""
         return self._value
+
+
+class _EachLayer:
+    """Per-layer pending lookups seen as one multi-layer lookup."""
+
+    def __init__(self, pending: dict):
+        self._pending = pending
+
+    def result(self) -> tuple[dict[int, np.ndarray], int]:
+        """({layer: rows}, the version) once every layer's rows are there."""
+        rows, versions = {}, set()
+        for layer, pending in self._pending.items():
+            rows[layer], version = pending.result()
+            versions.add(version)
+        if len(versions) > 1:
+            raise FailedPrecondition(f"the layers of one lookup came from versions {sorted(versions)}",
+                                     reason="VERSION_MIXED")
+        return rows, versions.pop() if versions else 0
+
+
+class LayerOf:
+    """One layer of a multi-layer lookup, shaped as a single-layer one: `.result()` -> (rows [U, width], version)."""
+
+    def __init__(self, pending, layer: int):
+        self.pending, self.layer = pending, layer
+
+    def result(self) -> tuple[np.ndarray, int]:
+        """That layer's rows and the version (waits for the whole lookup)."""
+        rows, version = self.pending.result()
+        return rows[self.layer], version

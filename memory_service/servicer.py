@@ -187,6 +187,30 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
                           out=into_reply, max_bytes=self.max_payload_bytes)
         return reply[0]  # complete wire bytes: rows were gathered straight into the message
 
+    @rpc("read")
+    def LookupLayers(self, request, context):
+        self._check_epoch(request.shard_epoch)
+        ids = decode_array(request.row_ids, "<i8", "row_ids")
+        counts = np.asarray(request.counts, dtype=np.int64)
+        if len(request.layers) != counts.size or (counts < 0).any() or int(counts.sum()) != ids.size:
+            raise InvalidArgument(f"LookupLayers: {len(request.layers)} layers and {counts.size} counts (sum "
+                                  f"{int(counts.sum()) if counts.size else 0}) do not describe {ids.size} row ids: give one "
+                                  "non-negative count per layer, summing to the ids sent")
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        parts = [(int(layer), ids[bounds[i]:bounds[i + 1]]) for i, layer in enumerate(request.layers)]
+        for layer, part in parts:
+            self.store.check_owned(request.table, layer, part)
+        reply = []
+
+        def into_reply(num_rows, head_dim, dtype, version):
+            message, rows = lookup_reply(num_rows, head_dim, dtype, version)
+            reply.append(message)
+            return rows
+
+        self.store.lookup_layers(request.table, parts, request.version, self._fingerprint(request.spec_fingerprint),
+                                 out=into_reply, max_bytes=self.max_payload_bytes)
+        return reply[0]
+
     def _hasher(self, meta: TableMeta) -> tuple[CompressedTokenizer | None, NgramHasher]:
         key = f"{meta.name}:{meta.spec.fingerprint()}"
         with self._hashers_lock:

@@ -193,9 +193,14 @@ class EngramSpec:
         return data
 
     def fingerprint(self) -> str:
-        """Stable hex digest of the canonical encoding (includes the compression map digest)."""
-        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:32]
+        """Stable hex digest of the canonical encoding (includes the compression map digest); computed once per spec
+        (every lookup checks it)."""
+        cached = self.__dict__.get("_fingerprint")
+        if cached is None:
+            blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":")).encode()
+            cached = hashlib.sha256(blob).hexdigest()[:32]
+            object.__setattr__(self, "_fingerprint", cached)  # frozen: not a field, so eq, hash and asdict ignore it
+        return cached
 
     def with_compression(self, lookup_table: np.ndarray, compressed_vocab_size: int) -> "EngramSpec":
         """Return this spec bound to a compression map (its size and digest)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from memory_service.backend import TableBackend
+from memory_service.backend import LayerOf, TableBackend
 from memory_service.compression import CompressedTokenizer
 from memory_service.dedup import dedup_ids
 from memory_service.fp8_rows import dequantize
@@ -185,34 +185,39 @@ class EngramRowFetcher:
     def fetch(self, tokens, context=None, requires_grad: bool = False, prefetch: bool = False, version: int = 0) -> FetchedRows:
         """Rows of raw tokens [B, T] for all Engram layers (one lookup of unique ids per layer).
 
-        prefetch=True sends every layer's lookup now and returns at once; each layer's rows
-        are awaited when the model first uses them (remote backends; an in-process table
-        answers at once, so it is looked up directly). version: the table version to read
-        (0: the active one; remote backends).
+        A remote backend gets every layer's lookup in one multi-layer call (one call per shard).
+        prefetch=True returns at once; each layer's rows are awaited when the model first uses
+        them. Without it the rows are waited for here. An in-process table answers at once,
+        so it is looked up directly. version: the table version to read (0: the active one;
+        remote backends).
         """
         layers = {}
-        can_prefetch = prefetch and self.backend.remote
-        for layer_id, ids in self.row_ids(tokens, context).items():
-            batch = dedup_ids(ids.reshape(-1))
-            if can_prefetch:  # send first, then work out the inverse while the rows travel
-                # on CUDA the replies land straight in pinned memory, the source of the device copy
-                host = self.stager.host_buffer(batch.unique.size, self.backend.row_width, self.backend.dtype)
-                out = None if host is None else numpy_view(host)
-                pending = self.stager.submit(self.backend.lookup_unique_async(layer_id, batch.unique, out=out,
-                                                                              version=version), host)
-                inverse = to_device(batch.inverse(), self.device)
-                layers[layer_id] = LayerRows(batch.unique, None, inverse, tuple(ids.shape), pending, requires_grad, self.device)
-            else:
-                inverse = to_device(batch.inverse(), self.device)
-                served, started = 0, time.perf_counter()
-                if self.backend.remote:  # the version served is kept: a decoding request stays on it
-                    rows, served = self.backend.lookup_unique_async(layer_id, batch.unique, version=version).result()
-                else:
-                    rows = self.backend.lookup(layer_id, batch.unique)  # [U, hd] float32
-                waited = time.perf_counter() - started if self.backend.remote else 0.0  # a remote lookup is waited for
+        batches = {layer_id: (dedup_ids(ids.reshape(-1)), tuple(ids.shape)) for layer_id, ids in self.row_ids(tokens, context).items()}
+        if not self.backend.remote:  # an in-process table answers at once
+            for layer_id, (batch, shape) in batches.items():
+                rows = self.backend.lookup(layer_id, batch.unique)  # [U, hd] float32
                 leaf = rows_to_leaf(rows, self.device, requires_grad, self.spec.head_dim)
-                layers[layer_id] = LayerRows(batch.unique, leaf, inverse, tuple(ids.shape), version=served,
-                                             wait_seconds=waited)
+                layers[layer_id] = LayerRows(batch.unique, leaf, to_device(batch.inverse(), self.device), shape)
+            return FetchedRows(layers)
+        # every layer's lookup in one go (one call per shard), sent before the inverses are worked out
+        hosts = {}  # on CUDA, with prefetch, the replies land straight in pinned memory, the source of the device copy
+        if prefetch:
+            hosts = {layer_id: self.stager.host_buffer(batch.unique.size, self.backend.row_width, self.backend.dtype)
+                     for layer_id, (batch, _) in batches.items()}
+        outs = {layer_id: numpy_view(host) for layer_id, host in hosts.items() if host is not None}
+        started = time.perf_counter()
+        pending = self.backend.lookup_layers_async({layer_id: batch.unique for layer_id, (batch, _) in batches.items()},
+                                                   version=version, outs=outs)
+        for layer_id, (batch, shape) in batches.items():
+            inverse = to_device(batch.inverse(), self.device)
+            if prefetch:  # each layer's rows are awaited where the model first uses them
+                staged = self.stager.submit(LayerOf(pending, layer_id), hosts.get(layer_id))
+                layers[layer_id] = LayerRows(batch.unique, None, inverse, shape, staged, requires_grad, self.device)
+            else:  # the version served is kept: a decoding request stays on it
+                rows, served = LayerOf(pending, layer_id).result()
+                waited, started = time.perf_counter() - started, time.perf_counter()  # the first layer waits for all
+                leaf = rows_to_leaf(rows, self.device, requires_grad, self.spec.head_dim)
+                layers[layer_id] = LayerRows(batch.unique, leaf, inverse, shape, version=served, wait_seconds=waited)
         return FetchedRows(layers)
 
     def push_gradients(self, fetched: FetchedRows, lr: float) -> int:

@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from memory_service.backend import LayerOf
+
 WAYS = 4
 AGE_EVERY = 64  # probes between halvings of the frequency counts
 ENTRY_OVERHEAD = 8 + 8 + 8 + 4  # id, version, fetch time, count
@@ -130,28 +132,32 @@ class CachedTables:
     def __getattr__(self, name):  # everything else (num_rows, apply_gradients, close, ...) is the backend's
         return getattr(self.backend, name)
 
-    def lookup_unique_async(self, layer_id: int, unique_ids: np.ndarray, out: np.ndarray | None = None,
-                            version: int = 0) -> "_CachedLookup":
-        """Start a lookup: cached rows now, the others sent to the service (pinned to the version served)."""
-        width = self.cache.layers[layer_id].rows.shape[-1]
-        if out is None or out.shape != (unique_ids.size, width) or out.dtype != self.dtype:
-            out = np.empty((unique_ids.size, width), dtype=self.dtype)
+    def lookup_layers_async(self, parts: dict[int, np.ndarray], version: int = 0,
+                            outs: dict | None = None) -> "_CachedLookup":
+        """Start a lookup of several layers: cached rows now, the others sent to the service in one multi-layer
+        lookup (pinned to the version served); `.result()` gives ({layer: rows}, version)."""
+        outs = dict(outs or {})
+        for layer, ids in parts.items():
+            width, out = self.cache.layers[layer].rows.shape[-1], outs.get(layer)
+            if out is None or out.shape != (ids.size, width) or out.dtype != self.dtype:
+                outs[layer] = np.empty((ids.size, width), dtype=self.dtype)
         with self._lock:
             fresh = time.monotonic() - self._checked <= self.version_check_s
             target = version or (self._active if fresh else 0)
         if not target:  # the active version is not known (or too old): ask the service for all of it
-            self.cache.count_misses(unique_ids.size)
-            return _CachedLookup(self, layer_id, unique_ids, np.zeros(unique_ids.size, dtype=bool), out, 0,
-                                 self.backend.lookup_unique_async(layer_id, unique_ids, version=0, out=out))
-        hit = self.cache.get(layer_id, unique_ids, target, out)
-        missing = unique_ids[~hit]
-        if not missing.size:
-            pending = None
-        elif not hit.any():  # nothing cached: the replies land in out directly
-            pending = self.backend.lookup_unique_async(layer_id, missing, version=target, out=out)
-        else:
-            pending = self.backend.lookup_unique_async(layer_id, missing, version=target)
-        return _CachedLookup(self, layer_id, unique_ids, hit, out, target, pending)
+            self.cache.count_misses(sum(ids.size for ids in parts.values()))
+            hits = {layer: np.zeros(ids.size, dtype=bool) for layer, ids in parts.items()}
+            return _CachedLookup(self, parts, hits, outs, 0, self.backend.lookup_layers_async(parts, 0, outs))
+        hits = {layer: self.cache.get(layer, ids, target, outs[layer]) for layer, ids in parts.items()}
+        missing = {layer: ids[~hits[layer]] for layer, ids in parts.items() if not hits[layer].all()}
+        direct = {layer: outs[layer] for layer in missing if not hits[layer].any()}  # nothing cached: replies land in out
+        pending = self.backend.lookup_layers_async(missing, target, direct) if missing else None
+        return _CachedLookup(self, parts, hits, outs, target, pending)
+
+    def lookup_unique_async(self, layer_id: int, unique_ids: np.ndarray, out: np.ndarray | None = None,
+                            version: int = 0) -> LayerOf:
+        """A one-layer lookup_layers_async."""
+        return LayerOf(self.lookup_layers_async({layer_id: unique_ids}, version, {layer_id: out}), layer_id)
 
     def lookup_unique(self, layer_id: int, unique_ids: np.ndarray, version: int = 0,
                       out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
@@ -167,22 +173,24 @@ class CachedTables:
 class _CachedLookup:
     """A lookup whose misses may still be in flight; result() merges them in and caches them."""
 
-    def __init__(self, tables: CachedTables, layer: int, ids: np.ndarray, hit: np.ndarray, out: np.ndarray,
+    def __init__(self, tables: CachedTables, parts: dict[int, np.ndarray], hits: dict[int, np.ndarray], outs: dict,
                  version: int, pending):
-        self.tables, self.layer, self.ids, self.hit, self.out = tables, layer, ids, hit, out
+        self.tables, self.parts, self.hits, self.outs = tables, parts, hits, outs
         self.version, self.pending, self._result = version, pending, None
         self.sent = time.monotonic()  # the rows are at least this old when they arrive
 
-    def result(self) -> tuple[np.ndarray, int]:
+    def result(self) -> tuple[dict[int, np.ndarray], int]:
         if self._result is None:
             version = self.version
             if self.pending is not None:
-                rows, served = self.pending.result()  # [misses, width]
+                fetched, served = self.pending.result()  # {layer: [misses, width]}
                 if not version:  # followed the active version: all rows came from the service
                     self.tables.learned(served)
                     version = served
-                if rows is not self.out:
-                    self.out[~self.hit] = rows
-                self.tables.cache.put(self.layer, self.ids[~self.hit], rows, version, fetched_at=self.sent)
-            self._result = (self.out, version)
+                for layer, rows in fetched.items():
+                    miss = ~self.hits[layer]
+                    if rows is not self.outs[layer]:
+                        self.outs[layer][miss] = rows
+                    self.tables.cache.put(layer, self.parts[layer][miss], rows, version, fetched_at=self.sent)
+            self._result = (self.outs, version)
         return self._result

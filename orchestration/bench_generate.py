@@ -1,24 +1,31 @@
 """`engram bench generate`: what remote tables cost a decoding engine, against the same engine on in-process tables.
 
-One model (a seeded preset, or a checkpoint's) decodes the same requests in four modes, taking
-turns (round-robin) at each offered concurrency, so the machine's drift hits all of them alike:
+One model (a seeded preset) decodes the same requests in four modes at each offered concurrency:
 
 - in_process: the tables in the worker's memory;
 - pool: a Ray memory pool (2 shards on this machine), each step's rows fetched before its forward;
-- pool_prefetch: the rows sent for at the start of the step, awaited by each Engram layer;
+- pool_prefetch: the rows sent for at the start of the step (one call per shard for both Engram
+  layers), each layer's awaited where the model first uses them;
 - pool_prefetch_cache: the same, with a row cache on the worker (row_cache.py).
 
 Requests: prompts of 16-128 tokens cut from the built-in corpus's validation split, 64 new
-tokens each (greedy), a fixed seed; at concurrency C the engine holds C slots and gets 2C
-requests (at least 4), new ones each round (the same for every mode), so the cache sees fresh
-traffic, not a replay; it stays warm across rounds and concurrencies, as a serving worker's
-would. tokens/s counts new tokens over the wall time of the whole set. Prefetch wait: the time
-a forward pass waited for rows (for `pool`, the whole blocking lookup).
+tokens each (greedy), a fixed seed; at concurrency C each mode's engine holds C slots and gets
+2C requests (at least 4), new ones each round (the same for every mode), so the cache sees fresh
+traffic, not a replay; it stays warm across rounds and concurrencies, as a serving worker's would.
+
+The modes take turns step by step (_interleaved_round): one decoding step of each engine in
+turn, the first mode changing every turn, so every mode meets the machine as it is at that
+moment (this machine's speed drifts by 10-40% within a minute, measured as CPU ms per step of the
+same model). A mode's tokens/s is its new tokens over the sum of its own steps' wall time; the
+ratio is paired, each round's tokens/s over in_process's in that round, the median over rounds.
+Prefetch wait: the time a forward pass waited for rows (for `pool`, the whole blocking lookup).
+CPU ms a step: the worker process's (model, client, cache) and the shard processes' (Linux /proc).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import time
 
@@ -34,12 +41,56 @@ def _prompts(val_ids: np.ndarray, count: int, rng) -> list[np.ndarray]:
     return [np.asarray(val_ids[s:s + n], dtype=np.int64) for s, n in zip(starts, lengths)]
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have used so far (Linux /proc; nan elsewhere)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _interleaved_round(engines: dict, prompts: list, new_tokens: int, shard_pids: list[int], cache) -> dict:
+    """Every mode decodes the same prompts, one engine step per mode in turn (the first mode changes each turn), so
+    all modes meet the same machine at the same time; each mode's time is the sum of its own steps."""
+    measured = {mode: {"tokens": 0, "seconds": 0.0, "steps": 0, "wait_s": 0.0, "worker_cpu_s": 0.0, "shard_cpu_s": 0.0,
+                       "hits": 0, "probes": 0} for mode in engines}
+    futures = {mode: [engine.submit(p, new_tokens) for p in prompts] for mode, engine in engines.items()}
+    modes, turn = list(engines), 0
+    while True:
+        running = [m for m in modes[turn % len(modes):] + modes[:turn % len(modes)] if not all(f.done() for f in futures[m])]
+        if not running:
+            break
+        turn += 1
+        for mode in running:
+            engine, m = engines[mode], measured[mode]
+            wait_before, cache_before = engine.stats["wait_s"], cache.stats()
+            cpu_before = (time.process_time(), _cpu_seconds(shard_pids))
+            started = time.perf_counter()
+            m["tokens"] += engine.step()
+            m["seconds"] += time.perf_counter() - started
+            cpu_after = (time.process_time(), _cpu_seconds(shard_pids))
+            m["steps"] += 1
+            m["wait_s"] += engine.stats["wait_s"] - wait_before
+            m["worker_cpu_s"] += cpu_after[0] - cpu_before[0]
+            m["shard_cpu_s"] += cpu_after[1] - cpu_before[1]
+            cache_after = cache.stats()
+            m["hits"] += cache_after["hits"] - cache_before["hits"]
+            m["probes"] += cache_after["hits"] + cache_after["misses"] - cache_before["hits"] - cache_before["misses"]
+    for mode, fs in futures.items():
+        for f in fs:
+            f.result()  # a failed request fails the benchmark
+    return measured
+
+
 def bench_generate(preset: str = "small", concurrency: tuple[int, ...] = (1, 8, 32, 128), new_tokens: int = 64,
                    rounds: int = 1, cache_mb: int = 64, seed: int = 0, shards: int = 2, log=print) -> dict:
     """tokens/s per (mode, concurrency), the ratio to in_process at the same concurrency, cache hit rate and
     prefetch wait per step."""
-    import os
-
     import torch
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -98,6 +149,8 @@ def bench_generate(preset: str = "small", concurrency: tuple[int, ...] = (1, 8, 
                     "pool": (EngramRowFetcher(remote(), compressor, hasher, device), False),
                     "pool_prefetch": (EngramRowFetcher(remote(), compressor, hasher, device), True),
                     "pool_prefetch_cache": (EngramRowFetcher(cached, compressor, hasher, device), True)}
+        shard_pids = [d["pid"] for d in pool.state()["shards"]]
+        cpu = {(m, c): [] for m in MODES for c in concurrency}  # (worker, shards) CPU ms a step
         times = {(m, c): [] for m in MODES for c in concurrency}
         waits = {(m, c): [] for m in MODES for c in concurrency}
         hits = {c: [] for c in concurrency}
@@ -107,23 +160,16 @@ def bench_generate(preset: str = "small", concurrency: tuple[int, ...] = (1, 8, 
             for engine in engines.values():  # warm-up: allocator, first lookups
                 engine.generate(warmups[c], 4)
             for r in range(rounds):
-                order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]  # a different mode goes first each round
-                for mode in order:
-                    engine = engines[mode]
-                    before = dict(engine.stats)
-                    cache_before = cached.cache.stats()
-                    started = time.perf_counter()
-                    done = engine.generate(requests[(c, r)], new_tokens)
-                    seconds = time.perf_counter() - started
-                    made = sum(len(d.tokens) for d in done)
-                    steps = engine.stats["steps"] - before["steps"]
-                    times[(mode, c)].append(made / seconds)
-                    waits[(mode, c)].append(1e3 * (engine.stats["wait_s"] - before["wait_s"]) / max(1, steps))
+                measured = _interleaved_round(engines, requests[(c, r)], new_tokens, shard_pids, cached.cache)
+                for mode, m in measured.items():
+                    steps = max(1, m["steps"])
+                    times[(mode, c)].append(m["tokens"] / m["seconds"])
+                    waits[(mode, c)].append(1e3 * m["wait_s"] / steps)
+                    cpu[(mode, c)].append((1e3 * m["worker_cpu_s"] / steps, 1e3 * m["shard_cpu_s"] / steps))
                     if mode == "pool_prefetch_cache":
-                        after = cached.cache.stats()
-                        probes = after["hits"] + after["misses"] - cache_before["hits"] - cache_before["misses"]
-                        hits[c].append((after["hits"] - cache_before["hits"]) / max(1, probes))
-                    log(f"  concurrency {c:4d}  {mode:20s} {made / seconds:9.1f} tokens/s")
+                        hits[c].append(m["hits"] / max(1, m["probes"]))
+                    log(f"  concurrency {c:4d}  {mode:20s} {times[(mode, c)][-1]:9.1f} tokens/s  CPU ms/step: worker "
+                        f"{cpu[(mode, c)][-1][0]:.1f}, shards {cpu[(mode, c)][-1][1]:.1f}  ({m['steps']} steps)")
     finally:
         for backend in backends:
             backend.close()
@@ -132,19 +178,22 @@ def bench_generate(preset: str = "small", concurrency: tuple[int, ...] = (1, 8, 
         ray.shutdown()
     results = []
     for c in concurrency:
-        base_tps = float(np.median(times[("in_process", c)]))
         for mode in MODES:
             tps = float(np.median(times[(mode, c)]))
-            results.append({"mode": mode, "concurrency": c, "tokens_per_s": tps, "ratio": tps / base_tps,
+            # paired: each round's tokens/s over in_process's in the same round (this machine drifts between rounds)
+            ratio = float(np.median(np.array(times[(mode, c)]) / np.array(times[("in_process", c)])))
+            results.append({"mode": mode, "concurrency": c, "tokens_per_s": tps, "ratio": ratio,
                             "cache_hit_rate": float(np.median(hits[c])) if mode == "pool_prefetch_cache" else None,
-                            "prefetch_wait_ms": float(np.median(waits[(mode, c)]))})
+                            "prefetch_wait_ms": float(np.median(waits[(mode, c)])),
+                            "worker_cpu_ms": float(np.median([w for w, _ in cpu[(mode, c)]])),
+                            "shard_cpu_ms": float(np.median([s for _, s in cpu[(mode, c)]]))})
     lines = [f"generate ({preset}, {new_tokens} new tokens a request, prompts 16-128 tokens, device {device}, "
              f"{shards}-shard pool, cache {cache_mb} MiB, {rounds} round(s), round-robin)",
-             f"  {'concurrency':>11s}  {'mode':20s} {'tokens/s':>9s}  {'ratio':>5s}  {'hit rate':>8s}  {'wait ms/step':>12s}"]
+             f"  {'concurrency':>11s}  {'mode':20s} {'tokens/s':>9s}  {'ratio':>5s}  {'hit rate':>8s}  {'wait ms/step':>12s}  {'CPU ms/step: worker':>19s}  {'shards':>6s}"]
     for r in results:
         hit = "" if r["cache_hit_rate"] is None else f"{r['cache_hit_rate']:.2f}"
         lines.append(f"  {r['concurrency']:11d}  {r['mode']:20s} {r['tokens_per_s']:9.1f}  {r['ratio']:5.3f}  {hit:>8s}  "
-                     f"{r['prefetch_wait_ms']:12.2f}")
+                     f"{r['prefetch_wait_ms']:12.2f}  {r['worker_cpu_ms']:19.1f}  {r['shard_cpu_ms']:6.1f}")
     return {"preset": preset, "device": str(device), "new_tokens": new_tokens, "results": results, "lines": lines}
 
 

@@ -87,6 +87,15 @@ def test_every_bad_input_gets_its_status_code_and_changes_nothing(service):
         ("token ids out of vocabulary", s.LookupTokens, pb.LookupTokensRequest(table="t", layer=1, token_ids=encode_ids(np.array([10**6])), shape=[1, 1]), None, "INVALID_ARGUMENT"),
         ("token shape mismatch", s.LookupTokens, pb.LookupTokensRequest(table="t", layer=1, token_ids=encode_ids(np.array([1, 2, 3])), shape=[2, 2]), None, "INVALID_ARGUMENT"),
         ("create version without a source", s.CreateVersion, pb.CreateVersionRequest(table="t"), auth(), "INVALID_ARGUMENT"),
+        ("layers: counts not summing to the ids", s.LookupLayers, pb.LookupLayersRequest(table="t", spec_fingerprint=fp, layers=[1, 2], counts=[1, 2], row_ids=good_ids), None, "INVALID_ARGUMENT"),
+        ("layers: more layers than counts", s.LookupLayers, pb.LookupLayersRequest(table="t", spec_fingerprint=fp, layers=[1, 2], counts=[2], row_ids=good_ids), None, "INVALID_ARGUMENT"),
+        ("layers: a negative count", s.LookupLayers, pb.LookupLayersRequest(table="t", spec_fingerprint=fp, layers=[1, 2], counts=[3, -1], row_ids=good_ids), None, "INVALID_ARGUMENT"),
+        ("layers: an unknown layer", s.LookupLayers, pb.LookupLayersRequest(table="t", spec_fingerprint=fp, layers=[1, 7], counts=[1, 1], row_ids=good_ids), None, "INVALID_ARGUMENT"),
+        ("layers: a row id out of one layer's range", s.LookupLayers, pb.LookupLayersRequest(table="t", spec_fingerprint=fp, layers=[1, 2], counts=[1, 1], row_ids=encode_ids(np.array([1, 10**9]))), None, "INVALID_ARGUMENT"),
+        ("layers: no fingerprint", s.LookupLayers, pb.LookupLayersRequest(table="t", layers=[1], counts=[2], row_ids=good_ids), None, "INVALID_ARGUMENT"),
+        ("layers: fingerprint mismatch", s.LookupLayers, pb.LookupLayersRequest(table="t", spec_fingerprint="0" * 32, layers=[1], counts=[2], row_ids=good_ids), None, "FAILED_PRECONDITION"),
+        ("layers: unknown version", s.LookupLayers, pb.LookupLayersRequest(table="t", spec_fingerprint=fp, layers=[1], counts=[2], row_ids=good_ids, version=99), None, "NOT_FOUND"),
+        ("layers: response over the size limit", s.LookupLayers, pb.LookupLayersRequest(table="t", spec_fingerprint=fp, layers=[1, 2], counts=[150_000, 150_000], row_ids=encode_ids(np.zeros(300_000, dtype=np.int64))), None, "RESOURCE_EXHAUSTED"),
     ]
     for name, method, request, metadata, code in cases:
         with pytest.raises(grpc.RpcError) as e:
@@ -258,6 +267,28 @@ def test_two_shards_split_batches_and_updates(tmp_path):
         cut = shard_map.bounds[2][1]
         updated = [s.optimizer_state("t", 2, np.arange(local.num_rows(2)))["step"] for s in stores]
         assert updated[0][cut:].sum() == 0 and updated[1][:cut].sum() == 0  # each shard updated only its range
+        # both layers in one call per shard (several under a small payload limit): each layer's rows, in order
+        parts = {layer: np.unique(rng.integers(0, local.num_rows(layer), 700)) for layer in (1, 2)}
+        before = [s.counters["lookups"] for s in stores]
+        rows, version = client.lookup_layers_async(parts).result()
+        assert version == 1 and sorted(rows) == [1, 2]
+        for layer, ids in parts.items():
+            np.testing.assert_array_equal(rows[layer], local.lookup(layer, ids))
+        per_message = 4096 // (spec.head_dim * 4)
+        calls = [s.counters["lookups"] - b for s, b in zip(stores, before)]
+        assert all(c > 0 for c in calls) and sum(calls) < sum(-(-ids.size // per_message) for ids in parts.values()) + 2
+        # a swap that reached one shard and not yet the other: the older shard's pieces are fetched again
+        for store in stores:
+            store.create_version("t", init_std=1.0, init_seed=7)
+        stores[0].swap("t", 2)
+        second = MemoryClient(shard_map, "t")
+        rows, version = second.lookup_layers_async(parts).result()
+        assert version == 2
+        for layer, ids in parts.items():
+            expected = np.concatenate([s.lookup("t", layer, ids[shard_map.shard_of(layer, ids) == i], version=2)[0]
+                                       for i, s in enumerate(stores)])
+            np.testing.assert_array_equal(rows[layer], expected)
+        stores[1].swap("t", 2)
         # a client whose map sends rows to the wrong shard is told its map is stale
         from memory_service.errors import FailedPrecondition
 

@@ -123,6 +123,39 @@ class MemoryClient(TableBackend):
         calls = self._lookup_calls(layer_id, unique_ids, parts, version)
         return PendingLookup(self, layer_id, unique_ids, parts, calls, self.channels.send(calls), out, version, requested)
 
+    def lookup_layers_async(self, parts: dict[int, np.ndarray], version: int = 0,
+                            outs: dict | None = None) -> "PendingLayers":
+        """Send the lookups of several layers ({layer: ascending unique ids}) in one LookupLayers call per shard (a
+        few under the payload limit); `.result()` gives ({layer: rows [U, row width]}, version), all from it."""
+        return self.channels.with_fresh_map(lambda: self._start_layers(parts, version, outs or {}))
+
+    def _start_layers(self, parts: dict[int, np.ndarray], version: int, outs: dict) -> "PendingLayers":
+        requested, version = version, version or self.version_pin
+        width, per_message = self.row_width, max(1, self.max_payload_bytes // max(self.row_nbytes, ID_BYTES))
+        outs = {layer: out if out is not None and out.shape == (parts[layer].size, width) and out.dtype == self.dtype
+                else np.empty((parts[layer].size, width), dtype=self.dtype)
+                for layer, out in ((layer, outs.get(layer)) for layer in parts)}
+        by_shard: dict[int, list[tuple[int, int, int]]] = {}  # shard -> (layer, start, stop) pieces
+        for layer, ids in parts.items():
+            for shard, start, stop in (self.shard_map.plan(layer, ids, per_message) if ids.size else []):
+                by_shard.setdefault(shard, []).append((layer, start, stop))
+        groups = []  # (shard, pieces): one call each, under the payload limit
+        for shard, pieces in by_shard.items():
+            group, rows = [], 0
+            for piece in pieces:
+                if group and rows + piece[2] - piece[1] > per_message:
+                    groups.append((shard, group))
+                    group, rows = [], 0
+                group.append(piece)
+                rows += piece[2] - piece[1]
+            groups.append((shard, group))
+        calls = [(shard, "LookupLayers", pb.LookupLayersRequest(
+            table=self.table, spec_fingerprint=self.fingerprint, layers=[layer for layer, _, _ in group],
+            counts=[stop - start for _, start, stop in group],
+            row_ids=b"".join(encode_ids(parts[layer][start:stop]) for layer, start, stop in group),
+            version=version, shard_epoch=self.shard_map.epoch)) for shard, group in groups]
+        return PendingLayers(self, parts, groups, calls, self.channels.send(calls), outs, version, requested)
+
     def _lookup_calls(self, layer_id: int, unique: np.ndarray, parts, version: int) -> list:
         return [(shard, "Lookup", pb.LookupRequest(
             table=self.table, layer=layer_id, spec_fingerprint=self.fingerprint, row_ids=encode_ids(unique[start:stop]),
@@ -364,4 +397,44 @@ class PendingLookup:
             if stale:  # a swap landed between parts: fetch those again from the newer version
                 client._fetch_parts(self._layer, self._unique, stale, self._out, target)
             self._result = (self._out, target)
+        return self._result
+
+
+class PendingLayers:
+    """A multi-layer lookup whose calls are in flight; result() waits for them (and re-fetches after a mid-batch swap)."""
+
+    def __init__(self, client: MemoryClient, parts: dict[int, np.ndarray], groups, calls, futures, outs: dict,
+                 version: int, requested: int = 0):
+        self._client, self._parts, self._groups, self._calls, self._futures = client, parts, groups, calls, futures
+        self._outs, self._version, self._requested = outs, version, requested
+        self._result: tuple[dict[int, np.ndarray], int] | None = None
+
+    def result(self) -> tuple[dict[int, np.ndarray], int]:
+        """({layer: rows [U, row width]}, version), waiting for the replies still in flight."""
+        if self._result is None:
+            client, served = self._client, []
+            try:
+                for (shard, group), reply in zip(self._groups, client.channels.results(self._calls, self._futures)):
+                    got = decode_array(reply.rows, enum_dtype(reply.dtype), "rows", width=client.row_width)
+                    if got.shape[0] != sum(stop - start for _, start, stop in group) or got.dtype != client.dtype:
+                        raise FailedPrecondition(f"shard {shard} returned {got.shape[0]} {got.dtype} rows for "
+                                                 f"{sum(stop - start for _, start, stop in group)} ids")
+                    at = 0
+                    for layer, start, stop in group:  # the reply holds the pieces one after the other
+                        self._outs[layer][start:stop] = got[at:at + stop - start]
+                        at += stop - start
+                    served.append(reply.version)
+            except StaleShardMap:
+                if client.channels.map_provider is None:
+                    raise
+                client.channels.refresh_map()  # the map moved on (rescale, swap): ask again under the new one
+                self._result = client.channels.with_fresh_map(
+                    lambda: client.lookup_layers_async(self._parts, self._requested, self._outs).result())
+                return self._result
+            target = self._version or max(served, default=0)
+            for (shard, group), version in zip(self._groups, served):
+                if version != target:  # a swap landed between shards: fetch those pieces again from the newer version
+                    for layer, start, stop in group:
+                        client._fetch_parts(layer, self._parts[layer], [(shard, start, stop)], self._outs[layer], target)
+            self._result = (self._outs, target)
         return self._result

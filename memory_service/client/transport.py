@@ -23,7 +23,8 @@ from protos import engram_pb2 as pb
 from protos import engram_pb2_grpc as pb_grpc
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-RAW_REPLY_METHODS = {"Lookup": pb.LookupRequest, "ReadRange": pb.ReadRangeRequest}  # rows arrive as zero-copy views
+RAW_REPLY_METHODS = {"Lookup": pb.LookupRequest, "LookupLayers": pb.LookupLayersRequest,
+                     "ReadRange": pb.ReadRangeRequest}  # rows arrive as zero-copy views
 
 
 def parse_address(url: str) -> str:

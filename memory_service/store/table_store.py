@@ -122,28 +122,35 @@ class TableStore:
         (the server gathers straight into its reply message). max_bytes: refuse
         (RESOURCE_EXHAUSTED) a response larger than this.
         """
+        return self.lookup_layers(name, [(layer, row_ids)], version, fingerprint, out, max_bytes)
+
+    def lookup_layers(self, name: str, parts: list[tuple[int, object]], version: int = 0, fingerprint: str | None = None,
+                      out=None, max_bytes: int | None = None) -> tuple[np.ndarray, int]:
+        """Rows of several (layer, ids [N_i]) parts, one after the other [sum N_i, row_width], all read from one
+        version in one snapshot, and that version; out and max_bytes as for lookup()."""
         snap = self.snapshots.acquire()
         try:
             meta = snap.meta(name)
-            num_rows = meta.check_request(layer, fingerprint)
-            ids = check_row_ids(row_ids, num_rows, layer)
-            if max_bytes is not None and ids.size * meta.row_nbytes > max_bytes:
+            checked = [(layer, check_row_ids(ids, meta.check_request(layer, fingerprint), layer)) for layer, ids in parts]
+            total = sum(ids.size for _, ids in checked)
+            if max_bytes is not None and total * meta.row_nbytes > max_bytes:
                 raise ResourceExhausted(
-                    f"lookup response of {ids.size} rows is {ids.size * meta.row_nbytes / 2**20:.1f} MiB, over the "
+                    f"lookup response of {total} rows is {total * meta.row_nbytes / 2**20:.1f} MiB, over the "
                     f"{max_bytes / 2**20:.1f} MiB limit: split it into batches of at most {max_bytes // meta.row_nbytes} rows")
             v = meta.resolve_version(version)
             if callable(out):
-                out = out(ids.size, meta.row_width, meta.dtype, v)
-            if out is None or out.shape != (ids.size, meta.row_width) or out.dtype != meta.dtype:
-                out = np.empty((ids.size, meta.row_width), dtype=meta.dtype)
-            if out.flags.c_contiguous:
-                snap.gather(meta, v, layer, ids, out)
-            else:  # a strided caller buffer: gather into a packed one, then copy
-                packed = np.empty_like(out, order="C")
-                snap.gather(meta, v, layer, ids, packed)
+                out = out(total, meta.row_width, meta.dtype, v)
+            if out is None or out.shape != (total, meta.row_width) or out.dtype != meta.dtype:
+                out = np.empty((total, meta.row_width), dtype=meta.dtype)
+            packed = out if out.flags.c_contiguous else np.empty_like(out, order="C")  # a strided caller buffer
+            start = 0
+            for layer, ids in checked:
+                snap.gather(meta, v, layer, ids, packed[start:start + ids.size])  # [N_i, row_width], contiguous
+                start += ids.size
+            if packed is not out:
                 out[...] = packed
             self.counters["lookups"] += 1
-            self.counters["rows_served"] += ids.size
+            self.counters["rows_served"] += total
             return out, v
         finally:
             self.snapshots.release(snap)
