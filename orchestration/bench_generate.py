@@ -81,7 +81,7 @@ def _interleaved_round(engines: dict, prompts: list, new_tokens: int, shard_pids
             cache_after = cache.stats()
             m["hits"] += cache_after["hits"] - cache_before["hits"]
             m["probes"] += cache_after["hits"] + cache_after["misses"] - cache_before["hits"] - cache_before["misses"]
-    for mode, fs in futures.items():
+    for fs in futures.values():
         for f in fs:
             f.result()  # a failed request fails the benchmark
     return measured
@@ -188,8 +188,9 @@ def bench_generate(preset: str = "small", concurrency: tuple[int, ...] = (1, 8, 
                             "worker_cpu_ms": float(np.median([w for w, _ in cpu[(mode, c)]])),
                             "shard_cpu_ms": float(np.median([s for _, s in cpu[(mode, c)]]))})
     lines = [f"generate ({preset}, {new_tokens} new tokens a request, prompts 16-128 tokens, device {device}, "
-             f"{shards}-shard pool, cache {cache_mb} MiB, {rounds} round(s), round-robin)",
-             f"  {'concurrency':>11s}  {'mode':20s} {'tokens/s':>9s}  {'ratio':>5s}  {'hit rate':>8s}  {'wait ms/step':>12s}  {'CPU ms/step: worker':>19s}  {'shards':>6s}"]
+             f"{shards}-shard pool, cache {cache_mb} MiB, {rounds} round(s), modes interleaved step by step)",
+             f"  {'concurrency':>11s}  {'mode':20s} {'tokens/s':>9s}  {'ratio':>5s}  {'hit rate':>8s}  {'wait ms/step':>12s}  "
+             f"{'CPU ms/step: worker':>19s}  {'shards':>6s}"]
     for r in results:
         hit = "" if r["cache_hit_rate"] is None else f"{r['cache_hit_rate']:.2f}"
         lines.append(f"  {r['concurrency']:11d}  {r['mode']:20s} {r['tokens_per_s']:9.1f}  {r['ratio']:5.3f}  {hit:>8s}  "

@@ -21,6 +21,25 @@ from memory_service.store import TableStore
 SHARD_FILE = "shard.json"
 
 
+def _threads() -> list[int]:
+    """Thread ids of this process (Linux; none elsewhere)."""
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return []
+
+
+def thread_niceness() -> int | None:
+    """The highest nice value among this process's threads (None where it cannot be read)."""
+    values = []
+    for tid in _threads():
+        try:
+            values.append(os.getpriority(os.PRIO_PROCESS, tid))
+        except OSError:  # the thread ended meanwhile
+            continue
+    return max(values) if values else None
+
+
 def serve_at_normal_priority() -> int:
     """Undo Ray's worker niceness (15) for this process's threads; returns how many threads were raised.
 
@@ -31,11 +50,7 @@ def serve_at_normal_priority() -> int:
     it the shard stays at Ray's niceness (set RAY_worker_niceness=0 before `ray start` instead).
     """
     raised = 0
-    try:
-        tasks = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:  # not Linux: nothing to undo that we know of
-        return 0
-    for tid in tasks:
+    for tid in _threads():
         try:
             if os.getpriority(os.PRIO_PROCESS, tid) > 0:
                 os.setpriority(os.PRIO_PROCESS, tid, 0)
@@ -95,7 +110,8 @@ class ShardServer:
         except Exception:  # noqa: BLE001 - outside Ray there is no node id
             pass
         metrics = f"{self.host}:{self.metrics.port}" if self.metrics is not None else None
-        return {"shard": self.shard_id, "address": self.address(), "metrics": metrics, "pid": os.getpid(), "node_id": node,
+        return {"shard": self.shard_id, "address": self.address(), "metrics": metrics, "pid": os.getpid(),
+                "nice": thread_niceness(), "node_id": node,
                 "path": str(self.path), "epoch": self.store.shard_state["epoch"], **self.servicer.counters()}
 
     def set_owned(self, epoch: int, owned: dict[str, dict[int, tuple[int, int]]]) -> None:

@@ -263,8 +263,9 @@ def test_bench_generate_reports_every_mode_at_every_concurrency(tmp_path):
     assert [(r["mode"], r["concurrency"]) for r in rows] == [
         (m, c) for c in (1, 2) for m in ("in_process", "pool", "pool_prefetch", "pool_prefetch_cache")]
     for r in rows:
-        assert set(r) == {"mode", "concurrency", "tokens_per_s", "ratio", "cache_hit_rate", "prefetch_wait_ms"}
-        assert r["tokens_per_s"] > 0 and r["prefetch_wait_ms"] >= 0
+        assert set(r) == {"mode", "concurrency", "tokens_per_s", "ratio", "cache_hit_rate", "prefetch_wait_ms",
+                          "worker_cpu_ms", "shard_cpu_ms"}
+        assert r["tokens_per_s"] > 0 and r["prefetch_wait_ms"] >= 0 and r["worker_cpu_ms"] > 0 and r["shard_cpu_ms"] >= 0
         assert (r["cache_hit_rate"] is None) == (r["mode"] != "pool_prefetch_cache")
     assert all(r["ratio"] == 1.0 for r in rows if r["mode"] == "in_process")
     assert (tmp_path / "gen.png").stat().st_size > 1000

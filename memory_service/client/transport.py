@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -22,6 +23,7 @@ from memory_service.wire import channel_options, decode_lookup_response
 from protos import engram_pb2 as pb
 from protos import engram_pb2_grpc as pb_grpc
 
+CALL_THREADS = 32  # calls in flight at once per client (a lookup of 65k rows is about 10 messages)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 RAW_REPLY_METHODS = {"Lookup": pb.LookupRequest, "LookupLayers": pb.LookupLayersRequest,
                      "ReadRange": pb.ReadRangeRequest}  # rows arrive as zero-copy views
@@ -63,6 +65,7 @@ class ShardChannels:
         self._retired: list[grpc.Channel] = []  # channels of earlier maps: calls may still be in flight on them
         self._stubs: list[pb_grpc.EngramMemoryStub] = []
         self._map_lock = threading.Lock()  # the prefetch, push and main threads may refresh at once
+        self._pool = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="engram-call")  # threads made as needed
         self._open()
         if map_provider is not None:
             self.refresh_map()
@@ -154,9 +157,14 @@ class ShardChannels:
                 delay = min(delay * 2, 1.0)
 
     def send(self, calls: list[tuple[int, str, object]]) -> list:
-        """Start several (shard, method, request) calls at once; returns their futures. A request that is a list is
-        the messages of a client stream (LoadRows)."""
-        return [getattr(self.stub(s), m).future(_sent(r), timeout=self.deadline_s, metadata=self.metadata()) for s, m, r in calls]
+        """Start several (shard, method, request) calls at once; returns their futures (whose result() raises the
+        call's grpc.RpcError). A request that is a list is the messages of a client stream (LoadRows).
+
+        Each call is a blocking call on a thread of this client's own pool, not gRPC's `.future()`: on a channel
+        with no call in flight, `.future()` starts a new polling thread and waits for it to run, about 1 ms a call
+        on this 2-core machine (2.3 ms of a decoding step's 5 ms of client time, profiled)."""
+        return [self._pool.submit(getattr(self.stub(s), m), _sent(r), timeout=self.deadline_s, metadata=self.metadata())
+                for s, m, r in calls]
 
     def results(self, calls: list[tuple[int, str, object]], futures: list):
         """Yield the results of started calls in order as each arrives; a failed one is retried alone."""
@@ -181,6 +189,7 @@ class ShardChannels:
         for channel in self._channels + self._retired:
             channel.close()
         self._retired = []
+        self._pool.shutdown(wait=False)
 
 
 def _sent(request):
