@@ -115,7 +115,8 @@ class _Done:
 
 
 class _EachLayer:
-    """Per-layer pending lookups seen as one multi-layer lookup."""
+    """Per-layer pending lookups seen as one multi-layer lookup (in-process tables: one version, 0, for every layer;
+    a backend whose layers may answer from different versions implements lookup_layers_async itself)."""
 
     def __init__(self, pending: dict):
         self._pending = pending

@@ -191,11 +191,11 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
     def LookupLayers(self, request, context):
         self._check_epoch(request.shard_epoch)
         ids = decode_array(request.row_ids, "<i8", "row_ids")
-        counts = np.asarray(request.counts, dtype=np.int64)
-        if len(request.layers) != counts.size or (counts < 0).any() or int(counts.sum()) != ids.size:
-            raise InvalidArgument(f"LookupLayers: {len(request.layers)} layers and {counts.size} counts (sum "
-                                  f"{int(counts.sum()) if counts.size else 0}) do not describe {ids.size} row ids: give one "
-                                  "non-negative count per layer, summing to the ids sent")
+        counts = list(request.counts)  # Python ints: a sum of huge counts cannot wrap around
+        if len(request.layers) != len(counts) or any(c < 0 for c in counts) or sum(counts) != ids.size:
+            raise InvalidArgument(f"LookupLayers: {len(request.layers)} layers and {len(counts)} counts (sum "
+                                  f"{sum(counts)}) do not describe {ids.size} row ids: give one non-negative count per "
+                                  "layer, summing to the ids sent")
         bounds = np.concatenate([[0], np.cumsum(counts)])
         parts = [(int(layer), ids[bounds[i]:bounds[i + 1]]) for i, layer in enumerate(request.layers)]
         for layer, part in parts:

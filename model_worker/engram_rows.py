@@ -185,7 +185,9 @@ class EngramRowFetcher:
     def fetch(self, tokens, context=None, requires_grad: bool = False, prefetch: bool = False, version: int = 0) -> FetchedRows:
         """Rows of raw tokens [B, T] for all Engram layers (one lookup of unique ids per layer).
 
-        A remote backend gets every layer's lookup in one multi-layer call (one call per shard).
+        A remote backend gets every layer's lookup in one multi-layer call (one call per shard), so
+        the first Engram layer waits for every layer's rows (a decoding step's are small; fewer
+        calls cost the CPU less than later layers' rows arriving later would save).
         prefetch=True returns at once; each layer's rows are awaited when the model first uses
         them. Without it the rows are waited for here. An in-process table answers at once,
         so it is looked up directly. version: the table version to read (0: the active one;
@@ -205,7 +207,6 @@ class EngramRowFetcher:
             hosts = {layer_id: self.stager.host_buffer(batch.unique.size, self.backend.row_width, self.backend.dtype)
                      for layer_id, (batch, _) in batches.items()}
         outs = {layer_id: numpy_view(host) for layer_id, host in hosts.items() if host is not None}
-        started = time.perf_counter()
         pending = self.backend.lookup_layers_async({layer_id: batch.unique for layer_id, (batch, _) in batches.items()},
                                                    version=version, outs=outs)
         for layer_id, (batch, shape) in batches.items():
@@ -214,8 +215,9 @@ class EngramRowFetcher:
                 staged = self.stager.submit(LayerOf(pending, layer_id), hosts.get(layer_id))
                 layers[layer_id] = LayerRows(batch.unique, None, inverse, shape, staged, requires_grad, self.device)
             else:  # the version served is kept: a decoding request stays on it
-                rows, served = LayerOf(pending, layer_id).result()
-                waited, started = time.perf_counter() - started, time.perf_counter()  # the first layer waits for all
+                started = time.perf_counter()
+                rows, served = LayerOf(pending, layer_id).result()  # the first layer waits for all of them
+                waited = time.perf_counter() - started
                 leaf = rows_to_leaf(rows, self.device, requires_grad, self.spec.head_dim)
                 layers[layer_id] = LayerRows(batch.unique, leaf, inverse, shape, version=served, wait_seconds=waited)
         return FetchedRows(layers)

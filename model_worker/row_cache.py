@@ -28,15 +28,20 @@ from memory_service.backend import LayerOf
 
 WAYS = 4
 AGE_EVERY = 64  # probes between halvings of the frequency counts
-ENTRY_OVERHEAD = 8 + 8 + 8 + 4  # id, version, fetch time, count
+ENTRY_OVERHEAD = 8 + 8 + 4  # tag, fetch time, count
+VERSION_SHIFT = 40  # a tag is (version << 40) | row id: layers hold under 2^40 rows, versions stay under 2^23
+
+
+def _tags(ids: np.ndarray, version: int) -> np.ndarray:
+    """One int64 tag per (row id, version)."""
+    return ids | np.int64(version << VERSION_SHIFT)
 
 
 class _LayerCache:
     """One layer's sets: tags (row id, version), fetch times, counts and the rows themselves."""
 
     def __init__(self, num_sets: int, width: int, dtype):
-        self.ids = np.full((num_sets, WAYS), -1, dtype=np.int64)
-        self.versions = np.zeros((num_sets, WAYS), dtype=np.int64)
+        self.tags = np.full((num_sets, WAYS), -1, dtype=np.int64)
         self.stamps = np.zeros((num_sets, WAYS), dtype=np.float64)
         self.counts = np.zeros((num_sets, WAYS), dtype=np.uint32)
         self.rows = np.zeros((num_sets, WAYS, width), dtype=dtype)
@@ -50,7 +55,10 @@ class _LayerCache:
 class RowCache:
     """Rows of one table, several layers, within a byte budget; thread-safe."""
 
-    def __init__(self, budget_bytes: int, layers: list[int], width: int, dtype, max_staleness_s: float = 10.0):
+    def __init__(self, budget_bytes: int, layers: list[int], width: int, dtype, max_staleness_s: float = 10.0,
+                 clock=time.monotonic):
+        """clock: seconds as a float, what the staleness bound and the version check count (a benchmark that
+        interleaves this worker with others gives it a clock of its own steps' time only)."""
         if budget_bytes < 0 or max_staleness_s < 0:
             raise ValueError("the cache budget and the staleness bound must be >= 0")
         dtype = np.dtype(dtype)
@@ -58,49 +66,67 @@ class RowCache:
         num_sets = max(1, budget_bytes // max(1, len(layers)) // (per_entry * WAYS))
         self.layers = {layer: _LayerCache(num_sets, width, dtype) for layer in layers}
         self.max_staleness_s = max_staleness_s
-        self.nbytes = sum(c.rows.nbytes + c.ids.nbytes * 3 + c.counts.nbytes for c in self.layers.values())
+        self.clock = clock
+        self.nbytes = sum(c.rows.nbytes + c.tags.nbytes + c.stamps.nbytes + c.counts.nbytes for c in self.layers.values())
         self.lock = threading.Lock()
         self.hits = self.misses = self.probes = 0
 
     def get(self, layer: int, ids: np.ndarray, version: int, out: np.ndarray) -> np.ndarray:
         """Copy the cached, fresh rows of `version` for unique ids [U] into out [U, width]; returns the hit mask [U]."""
         cache = self.layers[layer]
-        now = time.monotonic()
+        now = self.clock()
         with self.lock:
             sets = cache.sets_of(ids)  # [U]
-            match = ((cache.ids[sets] == ids[:, None]) & (cache.versions[sets] == version)
-                     & (now - cache.stamps[sets] <= self.max_staleness_s))  # [U, WAYS]
+            match = (cache.tags[sets] == _tags(ids, version)[:, None]) & (now - cache.stamps[sets] <= self.max_staleness_s)
             hit = match.any(axis=1)  # [U]
-            way = match.argmax(axis=1)  # [U]
-            out[hit] = cache.rows[sets[hit], way[hit]]
-            cache.counts[sets[hit], way[hit]] += 1
+            sets, way = sets[hit], match[hit].argmax(axis=1)  # [hits]
+            out[hit] = cache.rows[sets, way]
+            cache.counts[sets, way] += 1
             self.probes += 1
             if self.probes % AGE_EVERY == 0:
                 for c in self.layers.values():
                     c.counts >>= 1
-            self.hits += int(hit.sum())
-            self.misses += int(ids.size - hit.sum())
+            self.hits += sets.size
+            self.misses += ids.size - sets.size
         return hit
 
     def put(self, layer: int, ids: np.ndarray, rows: np.ndarray, version: int, fetched_at: float | None = None) -> None:
-        """Store fetched rows [N, width] of unique ids [N] at `version`, each in its set's least used way. fetched_at:
-        when the lookup was sent (time.monotonic()), which the staleness bound counts from."""
+        """Store fetched rows [N, width] of unique ids [N] at `version` in their sets' least used ways. fetched_at:
+        when the lookup was sent (the cache's clock), which the staleness bound counts from."""
         if ids.size == 0:
             return
         cache = self.layers[layer]
-        now = time.monotonic() if fetched_at is None else fetched_at
+        now = self.clock() if fetched_at is None else fetched_at
+        tags = _tags(ids, version)
         with self.lock:
             sets = cache.sets_of(ids)
-            same = (cache.ids[sets] == ids[:, None]) & (cache.versions[sets] == version)  # refresh in place
-            victim = np.where(same.any(axis=1), same.argmax(axis=1), cache.counts[sets].argmin(axis=1))  # [N]
-            # ids of one batch that chose the same way of a set: one of them takes it (each way written once)
-            _, first = np.unique(sets * WAYS + victim, return_index=True)
-            sets, victim, ids, rows = sets[first], victim[first], ids[first], rows[first]
-            cache.ids[sets, victim] = ids
-            cache.versions[sets, victim] = version
-            cache.stamps[sets, victim] = now
-            cache.counts[sets, victim] = 1
-            cache.rows[sets, victim] = rows
+            same = cache.tags[sets] == tags[:, None]  # [N, WAYS]: already cached (stale), refreshed in place
+            refresh = same.any(axis=1)
+            counts = cache.counts[sets]  # [N, WAYS]
+            way = np.where(refresh, same.argmax(axis=1), counts.argmin(axis=1))  # [N]
+            keep = np.ones(ids.size, dtype=bool)
+            order = np.argsort(sets, kind="stable")
+            collide = sets[order][1:] == sets[order][:-1]  # [N - 1]: neighbours in set order share a set
+            if collide.any():
+                # new ids of one batch that fall in one set take its ways from the least used up: the first any
+                # way, the others only ways holding cold rows (used at most once since the last ageing), so hot rows
+                # stay; then a refreshed id and a new one that chose the same way: one of them takes it
+                run_start = np.flatnonzero(np.r_[True, ~collide])  # [sets] first position of each set in order
+                rank = np.empty_like(order)
+                rank[order] = np.arange(ids.size) - np.repeat(run_start, np.diff(np.r_[run_start, ids.size]))
+                later = np.flatnonzero((rank > 0) & ~refresh)
+                by_use = np.argsort(counts[later], axis=1, kind="stable")  # [later, WAYS] least used first
+                way[later] = by_use[np.arange(later.size), np.minimum(rank[later], WAYS - 1)]
+                keep[later] = (rank[later] < WAYS) & (counts[later, way[later]] <= 1)
+                taken = np.flatnonzero(keep)
+                _, first = np.unique(sets[taken] * WAYS + way[taken], return_index=True)
+                keep[:] = False
+                keep[taken[first]] = True
+                sets, way, tags, rows = sets[keep], way[keep], tags[keep], rows[keep]
+            cache.tags[sets, way] = tags
+            cache.stamps[sets, way] = now
+            cache.counts[sets, way] = 1
+            cache.rows[sets, way] = rows
 
     def count_misses(self, count: int) -> None:
         """Rows looked up without asking the cache (a version check): misses all the same."""
@@ -142,7 +168,7 @@ class CachedTables:
             if out is None or out.shape != (ids.size, width) or out.dtype != self.dtype:
                 outs[layer] = np.empty((ids.size, width), dtype=self.dtype)
         with self._lock:
-            fresh = time.monotonic() - self._checked <= self.version_check_s
+            fresh = self.cache.clock() - self._checked <= self.version_check_s
             target = version or (self._active if fresh else 0)
         if not target:  # the active version is not known (or too old): ask the service for all of it
             self.cache.count_misses(sum(ids.size for ids in parts.values()))
@@ -167,7 +193,7 @@ class CachedTables:
     def learned(self, version: int) -> None:
         """A reply that followed the active version named it: take it as the active one for a while."""
         with self._lock:
-            self._active, self._checked = version, time.monotonic()
+            self._active, self._checked = version, self.cache.clock()
 
 
 class _CachedLookup:
@@ -176,10 +202,22 @@ class _CachedLookup:
     def __init__(self, tables: CachedTables, parts: dict[int, np.ndarray], hits: dict[int, np.ndarray], outs: dict,
                  version: int, pending):
         self.tables, self.parts, self.hits, self.outs = tables, parts, hits, outs
-        self.version, self.pending, self._result = version, pending, None
-        self.sent = time.monotonic()  # the rows are at least this old when they arrive
+        self.version, self.pending, self._result, self._error = version, pending, None, None
+        self.sent = tables.cache.clock()  # the rows are at least this old when they arrive
+        self._lock = threading.Lock()  # several layers' consumers: merged and cached once
 
     def result(self) -> tuple[dict[int, np.ndarray], int]:
+        """({layer: rows}, version) once the misses arrived; a failure is raised to every caller, not redone."""
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            try:
+                return self._merge()
+            except BaseException as e:
+                self._error = e
+                raise
+
+    def _merge(self) -> tuple[dict[int, np.ndarray], int]:
         if self._result is None:
             version = self.version
             if self.pending is not None:

@@ -14,12 +14,14 @@ tokens each (greedy), a fixed seed; at concurrency C each mode's engine holds C 
 traffic, not a replay; it stays warm across rounds and concurrencies, as a serving worker's would.
 
 The modes take turns step by step (_interleaved_round): one decoding step of each engine in
-turn, the first mode changing every turn, so every mode meets the machine as it is at that
+turn, in a new seeded random order every turn, so every mode meets the machine as it is at that
 moment (this machine's speed drifts by 10-40% within a minute, measured as CPU ms per step of the
 same model). A mode's tokens/s is its new tokens over the sum of its own steps' wall time; the
 ratio is paired, each round's tokens/s over in_process's in that round, the median over rounds.
 Prefetch wait: the time a forward pass waited for rows (for `pool`, the whole blocking lookup).
 CPU ms a step: the worker process's (model, client, cache) and the shard processes' (Linux /proc).
+The row cache counts time (its staleness bound, its version check) over its own mode's steps only,
+as if that mode ran alone.
 """
 
 from __future__ import annotations
@@ -54,25 +56,47 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def _interleaved_round(engines: dict, prompts: list, new_tokens: int, shard_pids: list[int], cache) -> dict:
-    """Every mode decodes the same prompts, one engine step per mode in turn (the first mode changes each turn), so
-    all modes meet the same machine at the same time; each mode's time is the sum of its own steps."""
+class _StepClock:
+    """Seconds spent inside one mode's steps only: the row cache's clock in an interleaved run, so its staleness
+    bound and version check count the time of its own traffic, as they would if it ran alone."""
+
+    def __init__(self):
+        self.total, self.since = 0.0, None
+
+    def __call__(self) -> float:
+        return self.total + (time.perf_counter() - self.since if self.since is not None else 0.0)
+
+    def start(self) -> None:
+        self.since = time.perf_counter()
+
+    def stop(self) -> None:
+        self.total, self.since = self(), None
+
+
+def _interleaved_round(engines: dict, prompts: list, new_tokens: int, shard_pids: list[int], cache, clock: _StepClock,
+                       rng) -> dict:
+    """Every mode decodes the same prompts, one engine step per mode in turn (in a new random order each turn), so
+    all modes meet the same machine at the same time and none always follows the same other; each mode's time is the
+    sum of its own steps."""
     measured = {mode: {"tokens": 0, "seconds": 0.0, "steps": 0, "wait_s": 0.0, "worker_cpu_s": 0.0, "shard_cpu_s": 0.0,
                        "hits": 0, "probes": 0} for mode in engines}
     futures = {mode: [engine.submit(p, new_tokens) for p in prompts] for mode, engine in engines.items()}
-    modes, turn = list(engines), 0
+    modes = list(engines)
     while True:
-        running = [m for m in modes[turn % len(modes):] + modes[:turn % len(modes)] if not all(f.done() for f in futures[m])]
+        running = [modes[i] for i in rng.permutation(len(modes)) if not all(f.done() for f in futures[modes[i]])]
         if not running:
             break
-        turn += 1
         for mode in running:
             engine, m = engines[mode], measured[mode]
             wait_before, cache_before = engine.stats["wait_s"], cache.stats()
             cpu_before = (time.process_time(), _cpu_seconds(shard_pids))
+            if mode == "pool_prefetch_cache":
+                clock.start()
             started = time.perf_counter()
             m["tokens"] += engine.step()
             m["seconds"] += time.perf_counter() - started
+            if mode == "pool_prefetch_cache":
+                clock.stop()
             cpu_after = (time.process_time(), _cpu_seconds(shard_pids))
             m["steps"] += 1
             m["wait_s"] += engine.stats["wait_s"] - wait_before
@@ -143,8 +167,9 @@ def bench_generate(preset: str = "small", concurrency: tuple[int, ...] = (1, 8, 
 
         local = LocalTable(spec, layer_rows_for_spec(spec), init_std=1.0, init_seed=seed)  # the pool's rows
         behind_cache = remote()
+        clock = _StepClock()  # the cache's time: its own steps only (see _interleaved_round)
         cached = CachedTables(behind_cache, RowCache(cache_mb << 20, list(spec.layer_ids), behind_cache.row_width,
-                                                     behind_cache.dtype))
+                                                     behind_cache.dtype, clock=clock))
         fetchers = {"in_process": (EngramRowFetcher(local, compressor, hasher, device), False),
                     "pool": (EngramRowFetcher(remote(), compressor, hasher, device), False),
                     "pool_prefetch": (EngramRowFetcher(remote(), compressor, hasher, device), True),
@@ -160,7 +185,8 @@ def bench_generate(preset: str = "small", concurrency: tuple[int, ...] = (1, 8, 
             for engine in engines.values():  # warm-up: allocator, first lookups
                 engine.generate(warmups[c], 4)
             for r in range(rounds):
-                measured = _interleaved_round(engines, requests[(c, r)], new_tokens, shard_pids, cached.cache)
+                measured = _interleaved_round(engines, requests[(c, r)], new_tokens, shard_pids, cached.cache, clock,
+                                              np.random.default_rng([seed, c, r]))
                 for mode, m in measured.items():
                     steps = max(1, m["steps"])
                     times[(mode, c)].append(m["tokens"] / m["seconds"])

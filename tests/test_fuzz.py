@@ -37,6 +37,7 @@ def valid_requests(fp: str) -> dict:
     rows = np.ones((3, head), np.float32).tobytes()
     return {
         "Lookup": pb.LookupRequest(table="fz", layer=1, spec_fingerprint=fp, row_ids=ids),
+        "LookupLayers": pb.LookupLayersRequest(table="fz", spec_fingerprint=fp, layers=[1, 2], counts=[2, 1], row_ids=ids),
         "LookupTokens": pb.LookupTokensRequest(table="fz", layer=2, token_ids=encode_ids(np.array([3, 4, 5, 6])), shape=[2, 2],
                                                compressed=True),
         "WriteRows": pb.WriteRowsRequest(table="fz", layer=1, spec_fingerprint=fp, row_ids=ids, rows=rows, dtype=pb.FLOAT32,

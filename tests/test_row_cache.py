@@ -64,6 +64,47 @@ def table_on_service(service):
     return model, spec, compressor, admin, MemoryClient(service, "t", token=TOKEN)
 
 
+def test_a_multi_layer_lookup_through_the_cache_serves_all_some_or_no_hits_and_fails_once(service):
+    from memory_service.backend import LayerOf
+    from memory_service.errors import NotFound
+    from memory_service.spec import EngramSpec
+
+    spec = EngramSpec(engram_vocab_size=[2003, 2003], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1, 2])
+    ServiceAdmin(service, token=TOKEN).create_table("m", spec, init_std=1.0, init_seed=3)
+    client = MemoryClient(service, "m", token=TOKEN)
+    cached = CachedTables(client, RowCache(1 << 20, [1, 2], client.row_width, client.dtype))
+    rng = np.random.default_rng(0)
+
+    def ids(layer, n):
+        return np.unique(rng.integers(0, client.num_rows(layer), n))
+
+    first = {1: ids(1, 300), 2: ids(2, 300)}
+    rows, version = cached.lookup_layers_async(first).result()  # follows the active version: all from the service
+    assert version == 1
+    for layer, layer_ids in first.items():
+        np.testing.assert_array_equal(rows[layer], client.lookup_unique(layer, layer_ids)[0])
+    fresh = ids(2, 200)
+    fresh = fresh[~np.isin(fresh, first[2])]
+    mixed = np.union1d(first[1][::2], ids(1, 100))
+    for parts, expected_hits in (({1: first[1], 2: fresh}, first[1].size),  # layer 1 all cached, layer 2 none
+                                 ({1: mixed, 2: first[2]}, np.isin(mixed, first[1]).sum() + first[2].size)):
+        outs = {layer: np.empty((layer_ids.size, client.row_width), client.dtype) for layer, layer_ids in parts.items()}
+        before = cached.cache.stats()["hits"]
+        rows, version = cached.lookup_layers_async(parts, outs=outs).result()
+        assert version == 1 and cached.cache.stats()["hits"] - before == expected_hits
+        for layer, layer_ids in parts.items():
+            assert rows[layer] is outs[layer]  # the caller's buffers (pinned memory on a GPU worker) hold the rows
+            np.testing.assert_array_equal(rows[layer], client.lookup_unique(layer, layer_ids)[0])
+    # a lookup that fails is failed for every layer that waits on it, without being sent again
+    pending = cached.lookup_layers_async({1: ids(1, 10), 2: ids(2, 10)}, version=99)
+    errors = []
+    for layer in (1, 2):
+        with pytest.raises(NotFound) as e:
+            LayerOf(pending, layer).result()
+        errors.append(e.value)
+    assert errors[0] is errors[1]
+
+
 @pytest.mark.slow
 def test_cached_decoding_through_the_service_gives_the_same_tokens_and_each_request_one_version(service):
     model, spec, compressor, admin, client = table_on_service(service)

@@ -11,6 +11,7 @@ Table administration is not here: see memory_service/admin (TableAdmin).
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -408,9 +409,22 @@ class PendingLayers:
         self._client, self._parts, self._groups, self._calls, self._futures = client, parts, groups, calls, futures
         self._outs, self._version, self._requested = outs, version, requested
         self._result: tuple[dict[int, np.ndarray], int] | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()  # several layers' consumers: the lookup (and its retries) runs once
 
     def result(self) -> tuple[dict[int, np.ndarray], int]:
-        """({layer: rows [U, row width]}, version), waiting for the replies still in flight."""
+        """({layer: rows [U, row width]}, version), waiting for the replies still in flight; a failure is raised to
+        every caller without running the lookup's retries again."""
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            try:
+                return self._collect()
+            except BaseException as e:
+                self._error = e
+                raise
+
+    def _collect(self) -> tuple[dict[int, np.ndarray], int]:
         if self._result is None:
             client, served = self._client, []
             try:
