@@ -2,7 +2,8 @@
  *
  * Plain C with no Python API: memory_service/native_build.py compiles this file into a
  * shared library at install time and memory_service/native.py calls it through ctypes;
- * when it is missing, the numpy versions in dedup.py, row_delta.py and store/ run instead
+ * when it is missing, the numpy versions in dedup.py, row_delta.py, store/ and the worker's row
+ * cache run instead
  * and give identical results (tests/test_native.py).
  */
 #include <stdint.h>
@@ -10,7 +11,7 @@
 #include <string.h>
 
 /* Bumped whenever a kernel's signature or meaning changes: native.py refuses a library of another version. */
-#define ENGRAM_ABI_VERSION 3
+#define ENGRAM_ABI_VERSION 4
 
 int engram_abi_version(void) { return ENGRAM_ABI_VERSION; }
 
@@ -193,3 +194,91 @@ int64_t engram_find_sorted(const int64_t *run, int64_t run_n, const int64_t *que
     return hits;
 }
 
+
+/* ---- the model worker's row cache (model_worker/row_cache.py): WAYS-way sets of (tag, stamp, count, row).
+ * A tag is row id | version << 40; a row id's set is (id * 0x9E3779B97F4A7C15 >> 33) % num_sets. */
+#define CACHE_WAYS 4
+
+static inline int64_t cache_set(int64_t id, int64_t num_sets) {
+    return (int64_t)(((uint64_t)id * 0x9E3779B97F4A7C15ULL) >> 33) % num_sets;
+}
+
+/* Copy the fresh cached rows (tag matches, now - stamp <= max_age) of ids into out, bump their counts and
+ * set hit[i]; returns the number of hits. */
+int64_t engram_cache_get(const int64_t *tags, const double *stamps, uint32_t *counts, const uint8_t *rows,
+                         int64_t num_sets, int64_t row_nbytes, const int64_t *ids, int64_t n, int64_t version_tag,
+                         double now, double max_age, uint8_t *out, uint8_t *hit) {
+    int64_t hits = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t base = cache_set(ids[i], num_sets) * CACHE_WAYS, tag = ids[i] | version_tag;
+        hit[i] = 0;
+        for (int w = 0; w < CACHE_WAYS; w++) {
+            if (tags[base + w] == tag && now - stamps[base + w] <= max_age) {
+                memcpy(out + i * row_nbytes, rows + (base + w) * row_nbytes, (size_t)row_nbytes);
+                counts[base + w]++;
+                hit[i] = 1;
+                hits++;
+                break;
+            }
+        }
+    }
+    return hits;
+}
+
+/* Per-call bookkeeping of the sets a put touches: ids of the call seen in the set so far, ways written. */
+typedef struct { int64_t set; int32_t seen; uint8_t written; } cache_slot;
+
+static cache_slot *slot_of(cache_slot *table, int64_t mask, int64_t set) {
+    int64_t h = (int64_t)(((uint64_t)set * 0x9E3779B97F4A7C15ULL) >> 20) & mask;
+    while (table[h].set != -1 && table[h].set != set) h = (h + 1) & mask;
+    table[h].set = set;
+    return &table[h];
+}
+
+/* Store rows of unique ids (in_rows [n, row_nbytes]) at a version: an id already cached is refreshed in its way;
+ * the k-th id of this call in a set (k from 0) takes the set's k-th least used way (counts before the call,
+ * ties by way), the first any way, the others only a way used at most once; two ids choosing one way: the
+ * earlier one. The same decisions as the numpy path. way_scratch: room for n int64. Returns rows written, or -1
+ * when the bookkeeping cannot be allocated. */
+int64_t engram_cache_put(int64_t *tags, double *stamps, uint32_t *counts, uint8_t *rows, int64_t num_sets,
+                         int64_t row_nbytes, const int64_t *ids, int64_t n, int64_t version_tag, double now,
+                         const uint8_t *in_rows, int64_t *way_scratch) {
+    int64_t size = 16;
+    while (size < 2 * n) size <<= 1;
+    cache_slot *table = malloc((size_t)size * sizeof(cache_slot));
+    if (!table) return -1;
+    for (int64_t h = 0; h < size; h++) { table[h].set = -1; table[h].seen = 0; table[h].written = 0; }
+    for (int64_t i = 0; i < n; i++) { /* decide on the state before the call */
+        int64_t set = cache_set(ids[i], num_sets), base = set * CACHE_WAYS, tag = ids[i] | version_tag;
+        cache_slot *slot = slot_of(table, size - 1, set);
+        int rank = slot->seen++, way = -1;
+        for (int w = 0; w < CACHE_WAYS; w++) if (tags[base + w] == tag) { way = w; break; }
+        if (way < 0) {
+            int order[CACHE_WAYS];
+            for (int w = 0; w < CACHE_WAYS; w++) { /* stable insertion sort of the ways by count */
+                int k = w;
+                while (k > 0 && counts[base + order[k - 1]] > counts[base + w]) { order[k] = order[k - 1]; k--; }
+                order[k] = w;
+            }
+            int pick = order[rank < CACHE_WAYS ? rank : CACHE_WAYS - 1];
+            if (rank == 0 || (rank < CACHE_WAYS && counts[base + pick] <= 1)) way = pick;
+        }
+        way_scratch[i] = way;
+    }
+    int64_t written = 0;
+    for (int64_t i = 0; i < n; i++) { /* write, the earlier id first */
+        int way = (int)way_scratch[i];
+        if (way < 0) continue;
+        int64_t set = cache_set(ids[i], num_sets), k = set * CACHE_WAYS + way;
+        cache_slot *slot = slot_of(table, size - 1, set);
+        if (slot->written & (1 << way)) continue;
+        slot->written |= (uint8_t)(1 << way);
+        tags[k] = ids[i] | version_tag;
+        stamps[k] = now;
+        counts[k] = 1;
+        memcpy(rows + k * row_nbytes, in_rows + i * row_nbytes, (size_t)row_nbytes);
+        written++;
+    }
+    free(table);
+    return written;
+}

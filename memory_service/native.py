@@ -24,7 +24,7 @@ log = logging.getLogger("engram.native")
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
-ABI_VERSION = 3  # fastpath.c's ENGRAM_ABI_VERSION this module's signatures are written for
+ABI_VERSION = 4  # fastpath.c's ENGRAM_ABI_VERSION this module's signatures are written for
 
 
 def _load():
@@ -62,6 +62,11 @@ def _load():
     lib.engram_merge_rows.restype = _I64
     lib.engram_find_sorted.argtypes = [_P, _I64, _P, _I64, _P, _P]
     lib.engram_find_sorted.restype = _I64
+    _D = ctypes.c_double
+    lib.engram_cache_get.argtypes = [_P, _P, _P, _P, _I64, _I64, _P, _I64, _I64, _D, _D, _P, _P]
+    lib.engram_cache_get.restype = _I64
+    lib.engram_cache_put.argtypes = [_P, _P, _P, _P, _I64, _I64, _P, _I64, _I64, _D, _P, _P]
+    lib.engram_cache_put.restype = _I64
     return lib
 
 
@@ -173,3 +178,44 @@ def gather_rows(region: np.ndarray, first_unit: np.ndarray, out: np.ndarray) -> 
     KERNELS.engram_gather_rows(region.ctypes.data, units, unit, first_unit.ctypes.data, first_unit.size, out.shape[1],
                                out.ctypes.data)
 
+
+
+def _cache_arrays(tags: np.ndarray, stamps: np.ndarray, counts: np.ndarray, rows: np.ndarray) -> tuple[int, int]:
+    """(num_sets, row bytes) of a row cache layer's arrays, after checking their layout."""
+    num_sets = tags.shape[0]
+    if tags.dtype != np.int64 or stamps.dtype != np.float64 or counts.dtype != np.uint32 \
+            or any(not a.flags.c_contiguous or a.shape[:2] != tags.shape for a in (tags, stamps, counts, rows)) \
+            or tags.shape[1:] != (4,):
+        raise ValueError("cache arrays: tags int64, stamps float64, counts uint32, rows, all C-contiguous [sets, 4, ...]")
+    return num_sets, rows.nbytes // (num_sets * 4)
+
+
+def cache_get(tags, stamps, counts, rows, ids: np.ndarray, version_tag: int, now: float, max_age: float,
+              out: np.ndarray) -> np.ndarray:
+    """The row cache's get (model_worker/row_cache.py) in one pass: fresh cached rows of ids [U] into out [U, ...]
+    (C-contiguous, the rows' dtype), their counts bumped; the hit mask [U]."""
+    num_sets, row_nbytes = _cache_arrays(tags, stamps, counts, rows)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if not out.flags.c_contiguous or out.dtype != rows.dtype or out.nbytes != ids.size * row_nbytes:
+        raise ValueError("cache_get: out must be C-contiguous [U, row] of the cache's dtype")
+    hit = np.empty(ids.size, dtype=bool)
+    KERNELS.engram_cache_get(tags.ctypes.data, stamps.ctypes.data, counts.ctypes.data, rows.ctypes.data, num_sets,
+                             row_nbytes, ids.ctypes.data, ids.size, version_tag, now, max_age, out.ctypes.data,
+                             hit.ctypes.data)
+    return hit
+
+
+def cache_put(tags, stamps, counts, rows, ids: np.ndarray, version_tag: int, now: float, new_rows: np.ndarray) -> int:
+    """The row cache's put in one pass (the numpy path's decisions); returns the rows written."""
+    num_sets, row_nbytes = _cache_arrays(tags, stamps, counts, rows)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    new_rows = np.ascontiguousarray(new_rows, dtype=rows.dtype)
+    if new_rows.nbytes != ids.size * row_nbytes:
+        raise ValueError("cache_put: one row per id, of the cache's row size")
+    scratch = np.empty(ids.size, dtype=np.int64)
+    written = KERNELS.engram_cache_put(tags.ctypes.data, stamps.ctypes.data, counts.ctypes.data, rows.ctypes.data,
+                                       num_sets, row_nbytes, ids.ctypes.data, ids.size, version_tag, now,
+                                       new_rows.ctypes.data, scratch.ctypes.data)
+    if written < 0:
+        raise MemoryError("native cache put could not allocate its bookkeeping")
+    return written

@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from memory_service import native
 from memory_service.backend import LayerOf
 
 WAYS = 4
@@ -76,18 +77,24 @@ class RowCache:
         cache = self.layers[layer]
         now = self.clock()
         with self.lock:
-            sets = cache.sets_of(ids)  # [U]
-            match = (cache.tags[sets] == _tags(ids, version)[:, None]) & (now - cache.stamps[sets] <= self.max_staleness_s)
-            hit = match.any(axis=1)  # [U]
-            sets, way = sets[hit], match[hit].argmax(axis=1)  # [hits]
-            out[hit] = cache.rows[sets, way]
-            cache.counts[sets, way] += 1
+            if native.available() and out.flags.c_contiguous:  # one pass in C, the same result
+                hit = native.cache_get(cache.tags, cache.stamps, cache.counts, cache.rows, ids, version << VERSION_SHIFT,
+                                       now, self.max_staleness_s, out)
+                found = int(hit.sum())
+            else:
+                sets = cache.sets_of(ids)  # [U]
+                match = (cache.tags[sets] == _tags(ids, version)[:, None]) & (now - cache.stamps[sets] <= self.max_staleness_s)
+                hit = match.any(axis=1)  # [U]
+                sets, way = sets[hit], match[hit].argmax(axis=1)  # [hits]
+                out[hit] = cache.rows[sets, way]
+                cache.counts[sets, way] += 1
+                found = sets.size
             self.probes += 1
             if self.probes % AGE_EVERY == 0:
                 for c in self.layers.values():
                     c.counts >>= 1
-            self.hits += sets.size
-            self.misses += ids.size - sets.size
+            self.hits += found
+            self.misses += ids.size - found
         return hit
 
     def put(self, layer: int, ids: np.ndarray, rows: np.ndarray, version: int, fetched_at: float | None = None) -> None:
@@ -99,6 +106,9 @@ class RowCache:
         now = self.clock() if fetched_at is None else fetched_at
         tags = _tags(ids, version)
         with self.lock:
+            if native.available():  # one pass in C, the same decisions
+                native.cache_put(cache.tags, cache.stamps, cache.counts, cache.rows, ids, version << VERSION_SHIFT, now, rows)
+                return
             sets = cache.sets_of(ids)
             same = cache.tags[sets] == tags[:, None]  # [N, WAYS]: already cached (stale), refreshed in place
             refresh = same.any(axis=1)

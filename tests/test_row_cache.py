@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from test_engine import alone, mixed_requests, tiny_model
 
+from memory_service import native
 from memory_service.admin import ServiceAdmin
 from memory_service.client import MemoryClient
 from memory_service.hashing import NgramHasher
@@ -44,6 +45,39 @@ def test_the_cache_keeps_hot_rows_within_its_budget_and_serves_only_fresh_rows_o
     assert not cache.get(1, ids, 7, out).any()  # older than the bound: none served
     with pytest.raises(ValueError):
         RowCache(-1, [1], 16, np.float16)
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels not built (no C compiler?)")
+def test_the_native_cache_kernels_decide_exactly_as_the_numpy_path(monkeypatch):
+    """Random gets and puts on a cache of few sets (ids of one batch share sets, hot ways fill up, versions and
+    stamps differ): every hit mask, row copied and array of the cache is the same either way."""
+    caches = {path: RowCache(40 * 4 * (16 * 2 + 20), [1], 16, np.float16, max_staleness_s=5.0) for path in ("c", "numpy")}
+    assert caches["c"].layers[1].num_sets == 40
+    rng = np.random.default_rng(1)
+    clock = [0.0]
+    for cache in caches.values():
+        cache.clock = lambda: clock[0]
+    for step in range(400):
+        clock[0] += float(rng.uniform(0, 0.2))
+        ids = np.unique(rng.integers(0, 300, int(rng.integers(1, 120))))
+        version = int(rng.integers(1, 3))
+        fetched_at = clock[0] - float(rng.uniform(0, 1)) if step % 2 else None  # the lookup's send time, or now
+        results = {}
+        for path, cache in caches.items():
+            with monkeypatch.context() as m:
+                if path == "numpy":
+                    m.setattr(native, "KERNELS", None)
+                out = np.zeros((ids.size, 16), np.float16)
+                hit = cache.get(1, ids, version, out)
+                rows = (ids[~hit, None] * 10 + step + np.arange(16)).astype(np.float16)
+                cache.put(1, ids[~hit], rows, version, fetched_at=fetched_at)
+                results[path] = (hit, out)
+        np.testing.assert_array_equal(results["c"][0], results["numpy"][0])
+        np.testing.assert_array_equal(results["c"][1], results["numpy"][1])
+        a, b = caches["c"].layers[1], caches["numpy"].layers[1]
+        for name in ("tags", "stamps", "counts", "rows"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=f"{name} after step {step}")
+    assert caches["c"].stats() == caches["numpy"].stats() and caches["c"].stats()["hits"] > 1000
 
 
 @pytest.fixture

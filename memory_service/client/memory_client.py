@@ -150,12 +150,16 @@ class MemoryClient(TableBackend):
                 group.append(piece)
                 rows += piece[2] - piece[1]
             groups.append((shard, group))
-        calls = [(shard, "LookupLayers", pb.LookupLayersRequest(
+        calls = self._layer_calls(parts, groups, version)
+        return PendingLayers(self, parts, groups, calls, self.channels.send(calls), outs, version, requested)
+
+    def _layer_calls(self, parts: dict[int, np.ndarray], groups, version: int) -> list:
+        """One LookupLayers call per (shard, [(layer, start, stop) pieces of parts]) group."""
+        return [(shard, "LookupLayers", pb.LookupLayersRequest(
             table=self.table, spec_fingerprint=self.fingerprint, layers=[layer for layer, _, _ in group],
             counts=[stop - start for _, start, stop in group],
             row_ids=b"".join(encode_ids(parts[layer][start:stop]) for layer, start, stop in group),
             version=version, shard_epoch=self.shard_map.epoch)) for shard, group in groups]
-        return PendingLayers(self, parts, groups, calls, self.channels.send(calls), outs, version, requested)
 
     def _lookup_calls(self, layer_id: int, unique: np.ndarray, parts, version: int) -> list:
         return [(shard, "Lookup", pb.LookupRequest(
@@ -426,18 +430,9 @@ class PendingLayers:
 
     def _collect(self) -> tuple[dict[int, np.ndarray], int]:
         if self._result is None:
-            client, served = self._client, []
+            client = self._client
             try:
-                for (shard, group), reply in zip(self._groups, client.channels.results(self._calls, self._futures)):
-                    got = decode_array(reply.rows, enum_dtype(reply.dtype), "rows", width=client.row_width)
-                    if got.shape[0] != sum(stop - start for _, start, stop in group) or got.dtype != client.dtype:
-                        raise FailedPrecondition(f"shard {shard} returned {got.shape[0]} {got.dtype} rows for "
-                                                 f"{sum(stop - start for _, start, stop in group)} ids")
-                    at = 0
-                    for layer, start, stop in group:  # the reply holds the pieces one after the other
-                        self._outs[layer][start:stop] = got[at:at + stop - start]
-                        at += stop - start
-                    served.append(reply.version)
+                served = self._store(self._groups, client.channels.results(self._calls, self._futures))
             except StaleShardMap:
                 if client.channels.map_provider is None:
                     raise
@@ -446,9 +441,23 @@ class PendingLayers:
                     lambda: client.lookup_layers_async(self._parts, self._requested, self._outs).result())
                 return self._result
             target = self._version or max(served, default=0)
-            for (shard, group), version in zip(self._groups, served):
-                if version != target:  # a swap landed between shards: fetch those pieces again from the newer version
-                    for layer, start, stop in group:
-                        client._fetch_parts(layer, self._parts[layer], [(shard, start, stop)], self._outs[layer], target)
+            stale = [group for group, version in zip(self._groups, served) if version != target]
+            if stale:  # a swap landed between shards: fetch those pieces again, pinned to the newer version
+                self._store(stale, client.channels.call_all(client._layer_calls(self._parts, stale, target)))
             self._result = (self._outs, target)
         return self._result
+
+    def _store(self, groups, replies) -> list[int]:
+        """Copy each group's reply into its layers' outs (replies may be a generator); the versions served."""
+        served = []
+        for (shard, group), reply in zip(groups, replies):
+            got = decode_array(reply.rows, enum_dtype(reply.dtype), "rows", width=self._client.row_width)
+            expected = sum(stop - start for _, start, stop in group)
+            if got.shape[0] != expected or got.dtype != self._client.dtype:
+                raise FailedPrecondition(f"shard {shard} returned {got.shape[0]} {got.dtype} rows for {expected} ids")
+            at = 0
+            for layer, start, stop in group:  # the reply holds the pieces one after the other
+                self._outs[layer][start:stop] = got[at:at + stop - start]
+                at += stop - start
+            served.append(reply.version)
+        return served
