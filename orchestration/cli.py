@@ -62,7 +62,8 @@ def _bench(args) -> int:
         from orchestration.bench_generate import bench_generate, plot_generate
 
         concurrency = tuple(int(c) for c in args.concurrency.split(","))
-        result = bench_generate(args.preset, concurrency, args.new_tokens, args.repeats, args.cache_mb, log=log)
+        result = bench_generate(args.preset, concurrency, args.new_tokens, args.repeats, args.cache_mb,
+                                shards=args.generate_shards, log=log)
         if args.plot:
             plot_generate(result, args.plot)
     elif args.format == "fp8":
@@ -380,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,8,32,128", help="generate: offered concurrencies")
     p.add_argument("--new-tokens", type=int, default=64, help="generate: new tokens a request")
     p.add_argument("--cache-mb", type=int, default=64, help="generate: the worker's row cache (pool_prefetch_cache)")
+    p.add_argument("--shards", dest="generate_shards", type=int, default=2,
+                   help="generate: memory shards of the pool (each decoding step makes one call per shard)")
     p.add_argument("--plot", help="generate: draw tokens/s against concurrency per mode into this PNG")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
