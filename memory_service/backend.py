@@ -7,6 +7,7 @@ so the training and generation code never knows where the rows live.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -143,3 +144,26 @@ class LayerOf:
         """That layer's rows and the version (waits for the whole lookup)."""
         rows, version = self.pending.result()
         return rows[self.layer], version
+
+
+class Once:
+    """A computation several consumers wait on (the layers of one multi-layer lookup): it runs once, on the first
+    call of result(); later calls get its value, or its error again without running it (and its retries) again."""
+
+    def __init__(self, compute):
+        self._compute, self._done, self._value, self._error = compute, False, None, None
+        self._lock = threading.Lock()
+
+    def result(self):
+        """The computation's value (runs it the first time); raises its error to every caller."""
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            if not self._done:
+                try:
+                    self._value = self._compute()
+                except Exception as e:  # an interrupt is not remembered: the next call runs it again
+                    self._error = e
+                    raise
+                self._done = True
+            return self._value

@@ -251,7 +251,8 @@ int64_t engram_cache_put(int64_t *tags, double *stamps, uint32_t *counts, uint8_
     for (int64_t i = 0; i < n; i++) { /* decide on the state before the call */
         int64_t set = cache_set(ids[i], num_sets), base = set * CACHE_WAYS, tag = ids[i] | version_tag;
         cache_slot *slot = slot_of(table, size - 1, set);
-        int rank = slot->seen++, way = -1;
+        int rank = slot->seen, way = -1;
+        if (slot->seen < CACHE_WAYS) slot->seen++; /* every rank from CACHE_WAYS on is refused alike */
         for (int w = 0; w < CACHE_WAYS; w++) if (tags[base + w] == tag) { way = w; break; }
         if (way < 0) {
             int order[CACHE_WAYS];

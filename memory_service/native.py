@@ -196,8 +196,9 @@ def cache_get(tags, stamps, counts, rows, ids: np.ndarray, version_tag: int, now
     (C-contiguous, the rows' dtype), their counts bumped; the hit mask [U]."""
     num_sets, row_nbytes = _cache_arrays(tags, stamps, counts, rows)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
-    if not out.flags.c_contiguous or out.dtype != rows.dtype or out.nbytes != ids.size * row_nbytes:
-        raise ValueError("cache_get: out must be C-contiguous [U, row] of the cache's dtype")
+    if not out.flags.c_contiguous or not out.flags.writeable or out.dtype != rows.dtype \
+            or out.shape != (ids.size,) + rows.shape[2:]:
+        raise ValueError("cache_get: out must be a writable C-contiguous [U, row] array of the cache's dtype")
     hit = np.empty(ids.size, dtype=bool)
     KERNELS.engram_cache_get(tags.ctypes.data, stamps.ctypes.data, counts.ctypes.data, rows.ctypes.data, num_sets,
                              row_nbytes, ids.ctypes.data, ids.size, version_tag, now, max_age, out.ctypes.data,
@@ -209,9 +210,9 @@ def cache_put(tags, stamps, counts, rows, ids: np.ndarray, version_tag: int, now
     """The row cache's put in one pass (the numpy path's decisions); returns the rows written."""
     num_sets, row_nbytes = _cache_arrays(tags, stamps, counts, rows)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if new_rows.shape != (ids.size,) + rows.shape[2:]:
+        raise ValueError(f"cache_put: rows {new_rows.shape} for {ids.size} ids of the cache's rows {rows.shape[2:]}")
     new_rows = np.ascontiguousarray(new_rows, dtype=rows.dtype)
-    if new_rows.nbytes != ids.size * row_nbytes:
-        raise ValueError("cache_put: one row per id, of the cache's row size")
     scratch = np.empty(ids.size, dtype=np.int64)
     written = KERNELS.engram_cache_put(tags.ctypes.data, stamps.ctypes.data, counts.ctypes.data, rows.ctypes.data,
                                        num_sets, row_nbytes, ids.ctypes.data, ids.size, version_tag, now,

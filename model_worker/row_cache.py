@@ -19,13 +19,16 @@ Training cannot use it exactly: a step must see every earlier push, including ot
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 import numpy as np
 
 from memory_service import native
-from memory_service.backend import LayerOf
+from memory_service.backend import LayerOf, Once
+
+log = logging.getLogger("engram.row_cache")
 
 WAYS = 4
 AGE_EVERY = 64  # probes between halvings of the frequency counts
@@ -33,9 +36,15 @@ ENTRY_OVERHEAD = 8 + 8 + 4  # tag, fetch time, count
 VERSION_SHIFT = 40  # a tag is (version << 40) | row id: layers hold under 2^40 rows, versions stay under 2^23
 
 
-def _tags(ids: np.ndarray, version: int) -> np.ndarray:
-    """One int64 tag per (row id, version)."""
-    return ids | np.int64(version << VERSION_SHIFT)
+MAX_ROWS = 1 << VERSION_SHIFT  # rows a cached layer may hold
+MAX_VERSION = 1 << (63 - VERSION_SHIFT)
+
+
+def _version_tag(version: int) -> int:
+    """The version's part of a tag (ValueError outside [0, 2^23): the tag would alias another version's)."""
+    if not 0 <= version < MAX_VERSION:
+        raise ValueError(f"the row cache keys versions below {MAX_VERSION}, got {version}")
+    return version << VERSION_SHIFT
 
 
 class _LayerCache:
@@ -43,7 +52,7 @@ class _LayerCache:
 
     def __init__(self, num_sets: int, width: int, dtype):
         self.tags = np.full((num_sets, WAYS), -1, dtype=np.int64)
-        self.stamps = np.zeros((num_sets, WAYS), dtype=np.float64)
+        self.stamps = np.full((num_sets, WAYS), -np.inf, dtype=np.float64)  # an empty way is never fresh
         self.counts = np.zeros((num_sets, WAYS), dtype=np.uint32)
         self.rows = np.zeros((num_sets, WAYS, width), dtype=dtype)
         self.num_sets = num_sets
@@ -76,14 +85,15 @@ class RowCache:
         """Copy the cached, fresh rows of `version` for unique ids [U] into out [U, width]; returns the hit mask [U]."""
         cache = self.layers[layer]
         now = self.clock()
+        version_tag = _version_tag(version)
         with self.lock:
             if native.available() and out.flags.c_contiguous:  # one pass in C, the same result
-                hit = native.cache_get(cache.tags, cache.stamps, cache.counts, cache.rows, ids, version << VERSION_SHIFT,
-                                       now, self.max_staleness_s, out)
+                hit = native.cache_get(cache.tags, cache.stamps, cache.counts, cache.rows, ids, version_tag, now,
+                                       self.max_staleness_s, out)
                 found = int(hit.sum())
             else:
                 sets = cache.sets_of(ids)  # [U]
-                match = (cache.tags[sets] == _tags(ids, version)[:, None]) & (now - cache.stamps[sets] <= self.max_staleness_s)
+                match = (cache.tags[sets] == (ids | version_tag)[:, None]) & (now - cache.stamps[sets] <= self.max_staleness_s)
                 hit = match.any(axis=1)  # [U]
                 sets, way = sets[hit], match[hit].argmax(axis=1)  # [hits]
                 out[hit] = cache.rows[sets, way]
@@ -104,11 +114,12 @@ class RowCache:
             return
         cache = self.layers[layer]
         now = self.clock() if fetched_at is None else fetched_at
-        tags = _tags(ids, version)
+        version_tag = _version_tag(version)
         with self.lock:
             if native.available():  # one pass in C, the same decisions
-                native.cache_put(cache.tags, cache.stamps, cache.counts, cache.rows, ids, version << VERSION_SHIFT, now, rows)
+                native.cache_put(cache.tags, cache.stamps, cache.counts, cache.rows, ids, version_tag, now, rows)
                 return
+            tags = ids | version_tag
             sets = cache.sets_of(ids)
             same = cache.tags[sets] == tags[:, None]  # [N, WAYS]: already cached (stale), refreshed in place
             refresh = same.any(axis=1)
@@ -160,6 +171,10 @@ class CachedTables:
     remote = True
 
     def __init__(self, backend, cache: RowCache, version_check_s: float = 1.0):
+        too_big = [layer for layer in cache.layers if backend.num_rows(layer) > MAX_ROWS]
+        if too_big:
+            raise ValueError(f"layers {too_big} hold more than 2^{VERSION_SHIFT} rows: the row cache's tags cannot "
+                             "key them (serve them without a cache)")
         self.backend, self.cache, self.version_check_s = backend, cache, version_check_s
         self.dtype = backend.dtype
         self._active, self._checked = 0, -float("inf")
@@ -212,33 +227,27 @@ class _CachedLookup:
     def __init__(self, tables: CachedTables, parts: dict[int, np.ndarray], hits: dict[int, np.ndarray], outs: dict,
                  version: int, pending):
         self.tables, self.parts, self.hits, self.outs = tables, parts, hits, outs
-        self.version, self.pending, self._result, self._error = version, pending, None, None
+        self.version, self.pending = version, pending
         self.sent = tables.cache.clock()  # the rows are at least this old when they arrive
-        self._lock = threading.Lock()  # several layers' consumers: merged and cached once
+        self._once = Once(self._merge)  # several layers' consumers: merged and cached once
 
     def result(self) -> tuple[dict[int, np.ndarray], int]:
         """({layer: rows}, version) once the misses arrived; a failure is raised to every caller, not redone."""
-        with self._lock:
-            if self._error is not None:
-                raise self._error
-            try:
-                return self._merge()
-            except BaseException as e:
-                self._error = e
-                raise
+        return self._once.result()
 
     def _merge(self) -> tuple[dict[int, np.ndarray], int]:
-        if self._result is None:
-            version = self.version
-            if self.pending is not None:
-                fetched, served = self.pending.result()  # {layer: [misses, width]}
-                if not version:  # followed the active version: all rows came from the service
-                    self.tables.learned(served)
-                    version = served
-                for layer, rows in fetched.items():
-                    miss = ~self.hits[layer]
-                    if rows is not self.outs[layer]:
-                        self.outs[layer][miss] = rows
+        version = self.version
+        if self.pending is not None:
+            fetched, served = self.pending.result()  # {layer: [misses, width]}
+            if not version:  # followed the active version: all rows came from the service
+                self.tables.learned(served)
+                version = served
+            for layer, rows in fetched.items():
+                miss = ~self.hits[layer]
+                if rows is not self.outs[layer]:
+                    self.outs[layer][miss] = rows
+                try:  # the cache is best effort: the rows are in outs already
                     self.tables.cache.put(layer, self.parts[layer][miss], rows, version, fetched_at=self.sent)
-            self._result = (self.outs, version)
-        return self._result
+                except (MemoryError, ValueError):
+                    log.warning("could not cache %d rows of layer %d", int(miss.sum()), layer, exc_info=True)
+        return self.outs, version

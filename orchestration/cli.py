@@ -106,6 +106,14 @@ def _checkpoint_names(p) -> None:
                    help="with --checkpoint: name of a layer's F8_E8M0 scales")
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `engram` command."""
     parser = argparse.ArgumentParser(prog="engram", description="Engram memory service and Engram-MoE model")
@@ -381,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,8,32,128", help="generate: offered concurrencies")
     p.add_argument("--new-tokens", type=int, default=64, help="generate: new tokens a request")
     p.add_argument("--cache-mb", type=int, default=64, help="generate: the worker's row cache (pool_prefetch_cache)")
-    p.add_argument("--shards", dest="generate_shards", type=int, default=2,
+    p.add_argument("--shards", dest="generate_shards", type=_positive_int, default=2,
                    help="generate: memory shards of the pool (each decoding step makes one call per shard)")
     p.add_argument("--plot", help="generate: draw tokens/s against concurrency per mode into this PNG")
     p.add_argument("--json", action="store_true")

@@ -80,6 +80,23 @@ def test_the_native_cache_kernels_decide_exactly_as_the_numpy_path(monkeypatch):
     assert caches["c"].stats() == caches["numpy"].stats() and caches["c"].stats()["hits"] > 1000
 
 
+@pytest.mark.parametrize("path", ["c", "numpy"])
+def test_an_id_refreshed_in_the_way_an_earlier_new_id_takes_yields_it(path, monkeypatch):
+    if path == "numpy":
+        monkeypatch.setattr(native, "KERNELS", None)
+    elif not native.available():
+        pytest.skip("native kernels not built")
+    cache = RowCache(4 * (4 * 2 + 20), [1], 4, np.float16)  # one set of 4 ways: every id shares it
+    row = lambda *ids: np.array([[i] * 4 for i in ids], np.float16)  # noqa: E731
+    cache.put(1, np.array([10, 11, 12, 13]), row(10, 11, 12, 13), 1)  # the four ways, each used once
+    out = np.empty((3, 4), np.float16)
+    assert cache.get(1, np.array([11, 12, 13]), 1, out).all()  # now 10's way is the least used
+    cache.put(1, np.array([5, 10]), row(5, 10), 1)  # 5 is new (takes that way), 10 would refresh it: 5 wins
+    out = np.empty((2, 4), np.float16)
+    assert cache.get(1, np.array([5, 10]), 1, out).tolist() == [True, False]
+    assert out[0].tolist() == [5.0] * 4
+
+
 @pytest.fixture
 def service(tmp_path):
     store = TableStore(tmp_path / "store")

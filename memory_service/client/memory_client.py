@@ -11,13 +11,12 @@ Table administration is not here: see memory_service/admin (TableAdmin).
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 
 import numpy as np
 
-from memory_service.backend import TableBackend, check_gradients, check_row_ids
+from memory_service.backend import Once, TableBackend, check_gradients, check_row_ids
 from memory_service.client.transport import ShardChannels
 from memory_service.dedup import Dedup, PartwiseDedup, dedup_ids, expand_rows
 from memory_service.errors import FailedPrecondition, InvalidArgument, NotFound, StaleShardMap
@@ -412,40 +411,37 @@ class PendingLayers:
                  version: int, requested: int = 0):
         self._client, self._parts, self._groups, self._calls, self._futures = client, parts, groups, calls, futures
         self._outs, self._version, self._requested = outs, version, requested
-        self._result: tuple[dict[int, np.ndarray], int] | None = None
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()  # several layers' consumers: the lookup (and its retries) runs once
+        self._once = Once(self._collect)  # several layers' consumers: the lookup (and its retries) runs once
 
     def result(self) -> tuple[dict[int, np.ndarray], int]:
         """({layer: rows [U, row width]}, version), waiting for the replies still in flight; a failure is raised to
         every caller without running the lookup's retries again."""
-        with self._lock:
-            if self._error is not None:
-                raise self._error
-            try:
-                return self._collect()
-            except BaseException as e:
-                self._error = e
-                raise
+        return self._once.result()
 
     def _collect(self) -> tuple[dict[int, np.ndarray], int]:
-        if self._result is None:
-            client = self._client
-            try:
-                served = self._store(self._groups, client.channels.results(self._calls, self._futures))
-            except StaleShardMap:
-                if client.channels.map_provider is None:
-                    raise
-                client.channels.refresh_map()  # the map moved on (rescale, swap): ask again under the new one
-                self._result = client.channels.with_fresh_map(
-                    lambda: client.lookup_layers_async(self._parts, self._requested, self._outs).result())
-                return self._result
-            target = self._version or max(served, default=0)
-            stale = [group for group, version in zip(self._groups, served) if version != target]
-            if stale:  # a swap landed between shards: fetch those pieces again, pinned to the newer version
-                self._store(stale, client.channels.call_all(client._layer_calls(self._parts, stale, target)))
-            self._result = (self._outs, target)
-        return self._result
+        client = self._client
+        try:
+            served = self._store(self._groups, client.channels.results(self._calls, self._futures))
+        except StaleShardMap:
+            if client.channels.map_provider is None:
+                raise
+            client.channels.refresh_map()  # the map moved on (rescale, swap): ask again under the new one
+            return client.channels.with_fresh_map(
+                lambda: client.lookup_layers_async(self._parts, self._requested, self._outs).result())
+        target = self._version or max(served, default=0)
+        stale = [i for i, version in enumerate(served) if version != target]
+        if stale:  # a swap landed between shards: the same requests again (same map epoch), pinned to the newer version
+            calls = []
+            for i in stale:
+                shard, method, request = self._calls[i]
+                again = type(request)()
+                again.CopyFrom(request)
+                again.version = target
+                calls.append((shard, method, again))
+            again_served = self._store([self._groups[i] for i in stale], client.channels.call_all(calls))
+            if any(version != target for version in again_served):
+                raise FailedPrecondition(f"shards answered versions {sorted(set(again_served))} for version {target}")
+        return self._outs, target
 
     def _store(self, groups, replies) -> list[int]:
         """Copy each group's reply into its layers' outs (replies may be a generator); the versions served."""
