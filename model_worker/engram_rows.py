@@ -183,7 +183,7 @@ class EngramRowFetcher:
         return self.hasher.row_ids(compressed, history)
 
     def fetch(self, tokens, context=None, requires_grad: bool = False, prefetch: bool = False, version: int = 0) -> FetchedRows:
-        """Rows of raw tokens [B, T] for all Engram layers (one lookup of unique ids per layer).
+        """Rows of raw tokens [B, T] for all Engram layers (each layer's unique ids, looked up once).
 
         A remote backend gets every layer's lookup in one multi-layer call (one call per shard), so
         the first Engram layer waits for every layer's rows (a decoding step's are small; fewer

@@ -3,7 +3,10 @@
 N-gram traffic is Zipfian, so a small cache of hot rows saves most lookups. The cache is
 set-associative (4 ways per set, the set chosen by a hash of the row id) with a frequency count
 per way that ages (halves) every `AGE_EVERY` probes: a hot row keeps its way, a row seen once is
-the first to go. Every operation is a handful of numpy calls over the batch: no per-row Python.
+the first to go. A get or a put is one native pass over the batch (memory_service/fastpath.c), or,
+without the native library, a handful of numpy calls making the same decisions: no per-row Python.
+Entries are tagged (version << 40) | row id, so a cached layer holds under 2^40 rows and versions
+stay under 2^23 (both refused otherwise).
 
 Entries are keyed by (layer, row id, table version) and stamped with the time they were fetched:
 
