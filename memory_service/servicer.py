@@ -175,17 +175,7 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
     def Lookup(self, request, context):
         self._check_epoch(request.shard_epoch)
         ids = decode_array(request.row_ids, "<i8", "row_ids")
-        self.store.check_owned(request.table, request.layer, ids)
-        reply = []
-
-        def into_reply(num_rows, head_dim, dtype, version):
-            message, rows = lookup_reply(num_rows, head_dim, dtype, version)
-            reply.append(message)
-            return rows
-
-        self.store.lookup(request.table, request.layer, ids, request.version, self._fingerprint(request.spec_fingerprint),
-                          out=into_reply, max_bytes=self.max_payload_bytes)
-        return reply[0]  # complete wire bytes: rows were gathered straight into the message
+        return self._rows_reply(request.table, [(request.layer, ids)], request.version, request.spec_fingerprint)
 
     @rpc("read")
     def LookupLayers(self, request, context):
@@ -198,8 +188,13 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
                                   "layer, summing to the ids sent")
         bounds = np.concatenate([[0], np.cumsum(counts)])
         parts = [(int(layer), ids[bounds[i]:bounds[i + 1]]) for i, layer in enumerate(request.layers)]
-        for layer, part in parts:
-            self.store.check_owned(request.table, layer, part)
+        return self._rows_reply(request.table, parts, request.version, request.spec_fingerprint)
+
+    def _rows_reply(self, table: str, parts: list, version: int, fingerprint: str) -> bytes:
+        """LookupResponse wire bytes of (layer, ids) parts' rows, gathered straight into the message (ownership
+        checked first)."""
+        for layer, ids in parts:
+            self.store.check_owned(table, layer, ids)
         reply = []
 
         def into_reply(num_rows, head_dim, dtype, version):
@@ -207,9 +202,9 @@ class EngramMemoryServicer(pb_grpc.EngramMemoryServicer):
             reply.append(message)
             return rows
 
-        self.store.lookup_layers(request.table, parts, request.version, self._fingerprint(request.spec_fingerprint),
-                                 out=into_reply, max_bytes=self.max_payload_bytes)
-        return reply[0]
+        self.store.lookup_layers(table, parts, version, self._fingerprint(fingerprint), out=into_reply,
+                                 max_bytes=self.max_payload_bytes)
+        return reply[0]  # complete wire bytes: rows were gathered straight into the message
 
     def _hasher(self, meta: TableMeta) -> tuple[CompressedTokenizer | None, NgramHasher]:
         key = f"{meta.name}:{meta.spec.fingerprint()}"
